@@ -1,0 +1,210 @@
+//! Integrity checks: structure (every snapshot's trees decode, every referenced chunk is
+//! indexed, every indexed pack exists with its recorded size) and, with read-data,
+//! every blob of the chosen packs decompressed and re-hashed.
+//!
+//! Problems are reported with the snapshot and path they damage, so a user knows what
+//! is lost. Memory: one set of visited tree ids and, for damaged packs only, the offsets
+//! of their good blobs.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::Result;
+use crate::id::Id;
+use crate::index::Location;
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::snapshot::{self, Listed};
+use crate::tree::{self, Kind};
+use crate::walk::join_rel;
+
+/// What to check.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Percentage of packs whose every blob is read and verified (None: structure only).
+    pub read_data_percent: Option<u8>,
+}
+
+/// One thing found wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub snapshot: Option<Id>,
+    pub path: Option<Vec<u8>>,
+    pub pack: Option<Id>,
+    pub message: String,
+}
+
+/// The outcome of a check.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub snapshots: u64,
+    pub packs: u64,
+    pub packs_read: u64,
+    pub blobs_read: u64,
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Report> {
+    let mut report = Report::default();
+    let packs = repo.index.packs()?;
+    report.packs = packs.len() as u64;
+    // Packs: present, with the recorded size. A damaged pack's good blobs are
+    // remembered by offset; index rows pointing elsewhere in it are bad.
+    let mut damaged: HashMap<Id, HashSet<u64>> = HashMap::new();
+    let mut truncated: HashMap<Id, u64> = HashMap::new();
+    let pct = opts.read_data_percent.map(|p| p.min(100));
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    progress.set_total(if pct.is_some() { packs.iter().map(|(_, r)| r.size_bytes).sum() } else { 0 });
+    for (pack, row) in &packs {
+        let path = repo.pack_path(pack);
+        let size = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) => {
+                report.problems.push(Problem { snapshot: None, path: None, pack: Some(*pack), message: format!("pack {}: {e}", path.display()) });
+                damaged.insert(*pack, HashSet::new());
+                continue;
+            }
+        };
+        if size != row.size_bytes {
+            report.problems.push(Problem {
+                snapshot: None,
+                path: None,
+                pack: Some(*pack),
+                message: format!("pack {} is {size} bytes, the index says {} (truncated or damaged)", path.display(), row.size_bytes),
+            });
+            truncated.insert(*pack, size);
+        }
+        let selected = match pct {
+            None => false,
+            Some(p) => {
+                let mut h = blake3::Hasher::new();
+                h.update(&seed.to_le_bytes());
+                h.update(&pack.0);
+                let roll = u64::from_le_bytes(h.finalize().as_bytes()[0..8].try_into().expect("8 bytes")) % 100;
+                roll < u64::from(p)
+            }
+        };
+        if !selected {
+            continue;
+        }
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                report.problems.push(Problem { snapshot: None, path: None, pack: Some(*pack), message: format!("read pack {}: {e}", path.display()) });
+                damaged.insert(*pack, HashSet::new());
+                continue;
+            }
+        };
+        report.packs_read += 1;
+        progress.add(1, bytes.len() as u64);
+        if Id::of(&bytes) != *pack && size == row.size_bytes {
+            report.problems.push(Problem {
+                snapshot: None,
+                path: None,
+                pack: Some(*pack),
+                message: format!("pack {} does not match its name (damaged)", path.display()),
+            });
+        }
+        let (blobs, stopped) = crate::pack::scan(&bytes);
+        report.blobs_read += blobs.len() as u64;
+        let bad = blobs.iter().any(|b| b.verified.is_err()) || stopped.is_some();
+        if let Some(why) = &stopped {
+            report.problems.push(Problem { snapshot: None, path: None, pack: Some(*pack), message: format!("pack {}: {why}", path.display()) });
+        }
+        for b in blobs.iter().filter(|b| b.verified.is_err()) {
+            report.problems.push(Problem {
+                snapshot: None,
+                path: None,
+                pack: Some(*pack),
+                message: format!("pack {}: blob {} at offset {}: {}", path.display(), b.header.id.short(), b.offset, b.verified.as_ref().unwrap_err()),
+            });
+        }
+        if bad {
+            damaged.insert(*pack, blobs.iter().filter(|b| b.verified.is_ok()).map(|b| b.offset).collect());
+        }
+    }
+    let known_packs: HashSet<Id> = packs.iter().map(|(id, _)| *id).collect();
+    // Index rows that point at missing or damaged bytes.
+    let mut bad_blobs: HashSet<Id> = HashSet::new();
+    repo.index.for_each_chunk(|id, loc: Location| {
+        let fits = truncated.get(&loc.pack).is_none_or(|&size| loc.offset + 52 + u64::from(loc.stored_len) <= size);
+        let good = damaged.get(&loc.pack).is_none_or(|ok| ok.contains(&loc.offset));
+        if !fits || !good || !known_packs.contains(&loc.pack) {
+            bad_blobs.insert(id);
+        }
+    })?;
+    // Snapshots: records match their names; trees decode; chunks indexed and sound.
+    let snapshots = snapshot::list_all(repo)?;
+    report.snapshots = snapshots.len() as u64;
+    let mut sound_trees = HashSet::new();
+    for snap in &snapshots {
+        let record_path = repo.snapshots_dir().join(snap.id.hex());
+        match std::fs::read(&record_path) {
+            Ok(bytes) if Id::of(&bytes) == snap.id => {}
+            Ok(_) => report.problems.push(Problem { snapshot: Some(snap.id), path: None, pack: None, message: "snapshot record does not match its id".into() }),
+            Err(e) => report.problems.push(Problem { snapshot: Some(snap.id), path: None, pack: None, message: format!("read {}: {e}", record_path.display()) }),
+        }
+        let multi = snap.snapshot.volumes.len() > 1;
+        for v in &snap.snapshot.volumes {
+            let prefix = if multi { v.label.as_bytes().to_vec() } else { Vec::new() };
+            check_tree(repo, snap, &v.tree, &prefix, &bad_blobs, &mut sound_trees, &mut report.problems)?;
+        }
+    }
+    Ok(report)
+}
+
+/// Checks a tree and everything below it; trees found sound are not walked again.
+fn check_tree(
+    repo: &Repository,
+    snap: &Listed,
+    id: &Id,
+    path: &[u8],
+    bad_blobs: &HashSet<Id>,
+    sound: &mut HashSet<Id>,
+    problems: &mut Vec<Problem>,
+) -> Result<()> {
+    if sound.contains(id) {
+        return Ok(());
+    }
+    let before = problems.len();
+    let problem = |p: &[u8], message: String| Problem { snapshot: Some(snap.id), path: Some(p.to_vec()), pack: None, message };
+    if bad_blobs.contains(id) {
+        problems.push(problem(path, format!("tree {} is damaged", id.short())));
+        return Ok(());
+    }
+    let tree = match tree::load(repo, id) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(problem(path, e.to_string()));
+            return Ok(());
+        }
+    };
+    for entry in &tree.entries {
+        let child = join_rel(path, &entry.name);
+        match &entry.kind {
+            Kind::Dir { tree } => check_tree(repo, snap, tree, &child, bad_blobs, sound, problems)?,
+            Kind::File { chunks, .. } => {
+                for c in chunks {
+                    if bad_blobs.contains(c) {
+                        problems.push(problem(&child, format!("chunk {} is damaged", c.short())));
+                        break;
+                    }
+                    if repo.index.lookup(c)?.is_none() {
+                        problems.push(problem(&child, format!("chunk {} is missing from the index", c.short())));
+                        break;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if problems.len() == before {
+        sound.insert(*id);
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The library's one error type.
+//!
+//! Every variant carries the object it concerns (a path, a pack, a chunk, a snapshot
+//! reference) so the binary can print a one-line message without extra context.
+//! Bugs in volsnap itself are `assert!`s, never variants here.
+
+use std::path::PathBuf;
+
+use crate::id::Id;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong that is not a bug in volsnap.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O operation on a named path failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No repository exists at the path.
+    #[error("no repository at {}: run `volsnap init` or pass --repo", path.display())]
+    NoRepository { path: PathBuf },
+    /// The repository was written by a newer volsnap.
+    #[error(
+        "repository {} has format version {found}; this volsnap reads up to {supported}: upgrade volsnap",
+        path.display()
+    )]
+    NewerFormat { path: PathBuf, found: u32, supported: u32 },
+    /// A repository file does not decode or fails its checksum.
+    #[error("corrupt {what} {}: {detail}", path.display())]
+    Corrupt { what: &'static str, path: PathBuf, detail: String },
+    /// A blob's bytes do not hash to its id.
+    #[error("chunk {id} in pack {pack}: {detail}")]
+    BadBlob { id: Id, pack: Id, detail: String },
+    /// A chunk referenced by a tree is not in the index.
+    #[error("chunk {id} is not in the index (repository damaged; run `volsnap check`)")]
+    MissingChunk { id: Id },
+    /// The index database failed.
+    #[error("index {}: {detail}", path.display())]
+    Index { path: PathBuf, detail: String },
+    /// The index file is missing while the repository exists.
+    #[error("index {} is missing: the repository cannot be used until the index is rebuilt from its packs", path.display())]
+    IndexMissing { path: PathBuf },
+    /// A snapshot reference did not resolve.
+    #[error("snapshot {reference:?}: {detail}")]
+    SnapshotRef { reference: String, detail: String },
+    /// A path inside a snapshot does not exist.
+    #[error("path {path:?} not found in snapshot {snapshot}")]
+    PathNotFound { snapshot: String, path: String },
+    /// The user asked for something that cannot be done as asked.
+    #[error("{0}")]
+    Usage(String),
+    /// An invalid exclude pattern.
+    #[error("exclude pattern {pattern:?}: {detail}")]
+    Pattern { pattern: String, detail: String },
+}
+
+impl Error {
+    /// Wraps an `io::Error` with the operation and path it concerns.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { op, path, source }
+    }
+
+    /// Whether this error means there is no repository (exit code 10).
+    pub fn is_no_repository(&self) -> bool {
+        matches!(self, Error::NoRepository { .. })
+    }
+}
+
+/// Converts a rustix errno into an `io::Error`.
+pub(crate) fn errno(e: rustix::io::Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.raw_os_error())
+}

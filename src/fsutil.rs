@@ -1,0 +1,101 @@
+//! The only module that renames, fsyncs directories or replaces files atomically.
+//!
+//! Assumptions about the media (see ARCHITECTURE.md): a rename within one filesystem is
+//! atomic; an fsync of the directory makes a rename in it durable; an fsync error is
+//! fatal for that write and never retried (after a failed fsync the page cache may
+//! already have dropped the dirty pages).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Mode of every directory volsnap creates in a repository.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of every file volsnap creates in a repository.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `path` (and missing parents) with mode 0700.
+pub fn create_dir_private(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+        .map_err(Error::io("create directory", path))
+}
+
+/// Fsyncs a directory so that renames and creations in it are durable.
+pub fn fsync_dir(path: &Path) -> Result<()> {
+    let dir = File::open(path).map_err(Error::io("open directory", path))?;
+    dir.sync_all().map_err(Error::io("fsync directory", path))
+}
+
+/// Writes `bytes` to a temporary file in `tmp_dir`, fsyncs it, renames it to `path`
+/// and fsyncs `path`'s directory. Readers see either no file or the whole file.
+pub fn atomic_write(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
+        .tempfile_in(tmp_dir)
+        .map_err(Error::io("create temporary file in", tmp_dir))?;
+    tmp.write_all(bytes).map_err(Error::io("write", tmp.path()))?;
+    tmp.as_file().sync_all().map_err(Error::io("fsync", tmp.path()))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("rename into place", path)(e.error))?;
+    fsync_dir(path.parent().expect("repository files have a parent"))
+}
+
+/// Like `atomic_write`, but never replaces an existing `path`.
+/// Returns false (writing nothing) when `path` already exists.
+pub fn write_new_durable(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<bool> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
+        .tempfile_in(tmp_dir)
+        .map_err(Error::io("create temporary file in", tmp_dir))?;
+    tmp.write_all(bytes).map_err(Error::io("write", tmp.path()))?;
+    tmp.as_file().sync_all().map_err(Error::io("fsync", tmp.path()))?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => {}
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(Error::io("create", path)(e.error)),
+    }
+    fsync_dir(path.parent().expect("repository files have a parent"))?;
+    Ok(true)
+}
+
+/// Creates a new private file for writing; fails if it exists.
+pub fn create_new_private(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(Error::io("create", path))
+}
+
+/// Moves a fully written and fsynced file into place and fsyncs the target directory.
+pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(Error::io("rename into place", to))?;
+    fsync_dir(to.parent().expect("repository files have a parent"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_privately() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        atomic_write(dir.path(), &path, b"one").unwrap();
+        atomic_write(dir.path(), &path, b"two!").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two!");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, FILE_MODE);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,256 @@
+//! The index: the only module that knows redb.
+//!
+//! Tables (keys and values are bytes; encodings are fixed here):
+//! - `chunks`: blob id (32) → `Location` (48 bytes: pack id, offset u64 LE, stored_len u32 LE, raw_len u32 LE)
+//! - `packs`: pack id (32) → postcard `PackRow`
+//! - `snapshots`: snapshot id (32) → the snapshot record file's bytes
+//! - `series`: series name → highest version ever allocated (u64)
+//! - `files`: files-cache key → files-cache value (owned by `snapshot::cache`)
+//! - `meta`: name → bytes
+//!
+//! **Invariant:** the index is derived data. Every row can be rebuilt from the packs and
+//! the snapshot record files; losing `index.redb` loses nothing but time.
+//! **Boundary:** no other module names a redb type.
+//! Processes share the file in redb's `MultiWriter` mode; every write transaction is
+//! short (one pack, one snapshot, or a bounded batch of cache rows).
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+
+const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+const PACKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("packs");
+const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots");
+const SERIES: TableDefinition<&str, u64> = TableDefinition::new("series");
+const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
+
+/// Where a blob lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub pack: Id,
+    /// Offset of the blob header within the pack.
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+}
+
+const LOCATION_LEN: usize = 48;
+
+impl Location {
+    fn encode(&self) -> [u8; LOCATION_LEN] {
+        let mut b = [0u8; LOCATION_LEN];
+        b[0..32].copy_from_slice(&self.pack.0);
+        b[32..40].copy_from_slice(&self.offset.to_le_bytes());
+        b[40..44].copy_from_slice(&self.stored_len.to_le_bytes());
+        b[44..48].copy_from_slice(&self.raw_len.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Location> {
+        if b.len() != LOCATION_LEN {
+            return None;
+        }
+        Some(Location {
+            pack: Id(b[0..32].try_into().ok()?),
+            offset: u64::from_le_bytes(b[32..40].try_into().ok()?),
+            stored_len: u32::from_le_bytes(b[40..44].try_into().ok()?),
+            raw_len: u32::from_le_bytes(b[44..48].try_into().ok()?),
+        })
+    }
+}
+
+/// What the index knows of a pack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackRow {
+    pub kind: u8,
+    pub size_bytes: u64,
+    pub blobs: u64,
+}
+
+/// The redb database of a repository.
+pub struct Index {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Index {
+    /// Opens `path`, creating it when `create` is set.
+    pub fn open(path: &Path, create: bool) -> Result<Index> {
+        if !create && !path.exists() {
+            return Err(Error::IndexMissing { path: path.to_path_buf() });
+        }
+        let mut builder = Database::builder();
+        builder.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
+        let db = if create { builder.create(path) } else { builder.open(path) };
+        let db = db.map_err(|e| Error::Index { path: path.to_path_buf(), detail: e.to_string() })?;
+        let index = Index { db, path: path.to_path_buf() };
+        if create {
+            // Create every table once so readers never meet a missing table.
+            index.write(|txn| {
+                txn.open_table(CHUNKS)?;
+                txn.open_table(PACKS)?;
+                txn.open_table(SNAPSHOTS)?;
+                txn.open_table(SERIES)?;
+                txn.open_table(FILES)?;
+                Ok(())
+            })?;
+        }
+        Ok(index)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Index { path: self.path.clone(), detail: e.to_string() }
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<T, redb::Error>) -> Result<T> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let out = f(&txn).map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction> {
+        self.db.begin_read().map_err(|e| self.err(e))
+    }
+
+    /// Where the blob `id` is stored, if anywhere.
+    pub fn lookup(&self, id: &Id) -> Result<Option<Location>> {
+        let txn = self.read()?;
+        let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+        let Some(value) = table.get(&id.0[..]).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        Location::decode(value.value())
+            .map(Some)
+            .ok_or_else(|| self.err(format!("bad location row for chunk {id}")))
+    }
+
+    /// Records a pack and the blobs in it, in one transaction. A blob already indexed
+    /// elsewhere keeps its first location; its copy here is dead weight for gc.
+    pub fn commit_pack(&self, pack: &Id, row: &PackRow, blobs: &[(Id, Location)]) -> Result<()> {
+        let row_bytes = postcard::to_stdvec(row).expect("pack rows encode");
+        self.write(|txn| {
+            let mut chunks = txn.open_table(CHUNKS)?;
+            for (id, loc) in blobs {
+                if chunks.get(&id.0[..])?.is_none() {
+                    chunks.insert(&id.0[..], &loc.encode()[..])?;
+                }
+            }
+            txn.open_table(PACKS)?.insert(&pack.0[..], &row_bytes[..])?;
+            Ok(())
+        })
+    }
+
+    /// Every pack the index knows.
+    pub fn packs(&self) -> Result<Vec<(Id, PackRow)>> {
+        let txn = self.read()?;
+        let table = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let id = Id(k.value().try_into().map_err(|_| self.err("bad pack key"))?);
+            let row = postcard::from_bytes(v.value()).map_err(|e| self.err(format!("pack row {id}: {e}")))?;
+            out.push((id, row));
+        }
+        Ok(out)
+    }
+
+    /// Every chunk row (id, location), for check.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(Id, Location)) -> Result<()> {
+        let txn = self.read()?;
+        let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+        for item in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let id = Id(k.value().try_into().map_err(|_| self.err("bad chunk key"))?);
+            let loc = Location::decode(v.value()).ok_or_else(|| self.err("bad location row"))?;
+            f(id, loc);
+        }
+        Ok(())
+    }
+
+    /// All snapshot rows: id → record bytes.
+    pub fn snapshots(&self) -> Result<Vec<(Id, Vec<u8>)>> {
+        let txn = self.read()?;
+        let table = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let id = Id(k.value().try_into().map_err(|_| self.err("bad snapshot key"))?);
+            out.push((id, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Allocates the next version of `series` and commits a snapshot, in one write
+    /// transaction. `write_record(version)` must durably write the record file (the
+    /// commit point) and return its id and bytes.
+    pub fn commit_snapshot(
+        &self,
+        series: &str,
+        write_record: impl FnOnce(u64) -> Result<(Id, Vec<u8>)>,
+    ) -> Result<(Id, u64)> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let version = {
+            let table = txn.open_table(SERIES).map_err(|e| self.err(e))?;
+            table.get(series).map_err(|e| self.err(e))?.map_or(0, |v| v.value()) + 1
+        };
+        let (id, bytes) = write_record(version)?;
+        crate::crash::point("snapshot record written");
+        {
+            let mut snaps = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+            snaps.insert(&id.0[..], &bytes[..]).map_err(|e| self.err(e))?;
+            let mut series_table = txn.open_table(SERIES).map_err(|e| self.err(e))?;
+            series_table.insert(series, version).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok((id, version))
+    }
+
+    /// Adds snapshot rows found on disk but missing here (a crash between the record
+    /// file and its row) and drops rows whose record file is gone.
+    pub fn reconcile_snapshots(&self, on_disk: &[(Id, Vec<u8>, String, u64)], gone: &[Id]) -> Result<()> {
+        if on_disk.is_empty() && gone.is_empty() {
+            return Ok(());
+        }
+        self.write(|txn| {
+            let mut snaps = txn.open_table(SNAPSHOTS)?;
+            let mut series = txn.open_table(SERIES)?;
+            for (id, bytes, name, version) in on_disk {
+                snaps.insert(&id.0[..], &bytes[..])?;
+                let current = series.get(name.as_str())?.map_or(0, |v| v.value());
+                if *version > current {
+                    series.insert(name.as_str(), *version)?;
+                }
+            }
+            for id in gone {
+                snaps.remove(&id.0[..])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads one files-cache row.
+    pub fn cache_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let txn = self.read()?;
+        let table = txn.open_table(FILES).map_err(|e| self.err(e))?;
+        Ok(table.get(key).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes files-cache rows, in one transaction (callers bound the batch).
+    pub fn cache_put(&self, rows: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.write(|txn| {
+            let mut table = txn.open_table(FILES)?;
+            for (k, v) in rows {
+                table.insert(&k[..], &v[..])?;
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,273 @@
+//! The `volsnap` binary: parses arguments, calls one library function per command,
+//! renders progress and results, and maps errors to exit codes. The only code that
+//! prints or exits.
+
+mod render;
+
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+use volsnap::progress::Progress;
+use volsnap::repo::{self, Config, Repository};
+use volsnap::{Error, check, inspect, restore, snapshot};
+
+/// Exit codes (stable; documented in README.md).
+mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const INCOMPLETE: u8 = 3;
+    pub const NO_REPOSITORY: u8 = 10;
+}
+
+#[derive(Parser)]
+#[command(name = "volsnap", version, about = "Fast, deduplicating, incremental snapshots of container data volumes")]
+struct Cli {
+    /// Repository path [default: $XDG_DATA_HOME/volsnap or ~/.local/share/volsnap]
+    #[arg(long, global = true, env = "VOLSNAP_REPO")]
+    repo: Option<PathBuf>,
+    /// Print one JSON document on stdout instead of text
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a repository
+    Init,
+    /// Snapshot one or more directories (each becomes a volume of the snapshot)
+    Snapshot {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Series name [default: derived from the paths]
+        #[arg(long)]
+        name: Option<String>,
+        /// Tag the snapshot (repeatable)
+        #[arg(long)]
+        tag: Vec<String>,
+        /// Record nothing when no volume changed since the series' latest snapshot
+        #[arg(long)]
+        skip_if_unchanged: bool,
+        /// Leave out paths matching this glob (repeatable; matched against the path
+        /// inside the volume and against the file name)
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Descend into other filesystems mounted inside a volume
+        #[arg(long)]
+        cross_filesystems: bool,
+    },
+    /// List snapshots, oldest first
+    List {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Show one snapshot's record
+    Show { snapshot: String },
+    /// List the entries of a snapshot directory: SNAP[:path]
+    Ls {
+        target: OsString,
+        /// Long listing: mode, owner, size, mtime
+        #[arg(short = 'l')]
+        long: bool,
+        /// List everything below the path
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Show what changed between two snapshots
+    Diff { old: String, new: String },
+    /// Restore a snapshot, or SNAP:path, into a new or empty directory
+    Restore {
+        source: OsString,
+        /// Target directory (created if absent)
+        #[arg(long, required = true)]
+        to: PathBuf,
+        /// Restore into a non-empty directory
+        #[arg(long)]
+        force: bool,
+        /// Restore only this volume of a multi-volume snapshot
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Verify the repository; --read-data[=PERCENT] also reads and re-hashes blobs
+    Check {
+        #[arg(long, num_args = 0..=1, default_missing_value = "100", value_name = "PERCENT",
+              value_parser = clap::value_parser!(u8).range(1..=100))]
+        read_data: Option<u8>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    volsnap::walk::raise_fd_limit();
+    // Deep trees recurse once per directory level on the worker threads.
+    // Deep trees recurse once per directory level: run everything on pool threads with
+    // large stacks.
+    let json = cli.json;
+    let result = match rayon::ThreadPoolBuilder::new().stack_size(64 << 20).build() {
+        Ok(pool) => pool.install(|| run(cli)),
+        Err(e) => Err(anyhow::anyhow!("start worker threads: {e}")),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                return ExitCode::from(exit::OK);
+            }
+            let code = match e.downcast_ref::<Error>() {
+                Some(err) if err.is_no_repository() => exit::NO_REPOSITORY,
+                _ => exit::ERROR,
+            };
+            if json {
+                let _ = writeln!(std::io::stdout(), "{}", json!({"error": format!("{e:#}"), "exit_code": code}));
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+fn repo_path(cli: &Cli) -> PathBuf {
+    cli.repo.clone().unwrap_or_else(repo::default_path)
+}
+
+/// Prints `value` as JSON, or `text` for humans.
+fn emit(json: bool, value: &Value, text: impl FnOnce() -> String) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{value}")?;
+    } else {
+        write!(out, "{}", text())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn split_ref(arg: &OsString) -> (String, Vec<u8>) {
+    let bytes = arg.as_bytes();
+    match bytes.iter().position(|&b| b == b':') {
+        Some(i) => (String::from_utf8_lossy(&bytes[..i]).into_owned(), bytes[i + 1..].to_vec()),
+        None => (String::from_utf8_lossy(bytes).into_owned(), Vec::new()),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    let path = repo_path(&cli);
+    let json = cli.json;
+    let show_progress = !json && std::io::stderr().is_terminal();
+    match cli.command {
+        Command::Init => {
+            let (repo, created) = Repository::init(&path, Config::default())?;
+            let value = json!({"repo": repo.root, "format_version": volsnap::limits::FORMAT_VERSION, "created": created});
+            emit(json, &value, || {
+                if created {
+                    format!("created repository {}\n", repo.root.display())
+                } else {
+                    format!("repository {} already exists\n", repo.root.display())
+                }
+            })?;
+        }
+        Command::Snapshot { dirs, name, tag, skip_if_unchanged, exclude, cross_filesystems } => {
+            let (repo, _) = Repository::init(&path, Config::default())?;
+            let opts = snapshot::Options { series: name, tags: tag, skip_if_unchanged, excludes: exclude, cross_filesystems };
+            let progress = Progress::default();
+            let outcome = render::with_progress(show_progress, &progress, "snapshot", || snapshot::create(&repo, &dirs, &opts, &progress))?;
+            let value = render::snapshot_json(&outcome.listed, outcome.skipped);
+            let snap = &outcome.listed.snapshot;
+            for u in &snap.unreadable {
+                eprintln!("warning: could not read {}: {}", String::from_utf8_lossy(&u.path), u.error);
+            }
+            for n in &snap.notes {
+                eprintln!("note: {n}");
+            }
+            emit(json, &value, || render::snapshot_text(&outcome.listed, outcome.skipped))?;
+            if snap.incomplete && !outcome.skipped {
+                return Ok(exit::INCOMPLETE);
+            }
+        }
+        Command::List { name, tag } => {
+            let repo = Repository::open(&path)?;
+            let all: Vec<_> = snapshot::list_all(&repo)?
+                .into_iter()
+                .filter(|l| name.as_ref().is_none_or(|n| &l.snapshot.series == n))
+                .filter(|l| tag.as_ref().is_none_or(|t| l.snapshot.tags.contains(t)))
+                .collect();
+            let value = Value::Array(all.iter().map(|l| render::snapshot_json(l, false)).collect());
+            emit(json, &value, || render::list_text(&all))?;
+        }
+        Command::Show { snapshot: reference } => {
+            let repo = Repository::open(&path)?;
+            let listed = snapshot::resolve(&repo, &reference)?;
+            emit(json, &render::snapshot_json(&listed, false), || render::show_text(&listed))?;
+        }
+        Command::Ls { target, long, recursive } => {
+            let repo = Repository::open(&path)?;
+            let (reference, sub) = split_ref(&target);
+            let listed = snapshot::resolve(&repo, &reference)?;
+            let entries = inspect::ls(&repo, &listed, &sub, recursive)?;
+            let value = Value::Array(entries.iter().map(render::listing_json).collect());
+            emit(json, &value, || render::ls_text(&entries, long))?;
+        }
+        Command::Diff { old, new } => {
+            let repo = Repository::open(&path)?;
+            let a = snapshot::resolve(&repo, &old)?;
+            let b = snapshot::resolve(&repo, &new)?;
+            let d = inspect::diff(&repo, &a, &b)?;
+            emit(json, &render::diff_json(&d), || render::diff_text(&d))?;
+        }
+        Command::Restore { source, to, force, volume } => {
+            let repo = Repository::open(&path)?;
+            let (reference, sub) = split_ref(&source);
+            let listed = snapshot::resolve(&repo, &reference)?;
+            let opts = restore::Options { force, volume };
+            let progress = Progress::default();
+            let report = render::with_progress(show_progress, &progress, "restore", || restore::restore(&repo, &listed, &sub, &to, &opts, &progress))?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            let value = json!({
+                "snapshot": listed.id.hex(),
+                "target": to,
+                "files": report.files,
+                "dirs": report.dirs,
+                "bytes": report.bytes,
+                "duration_ms": report.duration_ms,
+                "warnings": report.warnings,
+            });
+            emit(json, &value, || {
+                format!(
+                    "restored {} files, {} directories, {} from snapshot {} to {} in {:.1}s\n",
+                    report.files,
+                    report.dirs,
+                    render::bytes(report.bytes),
+                    listed.id.short(),
+                    to.display(),
+                    report.duration_ms as f64 / 1000.0
+                )
+            })?;
+        }
+        Command::Check { read_data } => {
+            let repo = Repository::open(&path)?;
+            let progress = Progress::default();
+            let opts = check::Options { read_data_percent: read_data };
+            let report = render::with_progress(show_progress, &progress, "check", || check::check(&repo, opts, &progress))?;
+            emit(json, &render::check_json(&report), || render::check_text(&report))?;
+            if !report.ok() {
+                return Ok(exit::ERROR);
+            }
+        }
+    }
+    Ok(exit::OK)
+}

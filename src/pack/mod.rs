@@ -1,0 +1,258 @@
+//! Packs: immutable files holding many blobs, written once, read with verification.
+//!
+//! ```text
+//! pack file = header (16 bytes) blob*
+//! header:  0  8  magic "VSNPPACK"
+//!          8  4  pack format version, u32 LE
+//!         12  1  kind of every blob inside: 0 data, 1 tree
+//!         13  3  reserved, zero
+//! blob:    see `blob`
+//! ```
+//! A pack is named by the BLAKE3 of its whole contents: `packs/<2 hex>/<64 hex>.pack`.
+//! Invariant 1: a pack is fsynced and renamed into place, and its directory fsynced,
+//! before any index row refers to it.
+//! Invariant 2: a pack is never modified; only garbage collection deletes or rewrites.
+//! Deliberately absent: mmap (a truncated pack must be an error, not a SIGBUS).
+
+pub mod blob;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::id::Id;
+use crate::index::{Location, PackRow};
+use crate::limits::{OPEN_PACKS_MAX, PACK_SIZE_TARGET};
+use crate::repo::Repository;
+use blob::{BlobHeader, BlobKind, EncodedBlob, HEADER_LEN};
+
+pub const PACK_MAGIC: &[u8; 8] = b"VSNPPACK";
+pub const PACK_HEADER_LEN: usize = 16;
+pub const PACK_FORMAT_VERSION: u32 = 1;
+
+fn pack_header(kind: BlobKind) -> [u8; PACK_HEADER_LEN] {
+    let mut h = [0u8; PACK_HEADER_LEN];
+    h[0..8].copy_from_slice(PACK_MAGIC);
+    h[8..12].copy_from_slice(&PACK_FORMAT_VERSION.to_le_bytes());
+    h[12] = kind as u8;
+    h
+}
+
+/// A pack being filled in memory.
+struct OpenPack {
+    bytes: Vec<u8>,
+    rows: Vec<(Id, Location)>,
+}
+
+impl OpenPack {
+    fn new(kind: BlobKind) -> OpenPack {
+        let mut bytes = Vec::with_capacity(PACK_SIZE_TARGET + PACK_SIZE_TARGET / 8);
+        bytes.extend_from_slice(&pack_header(kind));
+        OpenPack { bytes, rows: Vec::new() }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// Appends new blobs of one kind to packs, deduplicating against the index and against
+/// everything this process wrote, and commits each full pack (file, then index rows).
+pub struct Packer<'r> {
+    repo: &'r Repository,
+    kind: BlobKind,
+    open: Mutex<OpenPack>,
+    /// Every id this packer has accepted, so a concurrent duplicate is stored once.
+    seen: Mutex<HashSet<Id>>,
+    new_blobs: AtomicU64,
+    new_bytes_stored: AtomicU64,
+}
+
+impl<'r> Packer<'r> {
+    pub fn new(repo: &'r Repository, kind: BlobKind) -> Packer<'r> {
+        Packer {
+            repo,
+            kind,
+            open: Mutex::new(OpenPack::new(kind)),
+            seen: Mutex::new(HashSet::new()),
+            new_blobs: AtomicU64::new(0),
+            new_bytes_stored: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a blob with this id is already stored or accepted.
+    pub fn has(&self, id: &Id) -> Result<bool> {
+        if self.seen.lock().expect("packer lock").contains(id) {
+            return Ok(true);
+        }
+        Ok(self.repo.index.lookup(id)?.is_some())
+    }
+
+    /// Stores `raw` under `id` unless it is already stored.
+    /// Returns true when the blob was new.
+    pub fn store(&self, id: Id, raw: &[u8]) -> Result<bool> {
+        if self.has(&id)? {
+            return Ok(false);
+        }
+        let blob = blob::encode(self.kind, id, raw, self.repo.config.zstd_level).map_err(|detail| {
+            Error::Corrupt { what: "new blob", path: self.repo.root.clone(), detail }
+        })?;
+        self.add(blob)
+    }
+
+    fn add(&self, blob: EncodedBlob) -> Result<bool> {
+        if !self.seen.lock().expect("packer lock").insert(blob.header.id) {
+            return Ok(false);
+        }
+        let full = {
+            let mut open = self.open.lock().expect("packer lock");
+            let offset = open.bytes.len() as u64;
+            open.bytes.extend_from_slice(&blob.header.encode());
+            open.bytes.extend_from_slice(&blob.stored);
+            open.rows.push((
+                blob.header.id,
+                Location {
+                    pack: Id([0; 32]),
+                    offset,
+                    stored_len: blob.header.stored_len,
+                    raw_len: blob.header.raw_len,
+                },
+            ));
+            if open.bytes.len() >= PACK_SIZE_TARGET {
+                Some(std::mem::replace(&mut *open, OpenPack::new(self.kind)))
+            } else {
+                None
+            }
+        };
+        self.new_blobs.fetch_add(1, Ordering::Relaxed);
+        self.new_bytes_stored
+            .fetch_add((HEADER_LEN + blob.stored.len()) as u64, Ordering::Relaxed);
+        if let Some(pack) = full {
+            self.commit(pack)?;
+        }
+        Ok(true)
+    }
+
+    /// Writes the partly filled pack, if any.
+    pub fn flush(&self) -> Result<()> {
+        let pack = std::mem::replace(&mut *self.open.lock().expect("packer lock"), OpenPack::new(self.kind));
+        if !pack.is_empty() {
+            self.commit(pack)?;
+        }
+        Ok(())
+    }
+
+    pub fn new_blobs(&self) -> u64 {
+        self.new_blobs.load(Ordering::Relaxed)
+    }
+
+    pub fn new_bytes_stored(&self) -> u64 {
+        self.new_bytes_stored.load(Ordering::Relaxed)
+    }
+
+    fn commit(&self, mut pack: OpenPack) -> Result<()> {
+        let pack_id = Id::of(&pack.bytes);
+        let path = self.repo.pack_path(&pack_id);
+        let dir = path.parent().expect("pack path has a parent");
+        if !dir.exists() {
+            fsutil::create_dir_private(dir)?;
+            fsutil::fsync_dir(dir.parent().expect("packs dir"))?;
+        }
+        let tmp = self.repo.tmp_dir().join(format!("{}.pack.tmp", pack_id.hex()));
+        {
+            let mut file = fsutil::create_new_private(&tmp)?;
+            file.write_all(&pack.bytes).map_err(Error::io("write", &tmp))?;
+            file.sync_all().map_err(Error::io("fsync", &tmp))?;
+        }
+        fsutil::rename_durable(&tmp, &path)?;
+        crate::crash::point("pack committed");
+        for (_, loc) in &mut pack.rows {
+            loc.pack = pack_id;
+        }
+        let row = PackRow {
+            kind: self.kind as u8,
+            size_bytes: pack.bytes.len() as u64,
+            blobs: pack.rows.len() as u64,
+        };
+        self.repo.index.commit_pack(&pack_id, &row, &pack.rows)
+    }
+}
+
+/// Reads blobs from packs by location, verifying every blob against its id.
+#[derive(Default)]
+pub struct PackReader {
+    open: Mutex<HashMap<Id, Arc<File>>>,
+}
+
+impl PackReader {
+    fn file(&self, repo: &Repository, pack: &Id) -> Result<Arc<File>> {
+        let mut open = self.open.lock().expect("reader lock");
+        if let Some(f) = open.get(pack) {
+            return Ok(f.clone());
+        }
+        let path = repo.pack_path(pack);
+        let file = Arc::new(File::open(&path).map_err(Error::io("open pack", &path))?);
+        if open.len() >= OPEN_PACKS_MAX {
+            open.clear();
+        }
+        open.insert(*pack, file.clone());
+        Ok(file)
+    }
+
+    /// Reads, decompresses and verifies the blob `id` at `loc`.
+    pub fn read(&self, repo: &Repository, id: &Id, loc: &Location) -> Result<Vec<u8>> {
+        let file = self.file(repo, &loc.pack)?;
+        let mut buf = vec![0u8; HEADER_LEN + loc.stored_len as usize];
+        let bad = |detail: String| Error::BadBlob { id: *id, pack: loc.pack, detail };
+        file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                bad("pack is truncated".into())
+            } else {
+                Error::io("read pack", repo.pack_path(&loc.pack))(e)
+            }
+        })?;
+        let header = BlobHeader::decode(&buf[..HEADER_LEN]).map_err(bad)?;
+        if header.id != *id || header.stored_len != loc.stored_len || header.raw_len != loc.raw_len {
+            return Err(bad("blob header does not match the index".into()));
+        }
+        blob::decode_verified(&header, &buf[HEADER_LEN..]).map_err(bad)
+    }
+}
+
+/// One blob found by scanning a pack's bytes.
+#[derive(Debug)]
+pub struct ScannedBlob {
+    pub offset: u64,
+    pub header: BlobHeader,
+    /// `Err` names why the blob's bytes do not verify.
+    pub verified: std::result::Result<(), String>,
+}
+
+/// Scans a whole pack, decoding and verifying every blob. Returns the blobs found and,
+/// if the pack is damaged past some point, the reason the scan stopped.
+pub fn scan(bytes: &[u8]) -> (Vec<ScannedBlob>, Option<String>) {
+    let mut blobs = Vec::new();
+    if bytes.len() < PACK_HEADER_LEN || &bytes[0..8] != PACK_MAGIC {
+        return (blobs, Some("bad pack header".into()));
+    }
+    let mut at = PACK_HEADER_LEN;
+    while at < bytes.len() {
+        let header = match BlobHeader::decode(&bytes[at..]) {
+            Ok(h) => h,
+            Err(e) => return (blobs, Some(format!("at offset {at}: {e}"))),
+        };
+        let body_end = at + HEADER_LEN + header.stored_len as usize;
+        if body_end > bytes.len() {
+            return (blobs, Some(format!("at offset {at}: blob runs past the end of the pack (truncated)")));
+        }
+        let verified = blob::decode_verified(&header, &bytes[at + HEADER_LEN..body_end]).map(|_| ());
+        blobs.push(ScannedBlob { offset: at as u64, header, verified });
+        at = body_end;
+    }
+    (blobs, None)
+}

@@ -1,0 +1,290 @@
+//! Rendering of results for humans and as JSON, and the progress bar.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{Value, json};
+
+use volsnap::check;
+use volsnap::inspect::{Diff, Listing};
+use volsnap::progress::Progress;
+use volsnap::snapshot::Listed;
+use volsnap::tree::Kind;
+
+pub fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs `work` while a progress bar (bytes, rate, ETA when the total is known) is drawn
+/// on stderr, if `enabled`.
+pub fn with_progress<T>(enabled: bool, progress: &Progress, what: &str, work: impl FnOnce() -> T) -> T {
+    if !enabled {
+        return work();
+    }
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            let mut styled_total = 0;
+            while !done.load(Ordering::Relaxed) {
+                let (files, bytes, total) = progress.snapshot();
+                if total != styled_total {
+                    styled_total = total;
+                    bar.set_length(total);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+                        )
+                        .expect("valid template"),
+                    );
+                } else if total == 0 {
+                    bar.set_style(
+                        ProgressStyle::with_template("{prefix} {spinner} [{elapsed_precise}] {bytes} {binary_bytes_per_sec} {msg}")
+                            .expect("valid template"),
+                    );
+                }
+                bar.set_prefix(what.to_string());
+                bar.set_position(bytes);
+                bar.set_message(format!("{files} files"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        });
+        let out = work();
+        done.store(true, Ordering::Relaxed);
+        out
+    })
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// UTC time as RFC 3339 with seconds.
+pub fn time(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+pub fn snapshot_json(l: &Listed, skipped: bool) -> Value {
+    let s = &l.snapshot;
+    json!({
+        "id": l.id.hex(),
+        "short_id": l.id.short(),
+        "series": s.series,
+        "version": s.version,
+        "time": time(s.time_ns),
+        "time_ns": s.time_ns,
+        "hostname": s.hostname,
+        "parent": s.parent.map(|p| p.hex()),
+        "tags": s.tags,
+        "incomplete": s.incomplete,
+        "skipped": skipped,
+        "volumes": s.volumes.iter().map(|v| json!({
+            "label": v.label,
+            "source": lossy(&v.source),
+            "tree": v.tree.hex(),
+        })).collect::<Vec<_>>(),
+        "stats": {
+            "files": s.stats.files,
+            "dirs": s.stats.dirs,
+            "bytes": s.stats.bytes,
+            "bytes_read": s.stats.bytes_read,
+            "new_bytes_stored": s.stats.new_bytes_stored,
+            "new_chunks": s.stats.new_chunks,
+            "duration_ms": s.stats.duration_ms,
+        },
+        "unreadable": s.unreadable.iter().map(|u| json!({"path": lossy(&u.path), "error": u.error})).collect::<Vec<_>>(),
+        "notes": s.notes,
+    })
+}
+
+pub fn snapshot_text(l: &Listed, skipped: bool) -> String {
+    let s = &l.snapshot;
+    if skipped {
+        return format!("nothing changed since snapshot {} ({}@{}); no snapshot recorded\n", l.id.short(), s.series, s.version);
+    }
+    let mut out = format!(
+        "snapshot {} saved as {}@{}{}\n  {} files, {} dirs, {}; read {}, stored {} new, in {:.2}s\n",
+        l.id.short(),
+        s.series,
+        s.version,
+        if s.incomplete { " (INCOMPLETE)" } else { "" },
+        s.stats.files,
+        s.stats.dirs,
+        bytes(s.stats.bytes),
+        bytes(s.stats.bytes_read),
+        bytes(s.stats.new_bytes_stored),
+        s.stats.duration_ms as f64 / 1000.0
+    );
+    if s.incomplete {
+        let _ = writeln!(out, "  {} paths could not be read (listed above)", s.unreadable.len());
+    }
+    out
+}
+
+pub fn list_text(all: &[Listed]) -> String {
+    let mut out = format!("{:<8}  {:<28}  {:<20}  {:>9}  {:>10}  tags\n", "id", "series@version", "time (UTC)", "files", "size");
+    for l in all {
+        let s = &l.snapshot;
+        let _ = writeln!(
+            out,
+            "{:<8}  {:<28}  {:<20}  {:>9}  {:>10}  {}{}",
+            l.id.short(),
+            format!("{}@{}", s.series, s.version),
+            time(s.time_ns),
+            s.stats.files,
+            bytes(s.stats.bytes),
+            s.tags.join(","),
+            if s.incomplete { " (incomplete)" } else { "" }
+        );
+    }
+    let _ = writeln!(out, "{} snapshots", all.len());
+    out
+}
+
+pub fn show_text(l: &Listed) -> String {
+    let s = &l.snapshot;
+    let mut out = String::new();
+    let _ = writeln!(out, "id:        {}", l.id);
+    let _ = writeln!(out, "series:    {}@{}", s.series, s.version);
+    let _ = writeln!(out, "time:      {}", time(s.time_ns));
+    let _ = writeln!(out, "host:      {}", s.hostname);
+    let _ = writeln!(out, "parent:    {}", s.parent.map_or("none".into(), |p| p.short()));
+    let _ = writeln!(out, "tags:      {}", s.tags.join(", "));
+    for v in &s.volumes {
+        let _ = writeln!(out, "volume:    {} <- {} (tree {})", v.label, lossy(&v.source), v.tree.short());
+    }
+    let st = &s.stats;
+    let _ = writeln!(out, "contents:  {} files, {} dirs, {}", st.files, st.dirs, bytes(st.bytes));
+    let _ = writeln!(out, "work:      read {}, stored {} new in {} chunks, {:.2}s", bytes(st.bytes_read), bytes(st.new_bytes_stored), st.new_chunks, st.duration_ms as f64 / 1000.0);
+    let _ = writeln!(out, "complete:  {}", if s.incomplete { "no" } else { "yes" });
+    for u in &s.unreadable {
+        let _ = writeln!(out, "unreadable: {}: {}", lossy(&u.path), u.error);
+    }
+    for n in &s.notes {
+        let _ = writeln!(out, "note:      {n}");
+    }
+    out
+}
+
+pub fn listing_json(l: &Listing) -> Value {
+    let e = &l.entry;
+    let target = match &e.kind {
+        Kind::Symlink { target } | Kind::Hardlink { target } => Some(lossy(target)),
+        _ => None,
+    };
+    json!({
+        "path": lossy(&l.path),
+        "name": lossy(&e.name),
+        "kind": e.kind.label(),
+        "mode": e.mode,
+        "uid": e.uid,
+        "gid": e.gid,
+        "size": e.size(),
+        "mtime_ns": e.mtime_ns,
+        "target": target,
+    })
+}
+
+pub fn ls_text(entries: &[Listing], long: bool) -> String {
+    let mut out = String::new();
+    for l in entries {
+        let e = &l.entry;
+        let mut line = lossy(&l.path);
+        if let Kind::Symlink { target } | Kind::Hardlink { target } = &e.kind {
+            let arrow = if matches!(e.kind, Kind::Symlink { .. }) { "->" } else { "=>" };
+            line = format!("{line} {arrow} {}", lossy(target));
+        }
+        if long {
+            let _ = writeln!(out, "{:<8} {:04o} {:>6} {:>6} {:>12} {} {line}", e.kind.label(), e.mode, e.uid, e.gid, e.size(), time(e.mtime_ns));
+        } else {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
+pub fn diff_json(d: &Diff) -> Value {
+    json!({
+        "added": d.added.iter().map(|p| lossy(p)).collect::<Vec<_>>(),
+        "removed": d.removed.iter().map(|p| lossy(p)).collect::<Vec<_>>(),
+        "modified": d.modified.iter().map(|(p, c)| json!({"path": lossy(p), "changes": c})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn diff_text(d: &Diff) -> String {
+    let mut out = String::new();
+    for p in &d.added {
+        let _ = writeln!(out, "+ {}", lossy(p));
+    }
+    for p in &d.removed {
+        let _ = writeln!(out, "- {}", lossy(p));
+    }
+    for (p, c) in &d.modified {
+        let _ = writeln!(out, "M {} ({})", lossy(p), c.join(", "));
+    }
+    let _ = writeln!(out, "{} added, {} removed, {} modified", d.added.len(), d.removed.len(), d.modified.len());
+    out
+}
+
+pub fn check_json(r: &check::Report) -> Value {
+    json!({
+        "ok": r.ok(),
+        "snapshots": r.snapshots,
+        "packs": r.packs,
+        "packs_read": r.packs_read,
+        "blobs_read": r.blobs_read,
+        "errors": r.problems.iter().map(|p| json!({
+            "snapshot": p.snapshot.map(|s| s.hex()),
+            "path": p.path.as_deref().map(lossy),
+            "pack": p.pack.map(|s| s.hex()),
+            "message": p.message,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn check_text(r: &check::Report) -> String {
+    let mut out = String::new();
+    for p in &r.problems {
+        let mut line = String::new();
+        if let Some(s) = p.snapshot {
+            let _ = write!(line, "snapshot {} ", s.short());
+        }
+        if let Some(path) = &p.path {
+            let _ = write!(line, "path {:?} ", lossy(path));
+        }
+        let _ = writeln!(out, "{line}{}", p.message);
+    }
+    let _ = writeln!(
+        out,
+        "checked {} snapshots, {} packs ({} read, {} blobs verified): {}",
+        r.snapshots,
+        r.packs,
+        r.packs_read,
+        r.blobs_read,
+        if r.ok() { "no problems found".to_string() } else { format!("{} problems", r.problems.len()) }
+    );
+    out
+}

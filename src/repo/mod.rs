@@ -1,0 +1,142 @@
+//! A repository on disk: layout, config and format version, opening and creating.
+//!
+//! ```text
+//! <repo>/config               immutable after init: magic, format version, chunker settings
+//! <repo>/index.redb           the index (derived; see `index`)
+//! <repo>/packs/<2 hex>/<id>.pack
+//! <repo>/snapshots/<id>       one immutable record per snapshot (the commit point)
+//! <repo>/tmp/                 packs and records being written
+//! ```
+//! config file: magic "VSNPCONF" (8) | format version u32 LE | postcard `Config`.
+//! Compatibility policy: a build reads every format version up to its own and refuses
+//! newer ones with a message; the version only changes with a migration.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::id::Id;
+use crate::index::Index;
+use crate::limits::{self, FORMAT_VERSION};
+use crate::pack::PackReader;
+
+const CONFIG_MAGIC: &[u8; 8] = b"VSNPCONF";
+
+/// Settings fixed when the repository is created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub chunk_size_min: u32,
+    pub chunk_size_avg: u32,
+    pub chunk_size_max: u32,
+    pub zstd_level: i32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            chunk_size_min: limits::CHUNK_SIZE_MIN_DEFAULT,
+            chunk_size_avg: limits::CHUNK_SIZE_AVG_DEFAULT,
+            chunk_size_max: limits::CHUNK_SIZE_MAX_DEFAULT,
+            zstd_level: limits::ZSTD_LEVEL_DEFAULT,
+        }
+    }
+}
+
+impl Config {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = CONFIG_MAGIC.to_vec();
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&postcard::to_stdvec(self).expect("config encodes"));
+        out
+    }
+
+    fn decode(path: &Path, bytes: &[u8]) -> Result<Config> {
+        let corrupt = |detail: &str| Error::Corrupt { what: "config", path: path.to_path_buf(), detail: detail.into() };
+        if bytes.len() < 12 || &bytes[0..8] != CONFIG_MAGIC {
+            return Err(corrupt("not a volsnap repository config"));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version > FORMAT_VERSION {
+            return Err(Error::NewerFormat {
+                path: path.parent().unwrap_or(path).to_path_buf(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        postcard::from_bytes(&bytes[12..]).map_err(|e| corrupt(&e.to_string()))
+    }
+}
+
+/// An open repository.
+pub struct Repository {
+    pub root: PathBuf,
+    pub config: Config,
+    pub index: Index,
+    reader: PackReader,
+}
+
+/// The repository used when neither `--repo` nor `VOLSNAP_REPO` is given:
+/// `$XDG_DATA_HOME/volsnap`, else `$HOME/.local/share/volsnap`.
+pub fn default_path() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("volsnap");
+    }
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".local/share/volsnap")
+}
+
+impl Repository {
+    /// Creates a repository at `root` if none is there. Returns it and whether it was created.
+    pub fn init(root: &Path, config: Config) -> Result<(Repository, bool)> {
+        let config_path = root.join("config");
+        if config_path.exists() {
+            return Ok((Repository::open(root)?, false));
+        }
+        fsutil::create_dir_private(root)?;
+        for dir in ["packs", "snapshots", "tmp"] {
+            fsutil::create_dir_private(&root.join(dir))?;
+        }
+        Index::open(&root.join("index.redb"), true)?;
+        fsutil::fsync_dir(root)?;
+        // The config is the last thing written: a repository without it does not exist.
+        // Two concurrent inits race here; the loser keeps the winner's config.
+        let created = fsutil::write_new_durable(&root.join("tmp"), &config_path, &config.encode())?;
+        Ok((Repository::open(root)?, created))
+    }
+
+    /// Opens an existing repository.
+    pub fn open(root: &Path) -> Result<Repository> {
+        let config_path = root.join("config");
+        let bytes = match std::fs::read(&config_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoRepository { path: root.to_path_buf() });
+            }
+            Err(e) => return Err(Error::io("read", &config_path)(e)),
+        };
+        let config = Config::decode(&config_path, &bytes)?;
+        let index = Index::open(&root.join("index.redb"), false)?;
+        Ok(Repository { root: root.to_path_buf(), config, index, reader: PackReader::default() })
+    }
+
+    pub fn pack_path(&self, id: &Id) -> PathBuf {
+        let hex = id.hex();
+        self.root.join("packs").join(&hex[..2]).join(format!("{hex}.pack"))
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// Reads and verifies the blob `id`.
+    pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.index.lookup(id)?.ok_or(Error::MissingChunk { id: *id })?;
+        self.reader.read(self, id, &loc)
+    }
+}

@@ -1,0 +1,8 @@
+//! Snapshots: records and references, the files cache, and the create pipeline.
+
+pub mod cache;
+pub mod create;
+pub mod record;
+
+pub use create::{Options, Outcome, create};
+pub use record::{Listed, Snapshot, Stats, Unreadable, Volume, list_all, resolve};
