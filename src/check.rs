@@ -58,14 +58,25 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     let mut damaged: HashMap<Id, HashSet<u64>> = HashMap::new();
     let mut truncated: HashMap<Id, u64> = HashMap::new();
     let pct = opts.read_data_percent.map(|p| p.min(100));
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    progress.set_total(if pct.is_some() { packs.iter().map(|(_, r)| r.size_bytes).sum() } else { 0 });
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    progress.set_total(if pct.is_some() {
+        packs.iter().map(|(_, r)| r.size_bytes).sum()
+    } else {
+        0
+    });
     for (pack, row) in &packs {
         let path = repo.pack_path(pack);
         let size = match std::fs::metadata(&path) {
             Ok(m) => m.len(),
             Err(e) => {
-                report.problems.push(Problem { snapshot: None, path: None, pack: Some(*pack), message: format!("pack {}: {e}", path.display()) });
+                report.problems.push(Problem {
+                    snapshot: None,
+                    path: None,
+                    pack: Some(*pack),
+                    message: format!("pack {}: {e}", path.display()),
+                });
                 damaged.insert(*pack, HashSet::new());
                 continue;
             }
@@ -75,7 +86,11 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
                 snapshot: None,
                 path: None,
                 pack: Some(*pack),
-                message: format!("pack {} is {size} bytes, the index says {} (truncated or damaged)", path.display(), row.size_bytes),
+                message: format!(
+                    "pack {} is {size} bytes, the index says {} (truncated or damaged)",
+                    path.display(),
+                    row.size_bytes
+                ),
             });
             truncated.insert(*pack, size);
         }
@@ -85,7 +100,9 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
                 let mut h = blake3::Hasher::new();
                 h.update(&seed.to_le_bytes());
                 h.update(&pack.0);
-                let roll = u64::from_le_bytes(h.finalize().as_bytes()[0..8].try_into().expect("8 bytes")) % 100;
+                let roll =
+                    u64::from_le_bytes(h.finalize().as_bytes()[0..8].try_into().expect("8 bytes"))
+                        % 100;
                 roll < u64::from(p)
             }
         };
@@ -95,7 +112,12 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) => {
-                report.problems.push(Problem { snapshot: None, path: None, pack: Some(*pack), message: format!("read pack {}: {e}", path.display()) });
+                report.problems.push(Problem {
+                    snapshot: None,
+                    path: None,
+                    pack: Some(*pack),
+                    message: format!("read pack {}: {e}", path.display()),
+                });
                 damaged.insert(*pack, HashSet::new());
                 continue;
             }
@@ -114,26 +136,48 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         report.blobs_read += blobs.len() as u64;
         let bad = blobs.iter().any(|b| b.verified.is_err()) || stopped.is_some();
         if let Some(why) = &stopped {
-            report.problems.push(Problem { snapshot: None, path: None, pack: Some(*pack), message: format!("pack {}: {why}", path.display()) });
+            report.problems.push(Problem {
+                snapshot: None,
+                path: None,
+                pack: Some(*pack),
+                message: format!("pack {}: {why}", path.display()),
+            });
         }
         for b in blobs.iter().filter(|b| b.verified.is_err()) {
             report.problems.push(Problem {
                 snapshot: None,
                 path: None,
                 pack: Some(*pack),
-                message: format!("pack {}: blob {} at offset {}: {}", path.display(), b.header.id.short(), b.offset, b.verified.as_ref().unwrap_err()),
+                message: format!(
+                    "pack {}: blob {} at offset {}: {}",
+                    path.display(),
+                    b.header.id.short(),
+                    b.offset,
+                    b.verified.as_ref().unwrap_err()
+                ),
             });
         }
         if bad {
-            damaged.insert(*pack, blobs.iter().filter(|b| b.verified.is_ok()).map(|b| b.offset).collect());
+            damaged.insert(
+                *pack,
+                blobs
+                    .iter()
+                    .filter(|b| b.verified.is_ok())
+                    .map(|b| b.offset)
+                    .collect(),
+            );
         }
     }
     let known_packs: HashSet<Id> = packs.iter().map(|(id, _)| *id).collect();
     // Index rows that point at missing or damaged bytes.
     let mut bad_blobs: HashSet<Id> = HashSet::new();
     repo.index.for_each_chunk(|id, loc: Location| {
-        let fits = truncated.get(&loc.pack).is_none_or(|&size| loc.offset + 52 + u64::from(loc.stored_len) <= size);
-        let good = damaged.get(&loc.pack).is_none_or(|ok| ok.contains(&loc.offset));
+        let fits = truncated
+            .get(&loc.pack)
+            .is_none_or(|&size| loc.offset + 52 + u64::from(loc.stored_len) <= size);
+        let good = damaged
+            .get(&loc.pack)
+            .is_none_or(|ok| ok.contains(&loc.offset));
         if !fits || !good || !known_packs.contains(&loc.pack) {
             bad_blobs.insert(id);
         }
@@ -146,13 +190,35 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         let record_path = repo.snapshots_dir().join(snap.id.hex());
         match std::fs::read(&record_path) {
             Ok(bytes) if Id::of(&bytes) == snap.id => {}
-            Ok(_) => report.problems.push(Problem { snapshot: Some(snap.id), path: None, pack: None, message: "snapshot record does not match its id".into() }),
-            Err(e) => report.problems.push(Problem { snapshot: Some(snap.id), path: None, pack: None, message: format!("read {}: {e}", record_path.display()) }),
+            Ok(_) => report.problems.push(Problem {
+                snapshot: Some(snap.id),
+                path: None,
+                pack: None,
+                message: "snapshot record does not match its id".into(),
+            }),
+            Err(e) => report.problems.push(Problem {
+                snapshot: Some(snap.id),
+                path: None,
+                pack: None,
+                message: format!("read {}: {e}", record_path.display()),
+            }),
         }
         let multi = snap.snapshot.volumes.len() > 1;
         for v in &snap.snapshot.volumes {
-            let prefix = if multi { v.label.as_bytes().to_vec() } else { Vec::new() };
-            check_tree(repo, snap, &v.tree, &prefix, &bad_blobs, &mut sound_trees, &mut report.problems)?;
+            let prefix = if multi {
+                v.label.as_bytes().to_vec()
+            } else {
+                Vec::new()
+            };
+            check_tree(
+                repo,
+                snap,
+                &v.tree,
+                &prefix,
+                &bad_blobs,
+                &mut sound_trees,
+                &mut report.problems,
+            )?;
         }
     }
     Ok(report)
@@ -172,7 +238,12 @@ fn check_tree(
         return Ok(());
     }
     let before = problems.len();
-    let problem = |p: &[u8], message: String| Problem { snapshot: Some(snap.id), path: Some(p.to_vec()), pack: None, message };
+    let problem = |p: &[u8], message: String| Problem {
+        snapshot: Some(snap.id),
+        path: Some(p.to_vec()),
+        pack: None,
+        message,
+    };
     if bad_blobs.contains(id) {
         problems.push(problem(path, format!("tree {} is damaged", id.short())));
         return Ok(());
@@ -195,7 +266,10 @@ fn check_tree(
                         break;
                     }
                     if repo.index.lookup(c)?.is_none() {
-                        problems.push(problem(&child, format!("chunk {} is missing from the index", c.short())));
+                        problems.push(problem(
+                            &child,
+                            format!("chunk {} is missing from the index", c.short()),
+                        ));
                         break;
                     }
                 }

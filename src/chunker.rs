@@ -65,7 +65,13 @@ pub fn chunk_reader<R: Read, E: From<io::Error>>(
 /// extend past the data. Returns how many bytes the ranges cover.
 pub fn boundaries(data: &[u8], sizes: ChunkSizes, eof: bool, out: &mut Vec<Range<usize>>) -> usize {
     let max = sizes.max as usize;
-    let cdc = FastCDC::with_level(data, sizes.min as usize, sizes.avg as usize, max, Normalization::Level1);
+    let cdc = FastCDC::with_level(
+        data,
+        sizes.min as usize,
+        sizes.avg as usize,
+        max,
+        Normalization::Level1,
+    );
     let mut start = 0;
     while start < data.len() {
         let remaining = data.len() - start;
@@ -84,7 +90,11 @@ pub fn boundaries(data: &[u8], sizes: ChunkSizes, eof: bool, out: &mut Vec<Range
 mod tests {
     use super::*;
 
-    const SIZES: ChunkSizes = ChunkSizes { min: 2048, avg: 8192, max: 32768 };
+    const SIZES: ChunkSizes = ChunkSizes {
+        min: 2048,
+        avg: 8192,
+        max: 32768,
+    };
 
     fn noise(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
@@ -126,7 +136,11 @@ mod tests {
         let a = chunks(&data, 1 << 20);
         let b = chunks(&edited, 1 << 20);
         let shared = a.iter().filter(|c| b.contains(c)).count();
-        assert!(shared + 3 >= a.len(), "only chunks near the edit change: {shared}/{}", a.len());
+        assert!(
+            shared + 3 >= a.len(),
+            "only chunks near the edit change: {shared}/{}",
+            a.len()
+        );
     }
 
     #[test]

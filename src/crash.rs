@@ -10,7 +10,11 @@ static TARGET: OnceLock<Option<u64>> = OnceLock::new();
 
 /// Marks a step after which a crash must leave the repository recoverable.
 pub fn point(name: &str) {
-    let target = *TARGET.get_or_init(|| std::env::var("VOLSNAP_CRASH_AT").ok().and_then(|v| v.parse().ok()));
+    let target = *TARGET.get_or_init(|| {
+        std::env::var("VOLSNAP_CRASH_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
     if let Some(target) = target {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
         if n == target {

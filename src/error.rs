@@ -31,10 +31,18 @@ pub enum Error {
         "repository {} has format version {found}; this volsnap reads up to {supported}: upgrade volsnap",
         path.display()
     )]
-    NewerFormat { path: PathBuf, found: u32, supported: u32 },
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     /// A repository file does not decode or fails its checksum.
     #[error("corrupt {what} {}: {detail}", path.display())]
-    Corrupt { what: &'static str, path: PathBuf, detail: String },
+    Corrupt {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
     /// A blob's bytes do not hash to its id.
     #[error("chunk {id} in pack {pack}: {detail}")]
     BadBlob { id: Id, pack: Id, detail: String },

@@ -40,8 +40,11 @@ pub fn atomic_write(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
         .tempfile_in(tmp_dir)
         .map_err(Error::io("create temporary file in", tmp_dir))?;
-    tmp.write_all(bytes).map_err(Error::io("write", tmp.path()))?;
-    tmp.as_file().sync_all().map_err(Error::io("fsync", tmp.path()))?;
+    tmp.write_all(bytes)
+        .map_err(Error::io("write", tmp.path()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(Error::io("fsync", tmp.path()))?;
     tmp.persist(path)
         .map_err(|e| Error::io("rename into place", path)(e.error))?;
     fsync_dir(path.parent().expect("repository files have a parent"))
@@ -55,8 +58,11 @@ pub fn write_new_durable(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<bo
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
         .tempfile_in(tmp_dir)
         .map_err(Error::io("create temporary file in", tmp_dir))?;
-    tmp.write_all(bytes).map_err(Error::io("write", tmp.path()))?;
-    tmp.as_file().sync_all().map_err(Error::io("fsync", tmp.path()))?;
+    tmp.write_all(bytes)
+        .map_err(Error::io("write", tmp.path()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(Error::io("fsync", tmp.path()))?;
     match tmp.persist_noclobber(path) {
         Ok(_) => {}
         Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),

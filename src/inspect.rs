@@ -48,16 +48,27 @@ pub fn ls(repo: &Repository, snap: &Listed, path: &[u8], recursive: bool) -> Res
     let mut dir = top(snap);
     let mut prefix = Vec::new();
     for (i, c) in components.iter().enumerate() {
-        let found = entries(repo, &dir)?.into_iter().find(|e| e.name == *c).ok_or_else(|| Error::PathNotFound {
-            snapshot: snap.id.short(),
-            path: String::from_utf8_lossy(path).into_owned(),
-        })?;
+        let found = entries(repo, &dir)?
+            .into_iter()
+            .find(|e| e.name == *c)
+            .ok_or_else(|| Error::PathNotFound {
+                snapshot: snap.id.short(),
+                path: String::from_utf8_lossy(path).into_owned(),
+            })?;
         prefix = join_rel(&prefix, c);
         match found.kind {
             Kind::Dir { tree } => dir = Dir::Tree(tree),
-            _ if i + 1 == components.len() => return Ok(vec![Listing { path: prefix, entry: found }]),
+            _ if i + 1 == components.len() => {
+                return Ok(vec![Listing {
+                    path: prefix,
+                    entry: found,
+                }]);
+            }
             _ => {
-                return Err(Error::PathNotFound { snapshot: snap.id.short(), path: String::from_utf8_lossy(path).into_owned() });
+                return Err(Error::PathNotFound {
+                    snapshot: snap.id.short(),
+                    path: String::from_utf8_lossy(path).into_owned(),
+                });
             }
         }
     }
@@ -66,14 +77,23 @@ pub fn ls(repo: &Repository, snap: &Listed, path: &[u8], recursive: bool) -> Res
     Ok(out)
 }
 
-fn list_dir(repo: &Repository, dir: &Dir<'_>, prefix: &[u8], recursive: bool, out: &mut Vec<Listing>) -> Result<()> {
+fn list_dir(
+    repo: &Repository,
+    dir: &Dir<'_>,
+    prefix: &[u8],
+    recursive: bool,
+    out: &mut Vec<Listing>,
+) -> Result<()> {
     for entry in entries(repo, dir)? {
         let path = join_rel(prefix, &entry.name);
         let sub = match entry.kind {
             Kind::Dir { tree } if recursive => Some(tree),
             _ => None,
         };
-        out.push(Listing { path: path.clone(), entry });
+        out.push(Listing {
+            path: path.clone(),
+            entry,
+        });
         if let Some(tree) = sub {
             list_dir(repo, &Dir::Tree(tree), &path, true, out)?;
         }
@@ -97,11 +117,17 @@ pub fn diff(repo: &Repository, a: &Listed, b: &Listed) -> Result<Diff> {
     Ok(out)
 }
 
-fn diff_dirs(repo: &Repository, a: &Dir<'_>, b: &Dir<'_>, prefix: &[u8], out: &mut Diff) -> Result<()> {
-    if let (Dir::Tree(x), Dir::Tree(y)) = (a, b) {
-        if x == y {
-            return Ok(());
-        }
+fn diff_dirs(
+    repo: &Repository,
+    a: &Dir<'_>,
+    b: &Dir<'_>,
+    prefix: &[u8],
+    out: &mut Diff,
+) -> Result<()> {
+    if let (Dir::Tree(x), Dir::Tree(y)) = (a, b)
+        && x == y
+    {
+        return Ok(());
     }
     let old = entries(repo, a)?;
     let new = entries(repo, b)?;
@@ -131,7 +157,13 @@ fn diff_dirs(repo: &Repository, a: &Dir<'_>, b: &Dir<'_>, prefix: &[u8], out: &m
     Ok(())
 }
 
-fn diff_entries(repo: &Repository, x: &Entry, y: &Entry, prefix: &[u8], out: &mut Diff) -> Result<()> {
+fn diff_entries(
+    repo: &Repository,
+    x: &Entry,
+    y: &Entry,
+    prefix: &[u8],
+    out: &mut Diff,
+) -> Result<()> {
     let path = join_rel(prefix, &x.name);
     if std::mem::discriminant(&x.kind) != std::mem::discriminant(&y.kind) {
         subtree_paths(repo, x, prefix, &mut out.removed)?;
@@ -140,15 +172,26 @@ fn diff_entries(repo: &Repository, x: &Entry, y: &Entry, prefix: &[u8], out: &mu
     }
     let mut changes = Vec::new();
     match (&x.kind, &y.kind) {
-        (Kind::File { size: s1, chunks: c1 }, Kind::File { size: s2, chunks: c2 }) if s1 != s2 || c1 != c2 => {
+        (
+            Kind::File {
+                size: s1,
+                chunks: c1,
+            },
+            Kind::File {
+                size: s2,
+                chunks: c2,
+            },
+        ) if s1 != s2 || c1 != c2 => {
             changes.push("content");
         }
-        (Kind::Symlink { target: t1 }, Kind::Symlink { target: t2 }) | (Kind::Hardlink { target: t1 }, Kind::Hardlink { target: t2 })
+        (Kind::Symlink { target: t1 }, Kind::Symlink { target: t2 })
+        | (Kind::Hardlink { target: t1 }, Kind::Hardlink { target: t2 })
             if t1 != t2 =>
         {
             changes.push("target");
         }
-        (Kind::CharDevice { rdev: r1 }, Kind::CharDevice { rdev: r2 }) | (Kind::BlockDevice { rdev: r1 }, Kind::BlockDevice { rdev: r2 })
+        (Kind::CharDevice { rdev: r1 }, Kind::CharDevice { rdev: r2 })
+        | (Kind::BlockDevice { rdev: r1 }, Kind::BlockDevice { rdev: r2 })
             if r1 != r2 =>
         {
             changes.push("device");
@@ -177,7 +220,12 @@ fn diff_entries(repo: &Repository, x: &Entry, y: &Entry, prefix: &[u8], out: &mu
 }
 
 /// The path of `entry` and of everything below it.
-fn subtree_paths(repo: &Repository, entry: &Entry, prefix: &[u8], out: &mut Vec<Vec<u8>>) -> Result<()> {
+fn subtree_paths(
+    repo: &Repository,
+    entry: &Entry,
+    prefix: &[u8],
+    out: &mut Vec<Vec<u8>>,
+) -> Result<()> {
     let path = join_rel(prefix, &entry.name);
     out.push(path.clone());
     if let Kind::Dir { tree } = entry.kind {

@@ -26,7 +26,11 @@ mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "volsnap", version, about = "Fast, deduplicating, incremental snapshots of container data volumes")]
+#[command(
+    name = "volsnap",
+    version,
+    about = "Fast, deduplicating, incremental snapshots of container data volumes"
+)]
 struct Cli {
     /// Repository path [default: $XDG_DATA_HOME/volsnap or ~/.local/share/volsnap]
     #[arg(long, global = true, env = "VOLSNAP_REPO")]
@@ -127,7 +131,11 @@ fn main() -> ExitCode {
                 _ => exit::ERROR,
             };
             if json {
-                let _ = writeln!(std::io::stdout(), "{}", json!({"error": format!("{e:#}"), "exit_code": code}));
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "{}",
+                    json!({"error": format!("{e:#}"), "exit_code": code})
+                );
             }
             eprintln!("error: {e:#}");
             ExitCode::from(code)
@@ -136,7 +144,10 @@ fn main() -> ExitCode {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn repo_path(cli: &Cli) -> PathBuf {
@@ -158,7 +169,10 @@ fn emit(json: bool, value: &Value, text: impl FnOnce() -> String) -> anyhow::Res
 fn split_ref(arg: &OsString) -> (String, Vec<u8>) {
     let bytes = arg.as_bytes();
     match bytes.iter().position(|&b| b == b':') {
-        Some(i) => (String::from_utf8_lossy(&bytes[..i]).into_owned(), bytes[i + 1..].to_vec()),
+        Some(i) => (
+            String::from_utf8_lossy(&bytes[..i]).into_owned(),
+            bytes[i + 1..].to_vec(),
+        ),
         None => (String::from_utf8_lossy(bytes).into_owned(), Vec::new()),
     }
 }
@@ -179,20 +193,41 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
             })?;
         }
-        Command::Snapshot { dirs, name, tag, skip_if_unchanged, exclude, cross_filesystems } => {
+        Command::Snapshot {
+            dirs,
+            name,
+            tag,
+            skip_if_unchanged,
+            exclude,
+            cross_filesystems,
+        } => {
             let (repo, _) = Repository::init(&path, Config::default())?;
-            let opts = snapshot::Options { series: name, tags: tag, skip_if_unchanged, excludes: exclude, cross_filesystems };
+            let opts = snapshot::Options {
+                series: name,
+                tags: tag,
+                skip_if_unchanged,
+                excludes: exclude,
+                cross_filesystems,
+            };
             let progress = Progress::default();
-            let outcome = render::with_progress(show_progress, &progress, "snapshot", || snapshot::create(&repo, &dirs, &opts, &progress))?;
+            let outcome = render::with_progress(show_progress, &progress, "snapshot", || {
+                snapshot::create(&repo, &dirs, &opts, &progress)
+            })?;
             let value = render::snapshot_json(&outcome.listed, outcome.skipped);
             let snap = &outcome.listed.snapshot;
             for u in &snap.unreadable {
-                eprintln!("warning: could not read {}: {}", String::from_utf8_lossy(&u.path), u.error);
+                eprintln!(
+                    "warning: could not read {}: {}",
+                    String::from_utf8_lossy(&u.path),
+                    u.error
+                );
             }
             for n in &snap.notes {
                 eprintln!("note: {n}");
             }
-            emit(json, &value, || render::snapshot_text(&outcome.listed, outcome.skipped))?;
+            emit(json, &value, || {
+                render::snapshot_text(&outcome.listed, outcome.skipped)
+            })?;
             if snap.incomplete && !outcome.skipped {
                 return Ok(exit::INCOMPLETE);
             }
@@ -204,15 +239,27 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 .filter(|l| name.as_ref().is_none_or(|n| &l.snapshot.series == n))
                 .filter(|l| tag.as_ref().is_none_or(|t| l.snapshot.tags.contains(t)))
                 .collect();
-            let value = Value::Array(all.iter().map(|l| render::snapshot_json(l, false)).collect());
+            let value = Value::Array(
+                all.iter()
+                    .map(|l| render::snapshot_json(l, false))
+                    .collect(),
+            );
             emit(json, &value, || render::list_text(&all))?;
         }
-        Command::Show { snapshot: reference } => {
+        Command::Show {
+            snapshot: reference,
+        } => {
             let repo = Repository::open(&path)?;
             let listed = snapshot::resolve(&repo, &reference)?;
-            emit(json, &render::snapshot_json(&listed, false), || render::show_text(&listed))?;
+            emit(json, &render::snapshot_json(&listed, false), || {
+                render::show_text(&listed)
+            })?;
         }
-        Command::Ls { target, long, recursive } => {
+        Command::Ls {
+            target,
+            long,
+            recursive,
+        } => {
             let repo = Repository::open(&path)?;
             let (reference, sub) = split_ref(&target);
             let listed = snapshot::resolve(&repo, &reference)?;
@@ -227,13 +274,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let d = inspect::diff(&repo, &a, &b)?;
             emit(json, &render::diff_json(&d), || render::diff_text(&d))?;
         }
-        Command::Restore { source, to, force, volume } => {
+        Command::Restore {
+            source,
+            to,
+            force,
+            volume,
+        } => {
             let repo = Repository::open(&path)?;
             let (reference, sub) = split_ref(&source);
             let listed = snapshot::resolve(&repo, &reference)?;
             let opts = restore::Options { force, volume };
             let progress = Progress::default();
-            let report = render::with_progress(show_progress, &progress, "restore", || restore::restore(&repo, &listed, &sub, &to, &opts, &progress))?;
+            let report = render::with_progress(show_progress, &progress, "restore", || {
+                restore::restore(&repo, &listed, &sub, &to, &opts, &progress)
+            })?;
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
@@ -261,9 +315,15 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Check { read_data } => {
             let repo = Repository::open(&path)?;
             let progress = Progress::default();
-            let opts = check::Options { read_data_percent: read_data };
-            let report = render::with_progress(show_progress, &progress, "check", || check::check(&repo, opts, &progress))?;
-            emit(json, &render::check_json(&report), || render::check_text(&report))?;
+            let opts = check::Options {
+                read_data_percent: read_data,
+            };
+            let report = render::with_progress(show_progress, &progress, "check", || {
+                check::check(&repo, opts, &progress)
+            })?;
+            emit(json, &render::check_json(&report), || {
+                render::check_text(&report)
+            })?;
             if !report.ok() {
                 return Ok(exit::ERROR);
             }

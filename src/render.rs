@@ -19,7 +19,12 @@ pub fn lossy(b: &[u8]) -> String {
 
 /// Runs `work` while a progress bar (bytes, rate, ETA when the total is known) is drawn
 /// on stderr, if `enabled`.
-pub fn with_progress<T>(enabled: bool, progress: &Progress, what: &str, work: impl FnOnce() -> T) -> T {
+pub fn with_progress<T>(
+    enabled: bool,
+    progress: &Progress,
+    what: &str,
+    work: impl FnOnce() -> T,
+) -> T {
     if !enabled {
         return work();
     }
@@ -66,7 +71,11 @@ pub fn bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// UTC time as RFC 3339 with seconds.
@@ -84,7 +93,12 @@ pub fn time(ns: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 pub fn snapshot_json(l: &Listed, skipped: bool) -> Value {
@@ -123,7 +137,12 @@ pub fn snapshot_json(l: &Listed, skipped: bool) -> Value {
 pub fn snapshot_text(l: &Listed, skipped: bool) -> String {
     let s = &l.snapshot;
     if skipped {
-        return format!("nothing changed since snapshot {} ({}@{}); no snapshot recorded\n", l.id.short(), s.series, s.version);
+        return format!(
+            "nothing changed since snapshot {} ({}@{}); no snapshot recorded\n",
+            l.id.short(),
+            s.series,
+            s.version
+        );
     }
     let mut out = format!(
         "snapshot {} saved as {}@{}{}\n  {} files, {} dirs, {}; read {}, stored {} new, in {:.2}s\n",
@@ -139,13 +158,20 @@ pub fn snapshot_text(l: &Listed, skipped: bool) -> String {
         s.stats.duration_ms as f64 / 1000.0
     );
     if s.incomplete {
-        let _ = writeln!(out, "  {} paths could not be read (listed above)", s.unreadable.len());
+        let _ = writeln!(
+            out,
+            "  {} paths could not be read (listed above)",
+            s.unreadable.len()
+        );
     }
     out
 }
 
 pub fn list_text(all: &[Listed]) -> String {
-    let mut out = format!("{:<8}  {:<28}  {:<20}  {:>9}  {:>10}  tags\n", "id", "series@version", "time (UTC)", "files", "size");
+    let mut out = format!(
+        "{:<8}  {:<28}  {:<20}  {:>9}  {:>10}  tags\n",
+        "id", "series@version", "time (UTC)", "files", "size"
+    );
     for l in all {
         let s = &l.snapshot;
         let _ = writeln!(
@@ -171,15 +197,42 @@ pub fn show_text(l: &Listed) -> String {
     let _ = writeln!(out, "series:    {}@{}", s.series, s.version);
     let _ = writeln!(out, "time:      {}", time(s.time_ns));
     let _ = writeln!(out, "host:      {}", s.hostname);
-    let _ = writeln!(out, "parent:    {}", s.parent.map_or("none".into(), |p| p.short()));
+    let _ = writeln!(
+        out,
+        "parent:    {}",
+        s.parent.map_or("none".into(), |p| p.short())
+    );
     let _ = writeln!(out, "tags:      {}", s.tags.join(", "));
     for v in &s.volumes {
-        let _ = writeln!(out, "volume:    {} <- {} (tree {})", v.label, lossy(&v.source), v.tree.short());
+        let _ = writeln!(
+            out,
+            "volume:    {} <- {} (tree {})",
+            v.label,
+            lossy(&v.source),
+            v.tree.short()
+        );
     }
     let st = &s.stats;
-    let _ = writeln!(out, "contents:  {} files, {} dirs, {}", st.files, st.dirs, bytes(st.bytes));
-    let _ = writeln!(out, "work:      read {}, stored {} new in {} chunks, {:.2}s", bytes(st.bytes_read), bytes(st.new_bytes_stored), st.new_chunks, st.duration_ms as f64 / 1000.0);
-    let _ = writeln!(out, "complete:  {}", if s.incomplete { "no" } else { "yes" });
+    let _ = writeln!(
+        out,
+        "contents:  {} files, {} dirs, {}",
+        st.files,
+        st.dirs,
+        bytes(st.bytes)
+    );
+    let _ = writeln!(
+        out,
+        "work:      read {}, stored {} new in {} chunks, {:.2}s",
+        bytes(st.bytes_read),
+        bytes(st.new_bytes_stored),
+        st.new_chunks,
+        st.duration_ms as f64 / 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "complete:  {}",
+        if s.incomplete { "no" } else { "yes" }
+    );
     for u in &s.unreadable {
         let _ = writeln!(out, "unreadable: {}: {}", lossy(&u.path), u.error);
     }
@@ -214,11 +267,24 @@ pub fn ls_text(entries: &[Listing], long: bool) -> String {
         let e = &l.entry;
         let mut line = lossy(&l.path);
         if let Kind::Symlink { target } | Kind::Hardlink { target } = &e.kind {
-            let arrow = if matches!(e.kind, Kind::Symlink { .. }) { "->" } else { "=>" };
+            let arrow = if matches!(e.kind, Kind::Symlink { .. }) {
+                "->"
+            } else {
+                "=>"
+            };
             line = format!("{line} {arrow} {}", lossy(target));
         }
         if long {
-            let _ = writeln!(out, "{:<8} {:04o} {:>6} {:>6} {:>12} {} {line}", e.kind.label(), e.mode, e.uid, e.gid, e.size(), time(e.mtime_ns));
+            let _ = writeln!(
+                out,
+                "{:<8} {:04o} {:>6} {:>6} {:>12} {} {line}",
+                e.kind.label(),
+                e.mode,
+                e.uid,
+                e.gid,
+                e.size(),
+                time(e.mtime_ns)
+            );
         } else {
             let _ = writeln!(out, "{line}");
         }
@@ -245,7 +311,13 @@ pub fn diff_text(d: &Diff) -> String {
     for (p, c) in &d.modified {
         let _ = writeln!(out, "M {} ({})", lossy(p), c.join(", "));
     }
-    let _ = writeln!(out, "{} added, {} removed, {} modified", d.added.len(), d.removed.len(), d.modified.len());
+    let _ = writeln!(
+        out,
+        "{} added, {} removed, {} modified",
+        d.added.len(),
+        d.removed.len(),
+        d.modified.len()
+    );
     out
 }
 
@@ -284,7 +356,11 @@ pub fn check_text(r: &check::Report) -> String {
         r.packs,
         r.packs_read,
         r.blobs_read,
-        if r.ok() { "no problems found".to_string() } else { format!("{} problems", r.problems.len()) }
+        if r.ok() {
+            "no problems found".to_string()
+        } else {
+            format!("{} problems", r.problems.len())
+        }
     );
     out
 }

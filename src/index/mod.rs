@@ -81,13 +81,25 @@ impl Index {
     /// Opens `path`, creating it when `create` is set.
     pub fn open(path: &Path, create: bool) -> Result<Index> {
         if !create && !path.exists() {
-            return Err(Error::IndexMissing { path: path.to_path_buf() });
+            return Err(Error::IndexMissing {
+                path: path.to_path_buf(),
+            });
         }
         let mut builder = Database::builder();
         builder.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
-        let db = if create { builder.create(path) } else { builder.open(path) };
-        let db = db.map_err(|e| Error::Index { path: path.to_path_buf(), detail: e.to_string() })?;
-        let index = Index { db, path: path.to_path_buf() };
+        let db = if create {
+            builder.create(path)
+        } else {
+            builder.open(path)
+        };
+        let db = db.map_err(|e| Error::Index {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        let index = Index {
+            db,
+            path: path.to_path_buf(),
+        };
         if create {
             // Create every table once so readers never meet a missing table.
             index.write(|txn| {
@@ -103,10 +115,16 @@ impl Index {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Index { path: self.path.clone(), detail: e.to_string() }
+        Error::Index {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
     }
 
-    fn write<T>(&self, f: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<T, redb::Error>) -> Result<T> {
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<T, redb::Error>,
+    ) -> Result<T> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         let out = f(&txn).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))?;
@@ -153,7 +171,8 @@ impl Index {
         for item in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let id = Id(k.value().try_into().map_err(|_| self.err("bad pack key"))?);
-            let row = postcard::from_bytes(v.value()).map_err(|e| self.err(format!("pack row {id}: {e}")))?;
+            let row = postcard::from_bytes(v.value())
+                .map_err(|e| self.err(format!("pack row {id}: {e}")))?;
             out.push((id, row));
         }
         Ok(out)
@@ -165,7 +184,10 @@ impl Index {
         let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
         for item in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = Id(k.value().try_into().map_err(|_| self.err("bad chunk key"))?);
+            let id = Id(k
+                .value()
+                .try_into()
+                .map_err(|_| self.err("bad chunk key"))?);
             let loc = Location::decode(v.value()).ok_or_else(|| self.err("bad location row"))?;
             f(id, loc);
         }
@@ -179,7 +201,10 @@ impl Index {
         let mut out = Vec::new();
         for item in table.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = Id(k.value().try_into().map_err(|_| self.err("bad snapshot key"))?);
+            let id = Id(k
+                .value()
+                .try_into()
+                .map_err(|_| self.err("bad snapshot key"))?);
             out.push((id, v.value().to_vec()));
         }
         Ok(out)
@@ -196,15 +221,23 @@ impl Index {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         let version = {
             let table = txn.open_table(SERIES).map_err(|e| self.err(e))?;
-            table.get(series).map_err(|e| self.err(e))?.map_or(0, |v| v.value()) + 1
+            table
+                .get(series)
+                .map_err(|e| self.err(e))?
+                .map_or(0, |v| v.value())
+                + 1
         };
         let (id, bytes) = write_record(version)?;
         crate::crash::point("snapshot record written");
         {
             let mut snaps = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-            snaps.insert(&id.0[..], &bytes[..]).map_err(|e| self.err(e))?;
+            snaps
+                .insert(&id.0[..], &bytes[..])
+                .map_err(|e| self.err(e))?;
             let mut series_table = txn.open_table(SERIES).map_err(|e| self.err(e))?;
-            series_table.insert(series, version).map_err(|e| self.err(e))?;
+            series_table
+                .insert(series, version)
+                .map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))?;
         Ok((id, version))
@@ -212,7 +245,11 @@ impl Index {
 
     /// Adds snapshot rows found on disk but missing here (a crash between the record
     /// file and its row) and drops rows whose record file is gone.
-    pub fn reconcile_snapshots(&self, on_disk: &[(Id, Vec<u8>, String, u64)], gone: &[Id]) -> Result<()> {
+    pub fn reconcile_snapshots(
+        &self,
+        on_disk: &[(Id, Vec<u8>, String, u64)],
+        gone: &[Id],
+    ) -> Result<()> {
         if on_disk.is_empty() && gone.is_empty() {
             return Ok(());
         }
@@ -237,7 +274,10 @@ impl Index {
     pub fn cache_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let txn = self.read()?;
         let table = txn.open_table(FILES).map_err(|e| self.err(e))?;
-        Ok(table.get(key).map_err(|e| self.err(e))?.map(|v| v.value().to_vec()))
+        Ok(table
+            .get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
     }
 
     /// Writes files-cache rows, in one transaction (callers bound the batch).

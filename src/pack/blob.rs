@@ -91,7 +91,13 @@ impl BlobHeader {
             return Err("raw blob with stored length != raw length".into());
         }
         let id = Id(h[16..48].try_into().expect("32 bytes"));
-        Ok(BlobHeader { kind, compression, raw_len, stored_len, id })
+        Ok(BlobHeader {
+            kind,
+            compression,
+            raw_len,
+            stored_len,
+            id,
+        })
     }
 }
 
@@ -106,7 +112,10 @@ pub struct EncodedBlob {
 /// re-hashes the result, so that no blob whose stored bytes do not reproduce `id` ever
 /// reaches a pack.
 pub fn encode(kind: BlobKind, id: Id, raw: &[u8], level: i32) -> Result<EncodedBlob, String> {
-    assert!(raw.len() as u64 <= BLOB_SIZE_MAX as u64, "blob over BLOB_SIZE_MAX");
+    assert!(
+        raw.len() as u64 <= BLOB_SIZE_MAX as u64,
+        "blob over BLOB_SIZE_MAX"
+    );
     let compressed = zstd::bulk::compress(raw, level).map_err(|e| format!("zstd: {e}"))?;
     let (compression, stored) = if compressed.len() < raw.len() {
         (Compression::Zstd, compressed)
@@ -122,7 +131,9 @@ pub fn encode(kind: BlobKind, id: Id, raw: &[u8], level: i32) -> Result<EncodedB
     };
     let check = decode_body(&header, &stored)?;
     if Id::of(&check) != id {
-        return Err(format!("blob {id} does not reproduce its id after encoding"));
+        return Err(format!(
+            "blob {id} does not reproduce its id after encoding"
+        ));
     }
     Ok(EncodedBlob { header, stored })
 }
@@ -138,7 +149,11 @@ pub fn decode_verified(header: &BlobHeader, stored: &[u8]) -> Result<Vec<u8>, St
 
 fn decode_body(header: &BlobHeader, stored: &[u8]) -> Result<Vec<u8>, String> {
     if stored.len() != header.stored_len as usize {
-        return Err(format!("stored length {} != {}", stored.len(), header.stored_len));
+        return Err(format!(
+            "stored length {} != {}",
+            stored.len(),
+            header.stored_len
+        ));
     }
     match header.compression {
         Compression::Raw => Ok(stored.to_vec()),
@@ -146,7 +161,11 @@ fn decode_body(header: &BlobHeader, stored: &[u8]) -> Result<Vec<u8>, String> {
             let raw = zstd::bulk::decompress(stored, header.raw_len as usize)
                 .map_err(|e| format!("zstd: {e}"))?;
             if raw.len() != header.raw_len as usize {
-                return Err(format!("decompressed {} bytes, header says {}", raw.len(), header.raw_len));
+                return Err(format!(
+                    "decompressed {} bytes, header says {}",
+                    raw.len(),
+                    header.raw_len
+                ));
             }
             Ok(raw)
         }
@@ -169,7 +188,9 @@ mod tests {
     #[test]
     fn compressible_and_incompressible_round_trip() {
         check(&[7u8; 100_000], Compression::Zstd);
-        let noise: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..10_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         check(&noise, Compression::Raw);
         check(b"", Compression::Raw);
     }

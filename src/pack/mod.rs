@@ -53,7 +53,10 @@ impl OpenPack {
     fn new(kind: BlobKind) -> OpenPack {
         let mut bytes = Vec::with_capacity(PACK_SIZE_TARGET + PACK_SIZE_TARGET / 8);
         bytes.extend_from_slice(&pack_header(kind));
-        OpenPack { bytes, rows: Vec::new() }
+        OpenPack {
+            bytes,
+            rows: Vec::new(),
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -99,14 +102,24 @@ impl<'r> Packer<'r> {
         if self.has(&id)? {
             return Ok(false);
         }
-        let blob = blob::encode(self.kind, id, raw, self.repo.config.zstd_level).map_err(|detail| {
-            Error::Corrupt { what: "new blob", path: self.repo.root.clone(), detail }
-        })?;
+        let blob =
+            blob::encode(self.kind, id, raw, self.repo.config.zstd_level).map_err(|detail| {
+                Error::Corrupt {
+                    what: "new blob",
+                    path: self.repo.root.clone(),
+                    detail,
+                }
+            })?;
         self.add(blob)
     }
 
     fn add(&self, blob: EncodedBlob) -> Result<bool> {
-        if !self.seen.lock().expect("packer lock").insert(blob.header.id) {
+        if !self
+            .seen
+            .lock()
+            .expect("packer lock")
+            .insert(blob.header.id)
+        {
             return Ok(false);
         }
         let full = {
@@ -140,7 +153,10 @@ impl<'r> Packer<'r> {
 
     /// Writes the partly filled pack, if any.
     pub fn flush(&self) -> Result<()> {
-        let pack = std::mem::replace(&mut *self.open.lock().expect("packer lock"), OpenPack::new(self.kind));
+        let pack = std::mem::replace(
+            &mut *self.open.lock().expect("packer lock"),
+            OpenPack::new(self.kind),
+        );
         if !pack.is_empty() {
             self.commit(pack)?;
         }
@@ -163,10 +179,14 @@ impl<'r> Packer<'r> {
             fsutil::create_dir_private(dir)?;
             fsutil::fsync_dir(dir.parent().expect("packs dir"))?;
         }
-        let tmp = self.repo.tmp_dir().join(format!("{}.pack.tmp", pack_id.hex()));
+        let tmp = self
+            .repo
+            .tmp_dir()
+            .join(format!("{}.pack.tmp", pack_id.hex()));
         {
             let mut file = fsutil::create_new_private(&tmp)?;
-            file.write_all(&pack.bytes).map_err(Error::io("write", &tmp))?;
+            file.write_all(&pack.bytes)
+                .map_err(Error::io("write", &tmp))?;
             file.sync_all().map_err(Error::io("fsync", &tmp))?;
         }
         fsutil::rename_durable(&tmp, &path)?;
@@ -208,7 +228,11 @@ impl PackReader {
     pub fn read(&self, repo: &Repository, id: &Id, loc: &Location) -> Result<Vec<u8>> {
         let file = self.file(repo, &loc.pack)?;
         let mut buf = vec![0u8; HEADER_LEN + loc.stored_len as usize];
-        let bad = |detail: String| Error::BadBlob { id: *id, pack: loc.pack, detail };
+        let bad = |detail: String| Error::BadBlob {
+            id: *id,
+            pack: loc.pack,
+            detail,
+        };
         file.read_exact_at(&mut buf, loc.offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 bad("pack is truncated".into())
@@ -217,7 +241,8 @@ impl PackReader {
             }
         })?;
         let header = BlobHeader::decode(&buf[..HEADER_LEN]).map_err(bad)?;
-        if header.id != *id || header.stored_len != loc.stored_len || header.raw_len != loc.raw_len {
+        if header.id != *id || header.stored_len != loc.stored_len || header.raw_len != loc.raw_len
+        {
             return Err(bad("blob header does not match the index".into()));
         }
         blob::decode_verified(&header, &buf[HEADER_LEN..]).map_err(bad)
@@ -248,10 +273,20 @@ pub fn scan(bytes: &[u8]) -> (Vec<ScannedBlob>, Option<String>) {
         };
         let body_end = at + HEADER_LEN + header.stored_len as usize;
         if body_end > bytes.len() {
-            return (blobs, Some(format!("at offset {at}: blob runs past the end of the pack (truncated)")));
+            return (
+                blobs,
+                Some(format!(
+                    "at offset {at}: blob runs past the end of the pack (truncated)"
+                )),
+            );
         }
-        let verified = blob::decode_verified(&header, &bytes[at + HEADER_LEN..body_end]).map(|_| ());
-        blobs.push(ScannedBlob { offset: at as u64, header, verified });
+        let verified =
+            blob::decode_verified(&header, &bytes[at + HEADER_LEN..body_end]).map(|_| ());
+        blobs.push(ScannedBlob {
+            offset: at as u64,
+            header,
+            verified,
+        });
         at = body_end;
     }
     (blobs, None)

@@ -53,7 +53,11 @@ impl Config {
     }
 
     fn decode(path: &Path, bytes: &[u8]) -> Result<Config> {
-        let corrupt = |detail: &str| Error::Corrupt { what: "config", path: path.to_path_buf(), detail: detail.into() };
+        let corrupt = |detail: &str| Error::Corrupt {
+            what: "config",
+            path: path.to_path_buf(),
+            detail: detail.into(),
+        };
         if bytes.len() < 12 || &bytes[0..8] != CONFIG_MAGIC {
             return Err(corrupt("not a volsnap repository config"));
         }
@@ -83,7 +87,9 @@ pub fn default_path() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(d).join("volsnap");
     }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).unwrap_or_else(|| "/root".into());
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/root".into());
     PathBuf::from(home).join(".local/share/volsnap")
 }
 
@@ -112,18 +118,28 @@ impl Repository {
         let bytes = match std::fs::read(&config_path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NoRepository { path: root.to_path_buf() });
+                return Err(Error::NoRepository {
+                    path: root.to_path_buf(),
+                });
             }
             Err(e) => return Err(Error::io("read", &config_path)(e)),
         };
         let config = Config::decode(&config_path, &bytes)?;
         let index = Index::open(&root.join("index.redb"), false)?;
-        Ok(Repository { root: root.to_path_buf(), config, index, reader: PackReader::default() })
+        Ok(Repository {
+            root: root.to_path_buf(),
+            config,
+            index,
+            reader: PackReader::default(),
+        })
     }
 
     pub fn pack_path(&self, id: &Id) -> PathBuf {
         let hex = id.hex();
-        self.root.join("packs").join(&hex[..2]).join(format!("{hex}.pack"))
+        self.root
+            .join("packs")
+            .join(&hex[..2])
+            .join(format!("{hex}.pack"))
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
@@ -136,7 +152,10 @@ impl Repository {
 
     /// Reads and verifies the blob `id`.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
-        let loc = self.index.lookup(id)?.ok_or(Error::MissingChunk { id: *id })?;
+        let loc = self
+            .index
+            .lookup(id)?
+            .ok_or(Error::MissingChunk { id: *id })?;
         self.reader.read(self, id, &loc)
     }
 }

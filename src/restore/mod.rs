@@ -5,7 +5,9 @@
 //! 1. in parallel, create directories, files (contents verified by hash on read, zero
 //!    chunks left as holes), symlinks, fifos and devices, with their metadata;
 //! 2. create hardlinks (their targets now exist);
-//! 3. set directory metadata, deepest first (creating entries changes a directory's mtime).
+//! 3. set directory metadata, deepest first (creating entries changes a directory's
+//!    mtime).
+//!
 //! All operations are relative to directory descriptors opened with `O_NOFOLLOW`:
 //! no path length limit, and no symlink in the snapshot can redirect a write.
 //! A file whose content cannot be verified is removed and the restore fails: wrong
@@ -69,6 +71,16 @@ struct Job {
     source_path: Vec<u8>,
 }
 
+/// A hardlink to create once every file exists.
+struct PendingLink {
+    dest: Vec<u8>,
+    entry: Entry,
+    target: Vec<u8>,
+    volume_root: Id,
+    /// Source path of the restored top, to map `target` into the restore.
+    prefix: Vec<u8>,
+}
+
 struct Ctx<'a> {
     repo: &'a Repository,
     as_root: bool,
@@ -78,7 +90,7 @@ struct Ctx<'a> {
     dirs: AtomicU64,
     bytes: AtomicU64,
     warnings: Mutex<Vec<String>>,
-    hardlinks: Mutex<Vec<(Vec<u8>, Entry, Vec<u8>, Id, Vec<u8>)>>,
+    hardlinks: Mutex<Vec<PendingLink>>,
     dir_meta: Mutex<Vec<(Vec<u8>, Entry)>>,
 }
 
@@ -101,7 +113,12 @@ pub fn restore(
     let jobs = plan(repo, snap, path, opts)?;
     prepare_target(target, opts.force)?;
     let root_fd = walk::open_root(target).map_err(|e| Error::io("open", target)(errno(e)))?;
-    progress.set_total(jobs.iter().map(|j| job_bytes(repo, j)).sum::<Result<u64>>().unwrap_or(0));
+    progress.set_total(
+        jobs.iter()
+            .map(|j| job_bytes(repo, j))
+            .sum::<Result<u64>>()
+            .unwrap_or(0),
+    );
     let ctx = Ctx {
         repo,
         as_root: rustix::process::geteuid().is_root(),
@@ -119,12 +136,14 @@ pub fn restore(
     }
     // Pass 2: hardlinks.
     let links = std::mem::take(&mut *ctx.hardlinks.lock().expect("lock"));
-    for (dest, entry, link_target, volume_root, dest_prefix_source) in links {
-        make_hardlink(&ctx, root_fd.as_fd(), &dest, &entry, &link_target, &volume_root, &dest_prefix_source, target)?;
+    for link in links {
+        make_hardlink(&ctx, root_fd.as_fd(), &link, target)?;
     }
     // Pass 3: directory metadata, deepest first.
     let mut dirs = std::mem::take(&mut *ctx.dir_meta.lock().expect("lock"));
-    dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.iter().filter(|&&b| b == b'/').count() + usize::from(!p.is_empty())));
+    dirs.sort_by_key(|(p, _)| {
+        std::cmp::Reverse(p.iter().filter(|&&b| b == b'/').count() + usize::from(!p.is_empty()))
+    });
     for (dest, entry) in dirs {
         let (parent, name) = open_parent(root_fd.as_fd(), &dest, target)?;
         match name {
@@ -160,29 +179,53 @@ fn plan(repo: &Repository, snap: &Listed, path: &[u8], opts: &Options) -> Result
     let mut components = tree::split_path(path).map_err(Error::Usage)?;
     let volumes: Vec<_> = match &opts.volume {
         Some(label) => {
-            let v = snap.snapshot.volumes.iter().find(|v| &v.label == label).ok_or_else(|| {
-                Error::Usage(format!("snapshot {} has no volume {label:?}", snap.id.short()))
-            })?;
+            let v = snap
+                .snapshot
+                .volumes
+                .iter()
+                .find(|v| &v.label == label)
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "snapshot {} has no volume {label:?}",
+                        snap.id.short()
+                    ))
+                })?;
             vec![v]
         }
         None => snap.snapshot.volumes.iter().collect(),
     };
     let multi = volumes.len() > 1;
-    let not_found = |p: &[u8]| Error::PathNotFound { snapshot: snap.id.short(), path: String::from_utf8_lossy(p).into_owned() };
+    let not_found = |p: &[u8]| Error::PathNotFound {
+        snapshot: snap.id.short(),
+        path: String::from_utf8_lossy(p).into_owned(),
+    };
     if multi && components.is_empty() {
         return Ok(volumes
             .iter()
-            .map(|v| Job { dest: v.label.as_bytes().to_vec(), entry: v.root_entry(), volume_root: v.tree, source_path: Vec::new() })
+            .map(|v| Job {
+                dest: v.label.as_bytes().to_vec(),
+                entry: v.root_entry(),
+                volume_root: v.tree,
+                source_path: Vec::new(),
+            })
             .collect());
     }
     let volume = if multi {
         let label = components.remove(0);
-        *volumes.iter().find(|v| v.label.as_bytes() == label).ok_or_else(|| not_found(path))?
+        *volumes
+            .iter()
+            .find(|v| v.label.as_bytes() == label)
+            .ok_or_else(|| not_found(path))?
     } else {
         volumes[0]
     };
     if components.is_empty() {
-        return Ok(vec![Job { dest: Vec::new(), entry: volume.root_entry(), volume_root: volume.tree, source_path: Vec::new() }]);
+        return Ok(vec![Job {
+            dest: Vec::new(),
+            entry: volume.root_entry(),
+            volume_root: volume.tree,
+            source_path: Vec::new(),
+        }]);
     }
     let entry = tree::resolve(repo, &volume.tree, &components)
         .map_err(|e| match e {
@@ -195,7 +238,12 @@ fn plan(repo: &Repository, snap: &Listed, path: &[u8], opts: &Options) -> Result
         Kind::Dir { .. } => Vec::new(),
         _ => entry.name.clone(),
     };
-    Ok(vec![Job { dest, entry, volume_root: volume.tree, source_path }])
+    Ok(vec![Job {
+        dest,
+        entry,
+        volume_root: volume.tree,
+        source_path,
+    }])
 }
 
 fn prepare_target(target: &Path, force: bool) -> Result<()> {
@@ -210,7 +258,10 @@ fn prepare_target(target: &Path, force: bool) -> Result<()> {
             }
             Ok(())
         }
-        Ok(_) => Err(Error::Usage(format!("restore target {} exists and is not a directory", target.display()))),
+        Ok(_) => Err(Error::Usage(format!(
+            "restore target {} exists and is not a directory",
+            target.display()
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(target).map_err(Error::io("create directory", target))
         }
@@ -221,16 +272,28 @@ fn prepare_target(target: &Path, force: bool) -> Result<()> {
 fn materialize_job(ctx: &Ctx<'_>, root: BorrowedFd<'_>, job: &Job, target: &Path) -> Result<()> {
     if job.dest.is_empty() {
         // The job's entry is a directory restored as the target itself.
-        let Kind::Dir { tree } = job.entry.kind else { unreachable!("only directories map onto the target") };
+        let Kind::Dir { tree } = job.entry.kind else {
+            unreachable!("only directories map onto the target")
+        };
         ctx.dirs.fetch_add(1, Ordering::Relaxed);
-        ctx.dir_meta.lock().expect("lock").push((Vec::new(), job.entry.clone()));
+        ctx.dir_meta
+            .lock()
+            .expect("lock")
+            .push((Vec::new(), job.entry.clone()));
         return restore_dir(ctx, root, &tree, b"", job, target);
     }
     let name = CString::new(job.dest.clone()).map_err(|_| Error::Usage("bad name".into()))?;
     restore_entry(ctx, root, &name, &job.entry, &job.dest, job, target)
 }
 
-fn restore_dir(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, tree_id: &Id, dest: &[u8], job: &Job, target: &Path) -> Result<()> {
+fn restore_dir(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    tree_id: &Id,
+    dest: &[u8],
+    job: &Job,
+    target: &Path,
+) -> Result<()> {
     let tree = tree::load(ctx.repo, tree_id)?;
     tree.entries.par_iter().try_for_each(|entry| {
         let child = walk::join_rel(dest, &entry.name);
@@ -244,7 +307,12 @@ fn io_err(op: &'static str, target: &Path, dest: &[u8]) -> impl FnOnce(Errno) ->
     move |e| Error::io(op, path)(errno(e))
 }
 
-fn remove_existing(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, keep_dir: bool) -> Result<()> {
+fn remove_existing(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    name: &CString,
+    keep_dir: bool,
+) -> Result<()> {
     if !ctx.force {
         return Ok(());
     }
@@ -258,7 +326,9 @@ fn remove_existing(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, keep_dir:
             }
             Ok(())
         }
-        Ok(_) => rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty()).map_err(|e| Error::io("remove", PathBuf::from(OsStr::from_bytes(name.as_bytes())))(errno(e))),
+        Ok(_) => rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty()).map_err(|e| {
+            Error::io("remove", PathBuf::from(OsStr::from_bytes(name.as_bytes())))(errno(e))
+        }),
         Err(_) => Ok(()),
     }
 }
@@ -283,28 +353,39 @@ fn restore_entry(
                 Err(Errno::EXIST) if ctx.force => {}
                 Err(e) => return Err(io_err("create directory", target, dest)(e)),
             }
-            let fd = walk::open_dir_at(dir, name).map_err(io_err("open directory", target, dest))?;
+            let fd =
+                walk::open_dir_at(dir, name).map_err(io_err("open directory", target, dest))?;
             ctx.dirs.fetch_add(1, Ordering::Relaxed);
-            ctx.dir_meta.lock().expect("lock").push((dest.to_vec(), entry.clone()));
+            ctx.dir_meta
+                .lock()
+                .expect("lock")
+                .push((dest.to_vec(), entry.clone()));
             restore_dir(ctx, fd.as_fd(), tree, dest, job, target)
         }
         Kind::File { size, chunks } => {
             write_file(ctx, dir, name, *size, chunks, dest, target)?;
             apply_meta(ctx, dir, name, entry, dest, target)
         }
-        Kind::Hardlink { target: link_target } => {
-            ctx.hardlinks.lock().expect("lock").push((
-                dest.to_vec(),
-                entry.clone(),
-                link_target.clone(),
-                job.volume_root,
-                job_prefix(job, dest),
-            ));
+        Kind::Hardlink {
+            target: link_target,
+        } => {
+            ctx.hardlinks.lock().expect("lock").push(PendingLink {
+                dest: dest.to_vec(),
+                entry: entry.clone(),
+                target: link_target.clone(),
+                volume_root: job.volume_root,
+                prefix: job_prefix(job),
+            });
             Ok(())
         }
         Kind::Symlink { target: link } => {
-            let link = CString::new(link.clone()).map_err(|_| Error::Usage("symlink target holds NUL".into()))?;
-            rustix::fs::symlinkat(link.as_c_str(), dir, name.as_c_str()).map_err(io_err("create symlink", target, dest))?;
+            let link = CString::new(link.clone())
+                .map_err(|_| Error::Usage("symlink target holds NUL".into()))?;
+            rustix::fs::symlinkat(link.as_c_str(), dir, name.as_c_str()).map_err(io_err(
+                "create symlink",
+                target,
+                dest,
+            ))?;
             ctx.files.fetch_add(1, Ordering::Relaxed);
             apply_meta(ctx, dir, name, entry, dest, target)
         }
@@ -316,7 +397,10 @@ fn restore_entry(
                 _ => unreachable!(),
             };
             if ft != FileType::Fifo && !ctx.as_root {
-                ctx.warn(format!("{}: device not created (needs root)", walk::display_path(target, dest).display()));
+                ctx.warn(format!(
+                    "{}: device not created (needs root)",
+                    walk::display_path(target, dest).display()
+                ));
                 return Ok(());
             }
             rustix::fs::mknodat(dir, name.as_c_str(), ft, Mode::from_raw_mode(0o600), rdev)
@@ -329,7 +413,7 @@ fn restore_entry(
 
 /// The source path (from the volume root) that corresponds to the restore's top: lets
 /// a hardlink target inside the restored path be mapped to its restored location.
-fn job_prefix(job: &Job, _dest: &[u8]) -> Vec<u8> {
+fn job_prefix(job: &Job) -> Vec<u8> {
     match job.entry.kind {
         Kind::Dir { .. } => job.source_path.clone(),
         // A single non-directory entry: its parent is the prefix.
@@ -340,7 +424,15 @@ fn job_prefix(job: &Job, _dest: &[u8]) -> Vec<u8> {
     }
 }
 
-fn write_file(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, size: u64, chunks: &[Id], dest: &[u8], target: &Path) -> Result<()> {
+fn write_file(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    name: &CString,
+    size: u64,
+    chunks: &[Id],
+    dest: &[u8],
+    target: &Path,
+) -> Result<()> {
     let fd: OwnedFd = rustix::fs::openat(
         dir,
         name.as_c_str(),
@@ -352,10 +444,14 @@ fn write_file(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, size: u64, chu
     let result = (|| -> Result<()> {
         let mut offset = 0u64;
         for window in chunks.chunks(CHUNKS_IN_FLIGHT) {
-            let blobs: Vec<Vec<u8>> = window.par_iter().map(|id| ctx.repo.read_blob(id)).collect::<Result<_>>()?;
+            let blobs: Vec<Vec<u8>> = window
+                .par_iter()
+                .map(|id| ctx.repo.read_blob(id))
+                .collect::<Result<_>>()?;
             for data in blobs {
                 if !data.iter().all(|&b| b == 0) {
-                    file.write_all_at(&data, offset).map_err(Error::io("write", walk::display_path(target, dest)))?;
+                    file.write_all_at(&data, offset)
+                        .map_err(Error::io("write", walk::display_path(target, dest)))?;
                 }
                 offset += data.len() as u64;
                 ctx.progress.add(0, data.len() as u64);
@@ -368,7 +464,8 @@ fn write_file(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, size: u64, chu
                 detail: format!("chunks hold {offset} bytes, the tree says {size}"),
             });
         }
-        file.set_len(size).map_err(Error::io("truncate", walk::display_path(target, dest)))?;
+        file.set_len(size)
+            .map_err(Error::io("truncate", walk::display_path(target, dest)))?;
         Ok(())
     })();
     if let Err(e) = result {
@@ -390,12 +487,25 @@ fn write_file(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, size: u64, chu
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
-    let t = Timespec { tv_sec: mtime_ns.div_euclid(1_000_000_000), tv_nsec: mtime_ns.rem_euclid(1_000_000_000) };
-    Timestamps { last_access: t, last_modification: t }
+    let t = Timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000),
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
 }
 
 /// Owner, mode, xattrs, then times of `name` in `dir` (owner first: chown clears setuid).
-fn apply_meta(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, entry: &Entry, dest: &[u8], target: &Path) -> Result<()> {
+fn apply_meta(
+    ctx: &Ctx<'_>,
+    dir: BorrowedFd<'_>,
+    name: &CString,
+    entry: &Entry,
+    dest: &[u8],
+    target: &Path,
+) -> Result<()> {
     let is_link = matches!(entry.kind, Kind::Symlink { .. });
     if ctx.as_root {
         rustix::fs::chownat(
@@ -408,13 +518,20 @@ fn apply_meta(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, entry: &Entry,
         .map_err(io_err("change owner of", target, dest))?;
     }
     if !is_link {
-        rustix::fs::chmodat(dir, name.as_c_str(), Mode::from_raw_mode(entry.mode), AtFlags::empty())
-            .map_err(io_err("change mode of", target, dest))?;
+        rustix::fs::chmodat(
+            dir,
+            name.as_c_str(),
+            Mode::from_raw_mode(entry.mode),
+            AtFlags::empty(),
+        )
+        .map_err(io_err("change mode of", target, dest))?;
     }
     if !entry.xattrs.is_empty() {
         let path = walk::proc_path(dir, name);
         for x in &entry.xattrs {
-            if let Err(e) = rustix::fs::lsetxattr(&*path, x.name.as_slice(), &x.value, XattrFlags::empty()) {
+            if let Err(e) =
+                rustix::fs::lsetxattr(&*path, x.name.as_slice(), &x.value, XattrFlags::empty())
+            {
                 ctx.warn(format!(
                     "{}: extended attribute {} not restored: {}",
                     walk::display_path(target, dest).display(),
@@ -424,19 +541,39 @@ fn apply_meta(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, name: &CString, entry: &Entry,
             }
         }
     }
-    rustix::fs::utimensat(dir, name.as_c_str(), &timestamps(entry.mtime_ns), AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(io_err("set times of", target, dest))
+    rustix::fs::utimensat(
+        dir,
+        name.as_c_str(),
+        &timestamps(entry.mtime_ns),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(io_err("set times of", target, dest))
 }
 
 /// Like `apply_meta`, for a directory known by its own descriptor (the target itself).
-fn apply_meta_fd(ctx: &Ctx<'_>, fd: BorrowedFd<'_>, entry: &Entry, dest: &[u8], target: &Path) -> Result<()> {
+fn apply_meta_fd(
+    ctx: &Ctx<'_>,
+    fd: BorrowedFd<'_>,
+    entry: &Entry,
+    dest: &[u8],
+    target: &Path,
+) -> Result<()> {
     if ctx.as_root {
-        rustix::fs::fchown(fd, Some(rustix::fs::Uid::from_raw(entry.uid)), Some(rustix::fs::Gid::from_raw(entry.gid)))
-            .map_err(io_err("change owner of", target, dest))?;
+        rustix::fs::fchown(
+            fd,
+            Some(rustix::fs::Uid::from_raw(entry.uid)),
+            Some(rustix::fs::Gid::from_raw(entry.gid)),
+        )
+        .map_err(io_err("change owner of", target, dest))?;
     }
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode)).map_err(io_err("change mode of", target, dest))?;
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(entry.mode)).map_err(io_err(
+        "change mode of",
+        target,
+        dest,
+    ))?;
     for x in &entry.xattrs {
-        if let Err(e) = rustix::fs::fsetxattr(fd, x.name.as_slice(), &x.value, XattrFlags::empty()) {
+        if let Err(e) = rustix::fs::fsetxattr(fd, x.name.as_slice(), &x.value, XattrFlags::empty())
+        {
             ctx.warn(format!(
                 "{}: extended attribute {} not restored: {}",
                 target.display(),
@@ -445,13 +582,21 @@ fn apply_meta_fd(ctx: &Ctx<'_>, fd: BorrowedFd<'_>, entry: &Entry, dest: &[u8], 
             ));
         }
     }
-    rustix::fs::futimens(fd, &timestamps(entry.mtime_ns)).map_err(io_err("set times of", target, dest))
+    rustix::fs::futimens(fd, &timestamps(entry.mtime_ns)).map_err(io_err(
+        "set times of",
+        target,
+        dest,
+    ))
 }
 
 /// Opens the directory holding `dest` (a '/'-separated path below the target), one
 /// component at a time without following symlinks. Returns it and the last component;
 /// for the target itself, returns the target and `None`.
-fn open_parent(root: BorrowedFd<'_>, dest: &[u8], target: &Path) -> Result<(OwnedFd, Option<CString>)> {
+fn open_parent(
+    root: BorrowedFd<'_>,
+    dest: &[u8],
+    target: &Path,
+) -> Result<(OwnedFd, Option<CString>)> {
     let mut fd = rustix::io::dup(root).map_err(io_err("open", target, b""))?;
     if dest.is_empty() {
         return Ok((fd, None));
@@ -459,28 +604,39 @@ fn open_parent(root: BorrowedFd<'_>, dest: &[u8], target: &Path) -> Result<(Owne
     let parts: Vec<&[u8]> = dest.split(|&b| b == b'/').collect();
     for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
         let name = CString::new(*part).expect("names hold no NUL");
-        fd = walk::open_dir_at(fd.as_fd(), &name).map_err(io_err("open directory", target, &parts[..=i].join(&b'/')))?;
+        fd = walk::open_dir_at(fd.as_fd(), &name).map_err(io_err(
+            "open directory",
+            target,
+            &parts[..=i].join(&b'/'),
+        ))?;
     }
-    Ok((fd, Some(CString::new(*parts.last().expect("non-empty")).expect("names hold no NUL"))))
+    Ok((
+        fd,
+        Some(CString::new(*parts.last().expect("non-empty")).expect("names hold no NUL")),
+    ))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn make_hardlink(
     ctx: &Ctx<'_>,
     root: BorrowedFd<'_>,
-    dest: &[u8],
-    entry: &Entry,
-    link_target: &[u8],
-    volume_root: &Id,
-    prefix: &[u8],
+    link: &PendingLink,
     target: &Path,
 ) -> Result<()> {
+    let (dest, entry, link_target, prefix) = (
+        &link.dest[..],
+        &link.entry,
+        &link.target[..],
+        &link.prefix[..],
+    );
     let (link_dir, link_name) = open_parent(root, dest, target)?;
     let link_name = link_name.expect("a hardlink is never the target itself");
     // The target's place in the restore, if it is inside the restored path.
     let inside = if prefix.is_empty() {
         Some(link_target.to_vec())
-    } else if link_target.len() > prefix.len() && link_target.starts_with(prefix) && link_target[prefix.len()] == b'/' {
+    } else if link_target.len() > prefix.len()
+        && link_target.starts_with(prefix)
+        && link_target[prefix.len()] == b'/'
+    {
         Some(link_target[prefix.len() + 1..].to_vec())
     } else {
         None
@@ -488,7 +644,13 @@ fn make_hardlink(
     if let Some(rel) = inside {
         let (tdir, tname) = open_parent(root, &rel, target)?;
         let tname = tname.expect("a link target is never the target itself");
-        match rustix::fs::linkat(tdir.as_fd(), tname.as_c_str(), link_dir.as_fd(), link_name.as_c_str(), AtFlags::empty()) {
+        match rustix::fs::linkat(
+            tdir.as_fd(),
+            tname.as_c_str(),
+            link_dir.as_fd(),
+            link_name.as_c_str(),
+            AtFlags::empty(),
+        ) {
             Ok(()) => {
                 ctx.files.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
@@ -499,10 +661,21 @@ fn make_hardlink(
     }
     // The first name lies outside the restored path: restore the content as a file.
     let components = tree::split_path(link_target).map_err(Error::Usage)?;
-    let first = tree::resolve(ctx.repo, volume_root, &components)?;
+    let first = tree::resolve(ctx.repo, &link.volume_root, &components)?;
     match first {
-        Some(Entry { kind: Kind::File { size, chunks }, .. }) => {
-            write_file(ctx, link_dir.as_fd(), &link_name, size, &chunks, dest, target)?;
+        Some(Entry {
+            kind: Kind::File { size, chunks },
+            ..
+        }) => {
+            write_file(
+                ctx,
+                link_dir.as_fd(),
+                &link_name,
+                size,
+                &chunks,
+                dest,
+                target,
+            )?;
             let mut meta = entry.clone();
             meta.kind = Kind::File { size, chunks };
             apply_meta(ctx, link_dir.as_fd(), &link_name, &meta, dest, target)
@@ -510,7 +683,10 @@ fn make_hardlink(
         _ => Err(Error::Corrupt {
             what: "hardlink",
             path: walk::display_path(target, dest),
-            detail: format!("its target {:?} is not a file in the snapshot", String::from_utf8_lossy(link_target)),
+            detail: format!(
+                "its target {:?} is not a file in the snapshot",
+                String::from_utf8_lossy(link_target)
+            ),
         }),
     }
 }

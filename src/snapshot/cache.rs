@@ -38,7 +38,10 @@ pub struct DirCache {
 
 impl DirCache {
     pub fn get(&self, name: &[u8]) -> Option<&CachedFile> {
-        self.files.binary_search_by(|f| f.name.as_slice().cmp(name)).ok().map(|i| &self.files[i])
+        self.files
+            .binary_search_by(|f| f.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| &self.files[i])
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -59,7 +62,10 @@ pub fn key(series: &str, label: &str, rel_dir: &[u8]) -> Vec<u8> {
 
 /// Loads a directory's row; returns its raw bytes too so unchanged rows are not rewritten.
 pub fn load(repo: &Repository, key: &[u8]) -> Result<Option<(DirCache, Vec<u8>)>> {
-    Ok(repo.index.cache_get(key)?.and_then(|bytes| postcard::from_bytes(&bytes).ok().map(|c| (c, bytes))))
+    Ok(repo
+        .index
+        .cache_get(key)?
+        .and_then(|bytes| postcard::from_bytes(&bytes).ok().map(|c| (c, bytes))))
 }
 
 /// Writes rows in bounded transactions.

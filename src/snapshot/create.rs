@@ -73,6 +73,10 @@ enum What {
     BlockDevice,
 }
 
+/// What visiting a name yields: nothing (skipped or unreadable), or a node and, for a
+/// file that may be trusted next time, its files-cache row.
+type Visited = Option<(Node, Option<CachedFile>)>;
+
 /// State shared by the workers of one volume.
 struct Ctx<'a> {
     repo: &'a Repository,
@@ -97,8 +101,13 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn unreadable(&self, rel: &[u8], error: impl std::fmt::Display) {
-        let path = walk::display_path(self.root, rel).into_os_string().into_vec();
-        self.unreadable.lock().expect("lock").push(Unreadable { path, error: error.to_string() });
+        let path = walk::display_path(self.root, rel)
+            .into_os_string()
+            .into_vec();
+        self.unreadable.lock().expect("lock").push(Unreadable {
+            path,
+            error: error.to_string(),
+        });
     }
 
     fn note(&self, note: String) {
@@ -107,15 +116,24 @@ impl Ctx<'_> {
 
     fn excluded(&self, rel: &[u8], name: &[u8]) -> bool {
         !self.excludes.is_empty()
-            && (self.excludes.is_match(Path::new(std::ffi::OsStr::from_bytes(rel)))
-                || self.excludes.is_match(Path::new(std::ffi::OsStr::from_bytes(name))))
+            && (self
+                .excludes
+                .is_match(Path::new(std::ffi::OsStr::from_bytes(rel)))
+                || self
+                    .excludes
+                    .is_match(Path::new(std::ffi::OsStr::from_bytes(name))))
     }
 }
 
 use std::os::unix::ffi::OsStringExt;
 
 /// Takes a snapshot of `dirs` into `repo`.
-pub fn create(repo: &Repository, dirs: &[PathBuf], opts: &Options, progress: &Progress) -> Result<Outcome> {
+pub fn create(
+    repo: &Repository,
+    dirs: &[PathBuf],
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Outcome> {
     let started = Instant::now();
     let time_ns = now_ns();
     if dirs.is_empty() {
@@ -125,14 +143,19 @@ pub fn create(repo: &Repository, dirs: &[PathBuf], opts: &Options, progress: &Pr
     for dir in dirs {
         let canonical = std::fs::canonicalize(dir).map_err(Error::io("snapshot source", dir))?;
         if !canonical.is_dir() {
-            return Err(Error::Usage(format!("snapshot source {} is not a directory", dir.display())));
+            return Err(Error::Usage(format!(
+                "snapshot source {} is not a directory",
+                dir.display()
+            )));
         }
         sources.push(canonical);
     }
     let labels = labels_for(&sources);
     let series = match &opts.series {
         Some(s) if s.is_empty() || s.contains(['@', ':', '\0', '/']) => {
-            return Err(Error::Usage(format!("series name {s:?} must be non-empty and contain none of '@', ':', '/'")));
+            return Err(Error::Usage(format!(
+                "series name {s:?} must be non-empty and contain none of '@', ':', '/'"
+            )));
         }
         Some(s) => s.clone(),
         None => default_series(&sources, &labels),
@@ -156,7 +179,8 @@ pub fn create(repo: &Repository, dirs: &[PathBuf], opts: &Options, progress: &Pr
     let mut cache_rows = Vec::new();
     for (source, label) in sources.iter().zip(&labels) {
         let root_fd = walk::open_root(source).map_err(|e| Error::io("open", source)(errno(e)))?;
-        let root_stat = walk::stat_fd(root_fd.as_fd()).map_err(|e| Error::io("stat", source)(errno(e)))?;
+        let root_stat =
+            walk::stat_fd(root_fd.as_fd()).map_err(|e| Error::io("stat", source)(errno(e)))?;
         let ctx = Ctx {
             repo,
             data: &data,
@@ -191,7 +215,12 @@ pub fn create(repo: &Repository, dirs: &[PathBuf], opts: &Options, progress: &Pr
             mtime_ns: root_stat.mtime_ns,
             xattrs: root_xattrs,
         };
-        volumes.push(Volume { label: label.clone(), source: source.clone().into_os_string().into_vec(), tree, root });
+        volumes.push(Volume {
+            label: label.clone(),
+            source: source.clone().into_os_string().into_vec(),
+            tree,
+            root,
+        });
         stats.files += ctx.files.into_inner();
         stats.dirs += ctx.dirs.into_inner() + 1;
         stats.bytes += ctx.bytes.into_inner();
@@ -204,12 +233,19 @@ pub fn create(repo: &Repository, dirs: &[PathBuf], opts: &Options, progress: &Pr
     // refers to a blob that is not durable and indexed.
     data.flush()?;
     trees.flush()?;
-    if opts.skip_if_unchanged && unreadable.is_empty() {
-        if let Some(p) = &parent {
-            if p.snapshot.volumes.iter().map(|v| (&v.label, v.tree)).eq(volumes.iter().map(|v| (&v.label, v.tree))) {
-                return Ok(Outcome { listed: p.clone(), skipped: true });
-            }
-        }
+    if let Some(p) = parent
+        .as_ref()
+        .filter(|_| opts.skip_if_unchanged && unreadable.is_empty())
+        && p.snapshot
+            .volumes
+            .iter()
+            .map(|v| (&v.label, v.tree))
+            .eq(volumes.iter().map(|v| (&v.label, v.tree)))
+    {
+        return Ok(Outcome {
+            listed: p.clone(),
+            skipped: true,
+        });
     }
     stats.new_chunks = data.new_blobs();
     stats.new_bytes_stored = data.new_bytes_stored() + trees.new_bytes_stored();
@@ -234,7 +270,10 @@ pub fn create(repo: &Repository, dirs: &[PathBuf], opts: &Options, progress: &Pr
     };
     let listed = record::commit(repo, snapshot)?;
     cache::store(repo, &cache_rows)?;
-    Ok(Outcome { listed, skipped: false })
+    Ok(Outcome {
+        listed,
+        skipped: false,
+    })
 }
 
 fn walk_dir(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, rel: &[u8]) -> Result<Vec<Node>> {
@@ -248,8 +287,10 @@ fn walk_dir(ctx: &Ctx<'_>, dir: BorrowedFd<'_>, rel: &[u8]) -> Result<Vec<Node>>
     let key = cache::key(ctx.series, ctx.label, rel);
     let old = cache::load(ctx.repo, &key)?;
     let old_cache = old.as_ref().map(|(c, _)| c);
-    let results: Vec<Result<Option<(Node, Option<CachedFile>)>>> =
-        names.par_iter().map(|name| visit(ctx, dir, rel, name, old_cache)).collect();
+    let results: Vec<Result<Visited>> = names
+        .par_iter()
+        .map(|name| visit(ctx, dir, rel, name, old_cache))
+        .collect();
     let mut nodes = Vec::with_capacity(results.len());
     let mut new_cache = DirCache::default();
     for r in results {
@@ -275,7 +316,7 @@ fn visit(
     rel: &[u8],
     name: &CStr,
     old_cache: Option<&DirCache>,
-) -> Result<Option<(Node, Option<CachedFile>)>> {
+) -> Result<Visited> {
     let name_bytes = name.to_bytes();
     let rel_child = walk::join_rel(rel, name_bytes);
     if ctx.excluded(&rel_child, name_bytes) {
@@ -292,7 +333,12 @@ fn visit(
             return Ok(None);
         }
     };
-    let node = |xattrs, what| Node { name: name_bytes.to_vec(), stat, xattrs, what };
+    let node = |xattrs, what| Node {
+        name: name_bytes.to_vec(),
+        stat,
+        xattrs,
+        what,
+    };
     let xattrs_at = |ctx: &Ctx<'_>| match walk::xattrs_at(dir, name) {
         Ok(x) => x,
         Err(e) => {
@@ -303,12 +349,21 @@ fn visit(
     let out = match stat.file_type {
         FileType::RegularFile => {
             if let Some(hit) = old_cache.and_then(|c| c.get(name_bytes)).filter(|c| {
-                c.size == stat.size && c.mtime_ns == stat.mtime_ns && c.ctime_ns == stat.ctime_ns && c.ino == stat.ino
+                c.size == stat.size
+                    && c.mtime_ns == stat.mtime_ns
+                    && c.ctime_ns == stat.ctime_ns
+                    && c.ino == stat.ino
             }) {
                 ctx.files.fetch_add(1, Ordering::Relaxed);
                 ctx.bytes.fetch_add(hit.size, Ordering::Relaxed);
                 ctx.progress.add(1, hit.size);
-                let n = node(hit.xattrs.clone(), What::File { size: hit.size, chunks: hit.chunks.clone() });
+                let n = node(
+                    hit.xattrs.clone(),
+                    What::File {
+                        size: hit.size,
+                        chunks: hit.chunks.clone(),
+                    },
+                );
                 return Ok(Some((n, Some(hit.clone()))));
             }
             return read_file(ctx, dir, name, &rel_child, stat);
@@ -320,7 +375,12 @@ fn visit(
                     "{}: another filesystem is mounted here; its contents are not included",
                     walk::display_path(ctx.root, &rel_child).display()
                 ));
-                node(xattrs_at(ctx), What::Dir { children: Vec::new() })
+                node(
+                    xattrs_at(ctx),
+                    What::Dir {
+                        children: Vec::new(),
+                    },
+                )
             } else {
                 let fd = match walk::open_dir_at(dir, name) {
                     Ok(fd) => fd,
@@ -379,7 +439,7 @@ fn read_file(
     name: &CStr,
     rel: &[u8],
     stat: Stat,
-) -> Result<Option<(Node, Option<CachedFile>)>> {
+) -> Result<Visited> {
     let fd: OwnedFd = match walk::open_file_at(dir, name) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => {
@@ -421,11 +481,15 @@ fn read_file(
         if ranges.len() == 1 {
             chunks.push(store(&ranges[0])?);
         } else {
-            let ids: Vec<Id> = ranges.par_iter().map(store).collect::<Result<_, ReadError>>()?;
+            let ids: Vec<Id> = ranges
+                .par_iter()
+                .map(store)
+                .collect::<Result<_, ReadError>>()?;
             chunks.extend(ids);
         }
         ctx.progress.add(0, bytes.len() as u64);
-        ctx.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        ctx.bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok::<(), ReadError>(())
     });
     let size = match read {
@@ -440,9 +504,14 @@ fn read_file(
     ctx.bytes.fetch_add(size, Ordering::Relaxed);
     ctx.progress.add(1, 0);
     let after = walk::stat_fd(file.as_fd()).ok();
-    let stable = after.is_some_and(|a| a.size == size && a.mtime_ns == before.mtime_ns && a.ctime_ns == before.ctime_ns);
+    let stable = after.is_some_and(|a| {
+        a.size == size && a.mtime_ns == before.mtime_ns && a.ctime_ns == before.ctime_ns
+    });
     if !stable {
-        ctx.note(format!("{}: changed while it was read", walk::display_path(ctx.root, rel).display()));
+        ctx.note(format!(
+            "{}: changed while it was read",
+            walk::display_path(ctx.root, rel).display()
+        ));
     }
     let racy = before.mtime_ns.max(before.ctime_ns) >= ctx.racy_after_ns;
     let cached = (stable && !racy && stat.ino == before.ino).then(|| CachedFile {
@@ -454,7 +523,12 @@ fn read_file(
         xattrs: xattrs.clone(),
         chunks: chunks.clone(),
     });
-    let node = Node { name: name.to_bytes().to_vec(), stat: before, xattrs, what: What::File { size, chunks } };
+    let node = Node {
+        name: name.to_bytes().to_vec(),
+        stat: before,
+        xattrs,
+        what: What::File { size, chunks },
+    };
     Ok(Some((node, cached)))
 }
 
@@ -470,7 +544,11 @@ fn resolve_hardlinks(nodes: &mut [Node], path: &mut Vec<u8>, first: &mut HashMap
         match &mut node.what {
             What::Dir { children } => resolve_hardlinks(children, path, first),
             What::File { .. } if node.stat.nlink > 1 => match first.get(&node.stat.ino) {
-                Some(target) => node.what = What::Hardlink { target: target.clone() },
+                Some(target) => {
+                    node.what = What::Hardlink {
+                        target: target.clone(),
+                    }
+                }
                 None => {
                     first.insert(node.stat.ino, path.clone());
                 }
@@ -488,13 +566,26 @@ fn build_tree(trees: &Packer<'_>, children: &[Node]) -> Result<Id> {
         .par_iter()
         .map(|node| {
             let kind = match &node.what {
-                What::File { size, chunks } => Kind::File { size: *size, chunks: chunks.clone() },
-                What::Hardlink { target } => Kind::Hardlink { target: target.clone() },
-                What::Dir { children } => Kind::Dir { tree: build_tree(trees, children)? },
-                What::Symlink { target } => Kind::Symlink { target: target.clone() },
+                What::File { size, chunks } => Kind::File {
+                    size: *size,
+                    chunks: chunks.clone(),
+                },
+                What::Hardlink { target } => Kind::Hardlink {
+                    target: target.clone(),
+                },
+                What::Dir { children } => Kind::Dir {
+                    tree: build_tree(trees, children)?,
+                },
+                What::Symlink { target } => Kind::Symlink {
+                    target: target.clone(),
+                },
                 What::Fifo => Kind::Fifo,
-                What::CharDevice => Kind::CharDevice { rdev: node.stat.rdev },
-                What::BlockDevice => Kind::BlockDevice { rdev: node.stat.rdev },
+                What::CharDevice => Kind::CharDevice {
+                    rdev: node.stat.rdev,
+                },
+                What::BlockDevice => Kind::BlockDevice {
+                    rdev: node.stat.rdev,
+                },
             };
             Ok(Entry {
                 name: node.name.clone(),
@@ -516,17 +607,26 @@ fn build_tree(trees: &Packer<'_>, children: &[Node]) -> Result<Id> {
 fn build_excludes(patterns: &[String]) -> Result<GlobSet> {
     let mut builder = GlobSetBuilder::new();
     for p in patterns {
-        let glob = Glob::new(p).map_err(|e| Error::Pattern { pattern: p.clone(), detail: e.to_string() })?;
+        let glob = Glob::new(p).map_err(|e| Error::Pattern {
+            pattern: p.clone(),
+            detail: e.to_string(),
+        })?;
         builder.add(glob);
     }
-    builder.build().map_err(|e| Error::Pattern { pattern: patterns.join(","), detail: e.to_string() })
+    builder.build().map_err(|e| Error::Pattern {
+        pattern: patterns.join(","),
+        detail: e.to_string(),
+    })
 }
 
 /// Volume labels: each source's base name, made unique with "-2", "-3"...
 fn labels_for(sources: &[PathBuf]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for s in sources {
-        let base = s.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "root".into());
+        let base = s
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "root".into());
         let mut label = base.clone();
         let mut n = 2;
         while out.contains(&label) {
@@ -546,14 +646,27 @@ fn default_series(sources: &[PathBuf], labels: &[String]) -> String {
         hasher.update(&[0]);
     }
     let hex = Id(*hasher.finalize().as_bytes()).short();
-    let first: String = labels[0].chars().map(|c| if c.is_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect();
+    let first: String = labels[0]
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     format!("{first}-{hex}")
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

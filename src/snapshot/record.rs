@@ -154,12 +154,20 @@ pub fn list_all(repo: &Repository) -> Result<Vec<Listed>> {
     for id in on_disk.difference(&indexed) {
         let path = dir.join(id.hex());
         let bytes = std::fs::read(&path).map_err(Error::io("read", &path))?;
-        let snapshot = Snapshot::decode(&bytes).map_err(|detail| Error::Corrupt { what: "snapshot record", path: path.clone(), detail })?;
+        let snapshot = Snapshot::decode(&bytes).map_err(|detail| Error::Corrupt {
+            what: "snapshot record",
+            path: path.clone(),
+            detail,
+        })?;
         missing.push((*id, bytes, snapshot.series, snapshot.version));
     }
     repo.index.reconcile_snapshots(&missing, &gone)?;
     let mut out = Vec::new();
-    for (id, bytes) in rows.into_iter().filter(|(id, _)| on_disk.contains(id)).chain(missing.into_iter().map(|(id, b, _, _)| (id, b))) {
+    for (id, bytes) in rows
+        .into_iter()
+        .filter(|(id, _)| on_disk.contains(id))
+        .chain(missing.into_iter().map(|(id, b, _, _)| (id, b)))
+    {
         let snapshot = Snapshot::decode(&bytes).map_err(|detail| Error::Corrupt {
             what: "snapshot record",
             path: dir.join(id.hex()),
@@ -167,31 +175,49 @@ pub fn list_all(repo: &Repository) -> Result<Vec<Listed>> {
         })?;
         out.push(Listed { id, snapshot });
     }
-    out.sort_by(|a, b| (a.snapshot.time_ns, &a.snapshot.series, a.snapshot.version).cmp(&(b.snapshot.time_ns, &b.snapshot.series, b.snapshot.version)));
+    out.sort_by(|a, b| {
+        (a.snapshot.time_ns, &a.snapshot.series, a.snapshot.version).cmp(&(
+            b.snapshot.time_ns,
+            &b.snapshot.series,
+            b.snapshot.version,
+        ))
+    });
     Ok(out)
 }
 
 /// The newest snapshot of a series.
 pub fn latest(all: &[Listed], series: &str) -> Option<Listed> {
-    all.iter().filter(|l| l.snapshot.series == series).max_by_key(|l| l.snapshot.version).cloned()
+    all.iter()
+        .filter(|l| l.snapshot.series == series)
+        .max_by_key(|l| l.snapshot.version)
+        .cloned()
 }
 
 /// Resolves `<id>`, `<id prefix>`, `SERIES@latest` or `SERIES@N`.
 pub fn resolve(repo: &Repository, reference: &str) -> Result<Listed> {
     let all = list_all(repo)?;
-    let fail = |detail: &str| Error::SnapshotRef { reference: reference.to_string(), detail: detail.to_string() };
+    let fail = |detail: &str| Error::SnapshotRef {
+        reference: reference.to_string(),
+        detail: detail.to_string(),
+    };
     if let Some((series, which)) = reference.rsplit_once('@') {
         let found = if which == "latest" {
             latest(&all, series)
         } else {
-            let n: u64 = which.parse().map_err(|_| fail("expected SERIES@latest or SERIES@N"))?;
-            all.iter().find(|l| l.snapshot.series == series && l.snapshot.version == n).cloned()
+            let n: u64 = which
+                .parse()
+                .map_err(|_| fail("expected SERIES@latest or SERIES@N"))?;
+            all.iter()
+                .find(|l| l.snapshot.series == series && l.snapshot.version == n)
+                .cloned()
         };
         return found.ok_or_else(|| fail("no such snapshot in that series"));
     }
     let lower = reference.to_ascii_lowercase();
     if lower.len() < 4 || !lower.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(fail("expected an id (at least 4 hex digits), SERIES@latest or SERIES@N"));
+        return Err(fail(
+            "expected an id (at least 4 hex digits), SERIES@latest or SERIES@N",
+        ));
     }
     let mut matches = all.into_iter().filter(|l| l.id.hex().starts_with(&lower));
     match (matches.next(), matches.next()) {

@@ -27,15 +27,28 @@ pub struct Xattr {
 /// What an entry is, with what is needed to recreate it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
-    File { size: u64, chunks: Vec<Id> },
-    Dir { tree: Id },
-    Symlink { target: Vec<u8> },
+    File {
+        size: u64,
+        chunks: Vec<Id>,
+    },
+    Dir {
+        tree: Id,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// Another name for the file at `target` (a '/'-separated path from the volume root),
     /// which comes earlier in depth-first name order.
-    Hardlink { target: Vec<u8> },
+    Hardlink {
+        target: Vec<u8>,
+    },
     Fifo,
-    CharDevice { rdev: u64 },
-    BlockDevice { rdev: u64 },
+    CharDevice {
+        rdev: u64,
+    },
+    BlockDevice {
+        rdev: u64,
+    },
 }
 
 impl Kind {
@@ -108,7 +121,10 @@ impl Tree {
         let tree: Tree = postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?;
         for e in &tree.entries {
             if !valid_name(&e.name) {
-                return Err(format!("invalid entry name {:?}", String::from_utf8_lossy(&e.name)));
+                return Err(format!(
+                    "invalid entry name {:?}",
+                    String::from_utf8_lossy(&e.name)
+                ));
             }
         }
         if !tree.entries.windows(2).all(|w| w[0].name < w[1].name) {
@@ -119,14 +135,21 @@ impl Tree {
 
     /// Finds an entry by name.
     pub fn get(&self, name: &[u8]) -> Option<&Entry> {
-        self.entries.binary_search_by(|e| e.name.as_slice().cmp(name)).ok().map(|i| &self.entries[i])
+        self.entries
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| &self.entries[i])
     }
 }
 
 /// Loads and verifies the tree `id`.
 pub fn load(repo: &Repository, id: &Id) -> Result<Tree> {
     let bytes = repo.read_blob(id)?;
-    Tree::decode(&bytes).map_err(|detail| Error::Corrupt { what: "tree", path: repo.root.join(id.hex()), detail })
+    Tree::decode(&bytes).map_err(|detail| Error::Corrupt {
+        what: "tree",
+        path: repo.root.join(id.hex()),
+        detail,
+    })
 }
 
 /// Splits a '/'-separated path into components, dropping empty ones and `.`.
@@ -179,18 +202,28 @@ mod tests {
     fn entry(name: &[u8]) -> Entry {
         Entry {
             name: name.to_vec(),
-            kind: Kind::File { size: 3, chunks: vec![Id::of(b"abc")] },
+            kind: Kind::File {
+                size: 3,
+                chunks: vec![Id::of(b"abc")],
+            },
             mode: 0o4755,
             uid: 1,
             gid: 2,
             mtime_ns: 1_700_000_000_123_456_789,
-            xattrs: vec![Xattr { name: b"user.k".to_vec(), value: b"v".to_vec() }],
+            xattrs: vec![Xattr {
+                name: b"user.k".to_vec(),
+                value: b"v".to_vec(),
+            }],
         }
     }
 
     #[test]
     fn encode_is_canonical_and_round_trips() {
-        let tree = Tree { entries: vec![entry(b"a\n"), entry(&[0xff, 0xfe]), entry(b"b")].into_iter().collect() };
+        let tree = Tree {
+            entries: vec![entry(b"a\n"), entry(&[0xff, 0xfe]), entry(b"b")]
+                .into_iter()
+                .collect(),
+        };
         let mut sorted = tree.clone();
         sorted.entries.sort_by(|a, b| a.name.cmp(&b.name));
         let bytes = sorted.encode();
@@ -201,7 +234,9 @@ mod tests {
     #[test]
     fn hostile_names_are_rejected() {
         for bad in [&b".."[..], b".", b"a/b", b"", b"a\0"] {
-            let tree = Tree { entries: vec![entry(bad)] };
+            let tree = Tree {
+                entries: vec![entry(bad)],
+            };
             let mut bytes = vec![TREE_VERSION];
             postcard::to_io(&tree, &mut bytes).unwrap();
             assert!(Tree::decode(&bytes).is_err(), "{bad:?} accepted");

@@ -36,6 +36,8 @@ pub struct Stat {
 }
 
 impl Stat {
+    // `struct stat` field types differ between architectures; the casts are no-ops on some.
+    #[allow(clippy::unnecessary_cast)]
     fn from_raw(s: &rustix::fs::Stat) -> Stat {
         Stat {
             file_type: FileType::from_raw_mode(s.st_mode as _),
@@ -65,12 +67,21 @@ pub fn stat_fd(fd: BorrowedFd<'_>) -> Result<Stat, Errno> {
 
 /// Opens a directory given by path (a volume root), not following a final symlink.
 pub fn open_root(path: &Path) -> Result<OwnedFd, Errno> {
-    rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
+    rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
 }
 
 /// Opens the subdirectory `name` of `dir` without following symlinks.
 pub fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd, Errno> {
-    rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW, Mode::empty())
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
 }
 
 /// Opens the regular file `name` of `dir` for reading, without following symlinks and
@@ -139,7 +150,10 @@ fn collect_xattrs(
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let cname = CString::new(name).expect("split on NUL");
         match list_with(|buf| get(&cname, buf)) {
-            Ok(value) => out.push(Xattr { name: name.to_vec(), value }),
+            Ok(value) => out.push(Xattr {
+                name: name.to_vec(),
+                value,
+            }),
             Err(Errno::NODATA) => {} // removed since listed
             Err(e) => return Err(e),
         }
@@ -150,18 +164,28 @@ fn collect_xattrs(
 
 /// Extended attributes of an open file or directory.
 pub fn xattrs_fd(fd: BorrowedFd<'_>) -> Result<Vec<Xattr>, Errno> {
-    collect_xattrs(|buf| rustix::fs::flistxattr(fd, buf), |name, buf| rustix::fs::fgetxattr(fd, name, buf))
+    collect_xattrs(
+        |buf| rustix::fs::flistxattr(fd, buf),
+        |name, buf| rustix::fs::fgetxattr(fd, name, buf),
+    )
 }
 
 /// Extended attributes of `name` in `dir`, not following a symlink.
 pub fn xattrs_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<Vec<Xattr>, Errno> {
     let path = proc_path(dir, name);
-    collect_xattrs(|buf| rustix::fs::llistxattr(&*path, buf), |n, buf| rustix::fs::lgetxattr(&*path, n, buf))
+    collect_xattrs(
+        |buf| rustix::fs::llistxattr(&*path, buf),
+        |n, buf| rustix::fs::lgetxattr(&*path, n, buf),
+    )
 }
 
 /// A path for messages: `root/rel` with `rel` as raw bytes.
 pub fn display_path(root: &Path, rel: &[u8]) -> std::path::PathBuf {
-    if rel.is_empty() { root.to_path_buf() } else { root.join(OsStr::from_bytes(rel)) }
+    if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(OsStr::from_bytes(rel))
+    }
 }
 
 /// Joins a relative path and a name with '/'.
@@ -182,7 +206,10 @@ pub fn raise_fd_limit() {
     if limit.current < limit.maximum {
         let _ = rustix::process::setrlimit(
             rustix::process::Resource::Nofile,
-            rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum },
+            rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
         );
     }
 }
