@@ -84,6 +84,7 @@ pub fn create_new_private(path: &Path) -> Result<File> {
 
 /// Moves a fully written and fsynced file into place and fsyncs the target directory.
 pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
+    #[allow(clippy::disallowed_methods)] // the one place a raw rename is allowed
     fs::rename(from, to).map_err(Error::io("rename into place", to))?;
     fsync_dir(to.parent().expect("repository files have a parent"))
 }
