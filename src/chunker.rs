@@ -22,16 +22,20 @@ pub struct ChunkSizes {
 
 /// Reads `reader` to its end, calling `on_batch(bytes, chunks)` with consecutive
 /// batches; `chunks` are ranges into `bytes` that tile it exactly.
-/// Returns the number of bytes read.
+/// `size_hint` (the file size from stat) keeps the buffer small for small files; a
+/// file that grows past it still reads correctly. Returns the number of bytes read.
 pub fn chunk_reader<R: Read, E: From<io::Error>>(
     mut reader: R,
     sizes: ChunkSizes,
     batch_bytes: usize,
+    size_hint: u64,
     mut on_batch: impl FnMut(&[u8], &[Range<usize>]) -> Result<(), E>,
 ) -> Result<u64, E> {
     let max = sizes.max as usize;
     assert!(batch_bytes >= max, "batch smaller than a chunk");
-    let mut buf = vec![0u8; batch_bytes + max];
+    let full = batch_bytes + max;
+    // One byte past the expected end lets the first read loop see EOF.
+    let mut buf = vec![0u8; (size_hint.saturating_add(1)).clamp(1, full as u64) as usize];
     let mut len = 0usize;
     let mut total = 0u64;
     let mut eof = false;
@@ -52,6 +56,11 @@ pub fn chunk_reader<R: Read, E: From<io::Error>>(
         let consumed = boundaries(&buf[..len], sizes, eof, &mut cuts);
         if !cuts.is_empty() {
             on_batch(&buf[..consumed], &cuts)?;
+        }
+        if consumed == 0 && !eof && len == buf.len() {
+            // The file is larger than its size hint: grow to a full batch.
+            buf.resize(full, 0);
+            continue;
         }
         buf.copy_within(consumed..len, 0);
         len -= consumed;
@@ -109,8 +118,12 @@ mod tests {
     }
 
     fn chunks(data: &[u8], batch: usize) -> Vec<Vec<u8>> {
+        chunks_with_hint(data, batch, data.len() as u64)
+    }
+
+    fn chunks_with_hint(data: &[u8], batch: usize, hint: u64) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        chunk_reader::<_, io::Error>(data, SIZES, batch, |bytes, ranges| {
+        chunk_reader::<_, io::Error>(data, SIZES, batch, hint, |bytes, ranges| {
             out.extend(ranges.iter().map(|r| bytes[r.clone()].to_vec()));
             Ok(())
         })
@@ -140,6 +153,18 @@ mod tests {
             shared + 3 >= a.len(),
             "only chunks near the edit change: {shared}/{}",
             a.len()
+        );
+    }
+
+    #[test]
+    fn a_wrong_size_hint_changes_nothing() {
+        let data = noise(300_000, 3);
+        let exact = chunks(&data, 1 << 20);
+        assert_eq!(chunks_with_hint(&data, 1 << 20, 10), exact);
+        assert_eq!(chunks_with_hint(&data, 1 << 20, 0), exact);
+        assert_eq!(
+            chunks_with_hint(&data, 32768, 5_000_000),
+            chunks(&data, 32768)
         );
     }
 

@@ -471,27 +471,33 @@ fn read_file(
     };
     let file = File::from(fd);
     let mut chunks = Vec::new();
-    let read = chunker::chunk_reader(&file, ctx.sizes, READ_BATCH_BYTES, |bytes, ranges| {
-        let store = |r: &std::ops::Range<usize>| -> Result<Id, ReadError> {
-            let piece = &bytes[r.clone()];
-            let id = Id::of(piece);
-            ctx.data.store(id, piece).map_err(ReadError::Store)?;
-            Ok(id)
-        };
-        if ranges.len() == 1 {
-            chunks.push(store(&ranges[0])?);
-        } else {
-            let ids: Vec<Id> = ranges
-                .par_iter()
-                .map(store)
-                .collect::<Result<_, ReadError>>()?;
-            chunks.extend(ids);
-        }
-        ctx.progress.add(0, bytes.len() as u64);
-        ctx.bytes_read
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok::<(), ReadError>(())
-    });
+    let read = chunker::chunk_reader(
+        &file,
+        ctx.sizes,
+        READ_BATCH_BYTES,
+        before.size,
+        |bytes, ranges| {
+            let store = |r: &std::ops::Range<usize>| -> Result<Id, ReadError> {
+                let piece = &bytes[r.clone()];
+                let id = Id::of(piece);
+                ctx.data.store(id, piece).map_err(ReadError::Store)?;
+                Ok(id)
+            };
+            if ranges.len() == 1 {
+                chunks.push(store(&ranges[0])?);
+            } else {
+                let ids: Vec<Id> = ranges
+                    .par_iter()
+                    .map(store)
+                    .collect::<Result<_, ReadError>>()?;
+                chunks.extend(ids);
+            }
+            ctx.progress.add(0, bytes.len() as u64);
+            ctx.bytes_read
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Ok::<(), ReadError>(())
+        },
+    );
     let size = match read {
         Ok(n) => n,
         Err(ReadError::Io(e)) => {
