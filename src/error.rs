@@ -53,7 +53,7 @@ pub enum Error {
     #[error("index {}: {detail}", path.display())]
     Index { path: PathBuf, detail: String },
     /// The index file is missing while the repository exists.
-    #[error("index {} is missing: the repository cannot be used until the index is rebuilt from its packs", path.display())]
+    #[error("index {} is missing: run `volsnap repair index` to rebuild it from the packs", path.display())]
     IndexMissing { path: PathBuf },
     /// A snapshot reference did not resolve.
     #[error("snapshot {reference:?}: {detail}")]

@@ -101,12 +101,23 @@ enum Command {
         #[arg(long)]
         volume: Option<String>,
     },
+    /// Rebuild derived data
+    Repair {
+        #[command(subcommand)]
+        what: RepairWhat,
+    },
     /// Verify the repository; --read-data[=PERCENT] also reads and re-hashes blobs
     Check {
         #[arg(long, num_args = 0..=1, default_missing_value = "100", value_name = "PERCENT",
               value_parser = clap::value_parser!(u8).range(1..=100))]
         read_data: Option<u8>,
     },
+}
+
+#[derive(Subcommand)]
+enum RepairWhat {
+    /// Rebuild the index from the packs and snapshot records (the old one is kept as index.redb.old)
+    Index,
 }
 
 fn main() -> ExitCode {
@@ -309,6 +320,30 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     listed.id.short(),
                     to.display(),
                     report.duration_ms as f64 / 1000.0
+                )
+            })?;
+        }
+        Command::Repair {
+            what: RepairWhat::Index,
+        } => {
+            let progress = Progress::default();
+            let report = render::with_progress(show_progress, &progress, "repair", || {
+                volsnap::repo::repair::rebuild_index(&path, &progress)
+            })?;
+            for p in &report.problems {
+                eprintln!("warning: {p}");
+            }
+            let value = json!({
+                "packs": report.packs,
+                "blobs": report.blobs,
+                "damaged_blobs": report.damaged_blobs,
+                "snapshots": report.snapshots,
+                "problems": report.problems,
+            });
+            emit(json, &value, || {
+                format!(
+                    "index rebuilt: {} packs, {} blobs, {} snapshots; {} damaged blobs left out\n",
+                    report.packs, report.blobs, report.snapshots, report.damaged_blobs
                 )
             })?;
         }

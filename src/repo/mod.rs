@@ -22,6 +22,8 @@ use crate::index::Index;
 use crate::limits::{self, FORMAT_VERSION};
 use crate::pack::PackReader;
 
+pub mod repair;
+
 const CONFIG_MAGIC: &[u8; 8] = b"VSNPCONF";
 
 /// Settings fixed when the repository is created.
@@ -110,6 +112,33 @@ impl Repository {
         // Two concurrent inits race here; the loser keeps the winner's config.
         let created = fsutil::write_new_durable(&root.join("tmp"), &config_path, &config.encode())?;
         Ok((Repository::open(root)?, created))
+    }
+
+    /// Opens an existing repository with a new, empty index in place of the old one,
+    /// which is kept as `index.redb.old` (see `repair`).
+    pub fn open_with_new_index(root: &Path) -> Result<Repository> {
+        let config_path = root.join("config");
+        let bytes = std::fs::read(&config_path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::NoRepository {
+                    path: root.to_path_buf(),
+                }
+            } else {
+                Error::io("read", &config_path)(e)
+            }
+        })?;
+        let config = Config::decode(&config_path, &bytes)?;
+        let path = root.join("index.redb");
+        if path.exists() {
+            fsutil::rename_durable(&path, &root.join("index.redb.old"))?;
+        }
+        let index = Index::open(&path, true)?;
+        Ok(Repository {
+            root: root.to_path_buf(),
+            config,
+            index,
+            reader: PackReader::default(),
+        })
     }
 
     /// Opens an existing repository.
