@@ -113,12 +113,12 @@ pub fn restore(
     let jobs = plan(repo, snap, path, opts)?;
     prepare_target(target, opts.force)?;
     let root_fd = walk::open_root(target).map_err(|e| Error::io("open", target)(errno(e)))?;
-    progress.set_total(
-        jobs.iter()
-            .map(|j| job_bytes(repo, j))
-            .sum::<Result<u64>>()
-            .unwrap_or(0),
-    );
+    // The whole snapshot's size is known from its stats; a part's is not.
+    if path.iter().all(|&b| b == b'/')
+        && (opts.volume.is_none() || snap.snapshot.volumes.len() == 1)
+    {
+        progress.set_total(snap.snapshot.stats.bytes);
+    }
     let ctx = Ctx {
         repo,
         as_root: rustix::process::geteuid().is_root(),
@@ -160,17 +160,6 @@ pub fn restore(
         bytes: ctx.bytes.into_inner(),
         duration_ms: started.elapsed().as_millis() as u64,
         warnings,
-    })
-}
-
-fn job_bytes(repo: &Repository, job: &Job) -> Result<u64> {
-    Ok(match &job.entry.kind {
-        Kind::File { size, .. } => *size,
-        Kind::Dir { .. } => {
-            let _ = repo;
-            0
-        }
-        _ => 0,
     })
 }
 
