@@ -291,3 +291,50 @@ pub fn scan(bytes: &[u8]) -> (Vec<ScannedBlob>, Option<String>) {
     }
     (blobs, None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pack's bytes built by hand: header and two blobs.
+    fn sample_pack() -> Vec<u8> {
+        let mut bytes = pack_header(BlobKind::Data).to_vec();
+        for raw in [vec![1u8; 4000], b"hello".to_vec()] {
+            let blob = blob::encode(BlobKind::Data, Id::of(&raw), &raw, 3).unwrap();
+            bytes.extend_from_slice(&blob.header.encode());
+            bytes.extend_from_slice(&blob.stored);
+        }
+        bytes
+    }
+
+    #[test]
+    fn scan_finds_every_blob_of_a_sound_pack() {
+        let (blobs, stopped) = scan(&sample_pack());
+        assert_eq!(stopped, None);
+        assert_eq!(blobs.len(), 2);
+        assert!(blobs.iter().all(|b| b.verified.is_ok()));
+    }
+
+    #[test]
+    fn every_flipped_bit_after_the_header_is_detected() {
+        let pack = sample_pack();
+        for at in PACK_HEADER_LEN..pack.len() {
+            for bit in [0, 3, 7] {
+                let mut bytes = pack.clone();
+                bytes[at] ^= 1 << bit;
+                let (blobs, stopped) = scan(&bytes);
+                let damaged = stopped.is_some() || blobs.iter().any(|b| b.verified.is_err());
+                assert!(damaged, "flip of bit {bit} at {at} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_packs_never_panic() {
+        let pack = sample_pack();
+        for len in 0..pack.len() {
+            let (blobs, _) = scan(&pack[..len]);
+            assert!(blobs.len() <= 2);
+        }
+    }
+}

@@ -246,6 +246,30 @@ mod tests {
     }
 
     #[test]
+    fn damaged_trees_never_panic() {
+        let tree = Tree {
+            entries: vec![entry(b"a"), entry(b"b")],
+        };
+        let bytes = tree.encode();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..20_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut damaged = bytes.clone();
+            let at = (x as usize) % damaged.len();
+            damaged[at] = (x >> 32) as u8;
+            if round % 5 == 0 {
+                damaged.truncate((x >> 16) as usize % damaged.len());
+            }
+            // Either an error or a tree that passes validation; never a panic.
+            if let Ok(t) = Tree::decode(&damaged) {
+                assert!(t.entries.iter().all(|e| valid_name(&e.name)));
+            }
+        }
+    }
+
+    #[test]
     fn split_path_refuses_dotdot() {
         assert_eq!(split_path(b"/a//./b/").unwrap(), vec![&b"a"[..], b"b"]);
         assert!(split_path(b"a/../b").is_err());
