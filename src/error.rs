@@ -16,12 +16,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// An I/O operation on a named path failed.
-    #[error("{op} {}: {source}", path.display())]
+    /// (The cause is part of the message rather than a `source`, so that `{:#}` does
+    /// not print it twice.)
+    #[error("{op} {}: {cause}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// No repository exists at the path.
     #[error("no repository at {}: run `volsnap init` or pass --repo", path.display())]
@@ -73,7 +74,7 @@ impl Error {
     /// Wraps an `io::Error` with the operation and path it concerns.
     pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { op, path, source }
+        move |cause| Error::Io { op, path, cause }
     }
 
     /// Whether this error means there is no repository (exit code 10).

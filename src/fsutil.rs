@@ -32,9 +32,8 @@ pub fn fsync_dir(path: &Path) -> Result<()> {
     dir.sync_all().map_err(Error::io("fsync directory", path))
 }
 
-/// Writes `bytes` to a temporary file in `tmp_dir`, fsyncs it, renames it to `path`
-/// and fsyncs `path`'s directory. Readers see either no file or the whole file.
-pub fn atomic_write(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to a new private temporary file in `tmp_dir` and fsyncs it.
+pub fn write_temp_durable(tmp_dir: &Path, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
@@ -45,25 +44,26 @@ pub fn atomic_write(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.as_file()
         .sync_all()
         .map_err(Error::io("fsync", tmp.path()))?;
+    Ok(tmp)
+}
+
+/// Renames a file from `write_temp_durable` to `path`, replacing any file there, and
+/// fsyncs the directory. Readers see either the old file or the whole new one.
+pub fn persist_durable(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| Error::io("rename into place", path)(e.error))?;
     fsync_dir(path.parent().expect("repository files have a parent"))
 }
 
+/// Writes `bytes` durably to `path`, replacing it atomically.
+pub fn atomic_write(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    persist_durable(write_temp_durable(tmp_dir, bytes)?, path)
+}
+
 /// Like `atomic_write`, but never replaces an existing `path`.
 /// Returns false (writing nothing) when `path` already exists.
 pub fn write_new_durable(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<bool> {
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
-        .tempfile_in(tmp_dir)
-        .map_err(Error::io("create temporary file in", tmp_dir))?;
-    tmp.write_all(bytes)
-        .map_err(Error::io("write", tmp.path()))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(Error::io("fsync", tmp.path()))?;
-    match tmp.persist_noclobber(path) {
+    match write_temp_durable(tmp_dir, bytes)?.persist_noclobber(path) {
         Ok(_) => {}
         Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(Error::io("create", path)(e.error)),
@@ -72,13 +72,16 @@ pub fn write_new_durable(tmp_dir: &Path, path: &Path, bytes: &[u8]) -> Result<bo
     Ok(true)
 }
 
-/// Creates a new private file for writing; fails if it exists.
-pub fn create_new_private(path: &Path) -> Result<File> {
+/// Creates `path` empty with mode 0600 if it does not exist (so that a file another
+/// library then opens and fills, like the index, is private from the start).
+pub fn ensure_private_file(path: &Path) -> Result<()> {
     OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(false)
         .mode(FILE_MODE)
         .open(path)
+        .map(drop)
         .map_err(Error::io("create", path))
 }
 

@@ -4,8 +4,6 @@
 //! snapshot that is the volume root; with several volumes the first component is the
 //! volume label.
 
-use std::collections::HashSet;
-
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::repo::Repository;
@@ -166,8 +164,11 @@ fn diff_entries(
 ) -> Result<()> {
     let path = join_rel(prefix, &x.name);
     if std::mem::discriminant(&x.kind) != std::mem::discriminant(&y.kind) {
-        subtree_paths(repo, x, prefix, &mut out.removed)?;
-        subtree_paths(repo, y, prefix, &mut out.added)?;
+        // Same name, another kind: the path is modified; what was below an old
+        // directory is removed and what is below a new one is added.
+        out.modified.push((path, vec!["kind"]));
+        descendants(repo, x, prefix, &mut out.removed)?;
+        descendants(repo, y, prefix, &mut out.added)?;
         return Ok(());
     }
     let mut changes = Vec::new();
@@ -226,11 +227,19 @@ fn subtree_paths(
     prefix: &[u8],
     out: &mut Vec<Vec<u8>>,
 ) -> Result<()> {
-    let path = join_rel(prefix, &entry.name);
-    out.push(path.clone());
+    out.push(join_rel(prefix, &entry.name));
+    descendants(repo, entry, prefix, out)
+}
+
+/// The paths of everything below `entry` (nothing unless it is a directory).
+fn descendants(
+    repo: &Repository,
+    entry: &Entry,
+    prefix: &[u8],
+    out: &mut Vec<Vec<u8>>,
+) -> Result<()> {
     if let Kind::Dir { tree } = entry.kind {
-        let mut seen = HashSet::new();
-        seen.insert(tree);
+        let path = join_rel(prefix, &entry.name);
         for child in tree::load(repo, &tree)?.entries {
             subtree_paths(repo, &child, &path, out)?;
         }

@@ -212,6 +212,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             exclude,
             cross_filesystems,
         } => {
+            // Refuse bad sources before creating a repository for them.
+            for d in &dirs {
+                std::fs::metadata(d).map_err(Error::io("snapshot source", d))?;
+            }
             let (repo, _) = Repository::init(&path, Config::default())?;
             let opts = snapshot::Options {
                 series: name,

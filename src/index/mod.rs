@@ -87,6 +87,9 @@ impl Index {
         }
         let mut builder = Database::builder();
         builder.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
+        if create {
+            crate::fsutil::ensure_private_file(path)?;
+        }
         let db = if create {
             builder.create(path)
         } else {

@@ -18,7 +18,6 @@ pub mod blob;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -179,17 +178,10 @@ impl<'r> Packer<'r> {
             fsutil::create_dir_private(dir)?;
             fsutil::fsync_dir(dir.parent().expect("packs dir"))?;
         }
-        let tmp = self
-            .repo
-            .tmp_dir()
-            .join(format!("{}.pack.tmp", pack_id.hex()));
-        {
-            let mut file = fsutil::create_new_private(&tmp)?;
-            file.write_all(&pack.bytes)
-                .map_err(Error::io("write", &tmp))?;
-            file.sync_all().map_err(Error::io("fsync", &tmp))?;
-        }
-        fsutil::rename_durable(&tmp, &path)?;
+        // A unique temporary name: another process may be writing the same pack, and a
+        // crashed one may have left a partial file behind.
+        let tmp = fsutil::write_temp_durable(&self.repo.tmp_dir(), &pack.bytes)?;
+        fsutil::persist_durable(tmp, &path)?;
         crate::crash::point("pack committed");
         for (_, loc) in &mut pack.rows {
             loc.pack = pack_id;

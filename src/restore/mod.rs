@@ -15,6 +15,7 @@
 //! Deliberately absent: fsync (restore to a new directory; the live restore issue
 //! stages with fsync), and writing outside `target`.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -77,8 +78,10 @@ struct PendingLink {
     entry: Entry,
     target: Vec<u8>,
     volume_root: Id,
-    /// Source path of the restored top, to map `target` into the restore.
+    /// Source path (from the volume root) of the restored top...
     prefix: Vec<u8>,
+    /// ...and where that top lies below the restore target.
+    base: Vec<u8>,
 }
 
 struct Ctx<'a> {
@@ -136,8 +139,9 @@ pub fn restore(
     }
     // Pass 2: hardlinks.
     let links = std::mem::take(&mut *ctx.hardlinks.lock().expect("lock"));
+    let mut copies = HashMap::new();
     for link in links {
-        make_hardlink(&ctx, root_fd.as_fd(), &link, target)?;
+        make_hardlink(&ctx, root_fd.as_fd(), &link, &mut copies, target)?;
     }
     // Pass 3: directory metadata, deepest first.
     let mut dirs = std::mem::take(&mut *ctx.dir_meta.lock().expect("lock"));
@@ -364,6 +368,10 @@ fn restore_entry(
                 target: link_target.clone(),
                 volume_root: job.volume_root,
                 prefix: job_prefix(job),
+                base: match job.entry.kind {
+                    Kind::Dir { .. } => job.dest.clone(),
+                    _ => Vec::new(),
+                },
             });
             Ok(())
         }
@@ -605,10 +613,13 @@ fn open_parent(
     ))
 }
 
+/// Creates one hardlink. `copies` remembers, for link targets outside the restored
+/// path, where their content was materialized, so later names link to that copy.
 fn make_hardlink(
     ctx: &Ctx<'_>,
     root: BorrowedFd<'_>,
     link: &PendingLink,
+    copies: &mut HashMap<(Id, Vec<u8>), Vec<u8>>,
     target: &Path,
 ) -> Result<()> {
     let (dest, entry, link_target, prefix) = (
@@ -619,18 +630,19 @@ fn make_hardlink(
     );
     let (link_dir, link_name) = open_parent(root, dest, target)?;
     let link_name = link_name.expect("a hardlink is never the target itself");
-    // The target's place in the restore, if it is inside the restored path.
-    let inside = if prefix.is_empty() {
-        Some(link_target.to_vec())
+    // Where the first name was restored: inside the restored path, or as an earlier copy.
+    let key = (link.volume_root, link_target.to_vec());
+    let first = if prefix.is_empty() {
+        Some(walk::join_rel(&link.base, link_target))
     } else if link_target.len() > prefix.len()
         && link_target.starts_with(prefix)
         && link_target[prefix.len()] == b'/'
     {
-        Some(link_target[prefix.len() + 1..].to_vec())
+        Some(walk::join_rel(&link.base, &link_target[prefix.len() + 1..]))
     } else {
-        None
+        copies.get(&key).cloned()
     };
-    if let Some(rel) = inside {
+    if let Some(rel) = first {
         let (tdir, tname) = open_parent(root, &rel, target)?;
         let tname = tname.expect("a link target is never the target itself");
         match rustix::fs::linkat(
@@ -644,10 +656,12 @@ fn make_hardlink(
                 ctx.files.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            Err(Errno::NOENT) => {} // target was not restored (e.g. unreadable); fall back to a copy
+            // The first name was not restored (it was unreadable when snapshotted).
+            Err(Errno::NOENT) => {}
             Err(e) => return Err(io_err("create hardlink", target, dest)(e)),
         }
     }
+    copies.insert(key, dest.to_vec());
     // The first name lies outside the restored path: restore the content as a file.
     let components = tree::split_path(link_target).map_err(Error::Usage)?;
     let first = tree::resolve(ctx.repo, &link.volume_root, &components)?;

@@ -1,0 +1,233 @@
+//! Damaged repositories: found by `check`, never turned into wrong bytes.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn packs(repo: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for shard in fs::read_dir(repo.join("packs")).expect("repository has a packs directory") {
+        let shard = shard.unwrap().path();
+        if !shard.is_dir() {
+            continue;
+        }
+        for p in fs::read_dir(&shard).unwrap() {
+            let p = p.unwrap().path();
+            if p.extension().is_some_and(|e| e == "pack") {
+                let len = fs::metadata(&p).unwrap().len();
+                out.push((p, len));
+            }
+        }
+    }
+    out
+}
+
+fn largest_pack(repo: &Path) -> (PathBuf, u64) {
+    packs(repo)
+        .into_iter()
+        .max_by_key(|(_, len)| *len)
+        .expect("no pack files in the repository")
+}
+
+fn pack_name(pack: &Path) -> String {
+    let stem = pack.file_stem().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        is_hex(&stem, 64),
+        "pack file name is not 64 hex: {}",
+        pack.display()
+    );
+    stem
+}
+
+fn errors(check: &Value) -> Vec<Value> {
+    check["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("check without errors: {check}"))
+        .clone()
+}
+
+#[test]
+fn flipped_byte_in_a_data_pack_is_found_and_never_restored() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    let big = random_bytes("big", 8 << 20);
+    write(data.join("sub/big.bin"), &big);
+    write(data.join("small.txt"), "small and fine\n");
+    let victim = repo.snapshot(&[&data], &["--name", "victim"]);
+
+    let other = repo.mkdir("other");
+    write(other.join("o.bin"), random_bytes("bystander", 100_000));
+    let bystander = repo.snapshot(&[&other], &["--name", "bystander"]);
+
+    let (pack, len) = largest_pack(&repo.path);
+    assert!(
+        len > 4 << 20,
+        "the largest pack should hold big.bin: {len} bytes"
+    );
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, len / 2).unwrap();
+    byte[0] ^= 0xff;
+    f.write_all_at(&byte, len / 2).unwrap();
+    drop(f);
+
+    let run = repo.run_json(["check", "--read-data"]).code(1);
+    let check = run.json();
+    assert_eq!(check["ok"], false, "{check}");
+    let errs = errors(&check);
+    assert!(
+        errs.iter().any(|e| e["snapshot"]
+            .as_str()
+            .is_some_and(|s| s.len() >= 8 && victim["id"].as_str().unwrap().starts_with(s))
+            && e["path"].as_str().is_some_and(|p| p.ends_with("big.bin"))),
+        "check should name the damaged snapshot and path: {check}"
+    );
+    assert!(
+        !errs.iter().any(|e| e["snapshot"]
+            .as_str()
+            .is_some_and(|s| s.len() >= 8 && bystander["id"].as_str().unwrap().starts_with(s))),
+        "check blames an undamaged snapshot: {check}"
+    );
+
+    let human = repo.run(["check", "--read-data"]).code(1);
+    let text = human.all_output();
+    assert!(
+        text.contains(victim["short_id"].as_str().unwrap()) && text.contains("big.bin"),
+        "human check output should name the snapshot and the path\n{}",
+        human.describe()
+    );
+
+    // Restore refuses to emit the damaged bytes.
+    let to = repo.scratch("restored");
+    let run = repo.run_json([
+        "restore".as_ref(),
+        victim["id"].as_str().unwrap().as_ref(),
+        "--to".as_ref(),
+        to.as_os_str(),
+    ]);
+    assert_ne!(
+        run.status,
+        0,
+        "restore of a damaged file succeeded\n{}",
+        run.describe()
+    );
+    run.error_line();
+    if let Ok(restored) = fs::read(to.join("sub/big.bin")) {
+        let wrong = restored
+            .iter()
+            .zip(&big)
+            .filter(|(r, o)| r != o && **r != 0)
+            .count();
+        assert_eq!(wrong, 0, "restore wrote {wrong} wrong bytes into big.bin");
+    }
+
+    // Other snapshots stay restorable.
+    let ok_to = repo.scratch("bystander");
+    repo.restore(&id(&bystander), &ok_to);
+    assert_same_tree(&other, &ok_to);
+}
+
+#[test]
+fn truncated_pack_is_reported_by_check() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("big.bin"), random_bytes("truncate me", 4 << 20));
+    repo.snapshot(&[&data], &[]);
+    let clean = repo.ok(["check"]);
+    assert_eq!(clean["ok"], true, "{clean}");
+
+    let (pack, len) = largest_pack(&repo.path);
+    let name = pack_name(&pack);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&pack)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let check = repo.run_json(["check"]).code(1).json();
+    assert_eq!(check["ok"], false, "{check}");
+    assert!(
+        errors(&check)
+            .iter()
+            .any(|e| e["pack"].as_str() == Some(name.as_str())
+                || e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&name[..16]))),
+        "check should name the truncated pack {name}: {check}"
+    );
+    let human = repo.run(["check"]).code(1);
+    assert!(
+        human.all_output().contains(&name[..8]),
+        "human output should name the pack\n{}",
+        human.describe()
+    );
+}
+
+#[test]
+fn deleted_index_gives_a_clear_error_and_loses_nothing() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("a.txt"), "some content\n");
+    write(data.join("b.bin"), random_bytes("b", 200_000));
+    let snap = repo.snapshot(&[&data], &[]);
+    let sid = id(&snap);
+    let index = repo.path.join("index.redb");
+    assert!(index.is_file(), "no index at {}", index.display());
+    fs::remove_file(&index).unwrap();
+
+    let to = repo.scratch("restored");
+    let to_s = to.to_str().unwrap();
+    let data_s = data.to_str().unwrap();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["list"],
+        vec!["show", &sid],
+        vec!["ls", &sid],
+        vec!["restore", &sid, "--to", to_s],
+        vec!["check"],
+        vec!["snapshot", data_s],
+    ];
+    let mut index_errors = 0;
+    for args in &commands {
+        let run = repo.run_json(args);
+        match run.status {
+            0 => {}
+            1 => {
+                let line = run.error_line();
+                assert!(
+                    line.to_lowercase().contains("index"),
+                    "error should mention the index\n{}",
+                    run.describe()
+                );
+                index_errors += 1;
+            }
+            _ => panic!(
+                "unexpected exit code with the index deleted\n{}",
+                run.describe()
+            ),
+        }
+    }
+    // Whatever the commands did, the first snapshot is still intact: either
+    // restore works, or it refuses with the index error.
+    let again = repo.scratch("restored-again");
+    let run = repo.run_json(["restore", &sid, "--to", again.to_str().unwrap()]);
+    if run.status == 0 {
+        assert_same_tree(&data, &again);
+    } else {
+        assert_eq!(run.status, 1, "{}", run.describe());
+        assert!(
+            run.error_line().to_lowercase().contains("index"),
+            "{}",
+            run.describe()
+        );
+        assert!(index_errors > 0);
+    }
+}

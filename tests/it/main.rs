@@ -1,0 +1,15 @@
+//! The integration test binary: drives the real `volsnap` executable on real
+//! directories. One binary with modules, so it links once.
+
+// Tests build their fixtures with plain writes and renames; durability rules
+// are for the repository code.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+mod cli;
+mod concurrency;
+mod corruption;
+mod incremental;
+mod roundtrip;
+mod unreadable;
