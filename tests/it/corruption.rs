@@ -231,3 +231,44 @@ fn deleted_index_gives_a_clear_error_and_loses_nothing() {
         assert!(index_errors > 0);
     }
 }
+
+#[test]
+fn repair_index_rebuilds_everything_from_packs_and_records() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("a.txt"), "first version\n");
+    write(data.join("b.bin"), random_bytes("b", 300_000));
+    let s1 = repo.snapshot(&[&data], &["--name", "series"]);
+    write(data.join("a.txt"), "second version, longer\n");
+    let s2 = repo.snapshot(&[&data], &["--name", "series"]);
+    assert_eq!(s2["version"], 2);
+    let r2 = repo.scratch("r2-expected");
+    repo.restore(&id(&s2), &r2);
+
+    fs::remove_file(repo.path.join("index.redb")).unwrap();
+    let run = repo.run(["list"]);
+    assert_eq!(run.status, 1, "{}", run.describe());
+    assert!(
+        run.error_line().contains("repair index"),
+        "{}",
+        run.describe()
+    );
+
+    let report = repo.ok(["repair", "index"]);
+    assert_eq!(report["snapshots"], 2, "{report}");
+    assert_eq!(report["damaged_blobs"], 0, "{report}");
+    let listed: Vec<String> = repo.list(&[]).iter().map(id).collect();
+    assert_eq!(listed, vec![id(&s1), id(&s2)]);
+    let check = repo.ok(["check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+    let r1 = repo.scratch("r1");
+    repo.restore(&id(&s1), &r1);
+    assert_eq!(fs::read(r1.join("a.txt")).unwrap(), b"first version\n");
+    let again = repo.scratch("r2");
+    repo.restore(&id(&s2), &again);
+    assert_same_tree(&r2, &again);
+    // Version numbers continue where the records left them.
+    let s3 = repo.snapshot(&[&data], &["--name", "series"]);
+    assert_eq!(s3["version"], 3);
+    assert_eq!(s3["parent"], s2["id"]);
+}
