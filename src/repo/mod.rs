@@ -83,6 +83,37 @@ pub struct Repository {
     reader: PackReader,
 }
 
+/// Names a repository directory may hold; anything else means `root` is some other
+/// directory, which init must not fill with repository files.
+const LAYOUT: [&str; 6] = [
+    "config",
+    "index.redb",
+    "index.redb.old",
+    "packs",
+    "snapshots",
+    "tmp",
+];
+
+fn refuse_foreign_directory(root: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("read directory", root)(e)),
+    };
+    for entry in entries {
+        let name = entry
+            .map_err(Error::io("read directory", root))?
+            .file_name();
+        if !LAYOUT.iter().any(|l| name == *l) {
+            return Err(Error::Usage(format!(
+                "{} is not empty and is not a volsnap repository; choose another --repo",
+                root.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The repository used when neither `--repo` nor `VOLSNAP_REPO` is given:
 /// `$XDG_DATA_HOME/volsnap`, else `$HOME/.local/share/volsnap`.
 pub fn default_path() -> PathBuf {
@@ -102,6 +133,7 @@ impl Repository {
         if config_path.exists() {
             return Ok((Repository::open(root)?, false));
         }
+        refuse_foreign_directory(root)?;
         fsutil::create_dir_private(root)?;
         for dir in ["packs", "snapshots", "tmp"] {
             fsutil::create_dir_private(&root.join(dir))?;

@@ -640,3 +640,41 @@ fn bad_arguments_get_one_clear_error_line() {
         "failed commands recorded snapshots"
     );
 }
+
+#[test]
+fn a_repository_of_a_newer_format_is_refused_clearly() {
+    let repo = Repo::new();
+    repo.ok(["init"]);
+    let config = repo.path.join("config");
+    let mut bytes = fs::read(&config).unwrap();
+    bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
+    fs::write(&config, &bytes).unwrap();
+    for args in [vec!["list"], vec!["check"]] {
+        let run = repo.run(&args);
+        assert_eq!(run.status, 1, "{}", run.describe());
+        let line = run.error_line();
+        assert!(
+            line.contains("format version 99") && line.contains("upgrade"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn init_refuses_a_directory_that_holds_other_things() {
+    let repo = Repo::new();
+    fs::create_dir_all(&repo.path).unwrap();
+    write(repo.path.join("precious.txt"), "not a repository");
+    let run = repo.run(["init"]);
+    assert_eq!(run.status, 1, "{}", run.describe());
+    assert!(
+        run.error_line().contains("not a volsnap repository"),
+        "{}",
+        run.describe()
+    );
+    let names: Vec<_> = fs::read_dir(&repo.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("precious.txt")]);
+}
