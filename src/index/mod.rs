@@ -15,6 +15,8 @@
 //! short (one pack, one snapshot, or a bounded batch of cache rows).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -71,10 +73,20 @@ pub struct PackRow {
     pub blobs: u64,
 }
 
+/// How long a cached read snapshot of the chunk table may serve lookups. A lookup
+/// through a slightly old snapshot can only miss a chunk committed meanwhile (which is
+/// then stored twice, harmlessly); it never reports a chunk that is not stored.
+const CHUNK_READER_MAX_AGE: Duration = Duration::from_millis(50);
+
+type ChunkTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+
 /// The redb database of a repository.
 pub struct Index {
     db: Database,
     path: PathBuf,
+    /// A shared read snapshot of the chunk table: opening a read transaction costs
+    /// several microseconds (file locks), more than the lookup itself.
+    chunk_reader: Mutex<Option<(Arc<ChunkTable>, Instant)>>,
 }
 
 impl Index {
@@ -102,6 +114,7 @@ impl Index {
         let index = Index {
             db,
             path: path.to_path_buf(),
+            chunk_reader: Mutex::new(None),
         };
         if create {
             // Create every table once so readers never meet a missing table.
@@ -138,10 +151,22 @@ impl Index {
         self.db.begin_read().map_err(|e| self.err(e))
     }
 
-    /// Where the blob `id` is stored, if anywhere.
-    pub fn lookup(&self, id: &Id) -> Result<Option<Location>> {
+    fn chunk_table(&self) -> Result<Arc<ChunkTable>> {
+        let mut cached = self.chunk_reader.lock().expect("index lock");
+        if let Some((table, at)) = cached.as_ref()
+            && at.elapsed() < CHUNK_READER_MAX_AGE
+        {
+            return Ok(table.clone());
+        }
         let txn = self.read()?;
-        let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+        let table = Arc::new(txn.open_table(CHUNKS).map_err(|e| self.err(e))?);
+        *cached = Some((table.clone(), Instant::now()));
+        Ok(table)
+    }
+
+    /// Where the blob `id` is stored, if anywhere (as of at most `CHUNK_READER_MAX_AGE` ago).
+    pub fn lookup(&self, id: &Id) -> Result<Option<Location>> {
+        let table = self.chunk_table()?;
         let Some(value) = table.get(&id.0[..]).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
