@@ -183,7 +183,20 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         }
     })?;
     // Snapshots: records match their names; trees decode; chunks indexed and sound.
-    let snapshots = snapshot::list_all(repo)?;
+    let scan = snapshot::record::scan(repo)?;
+    for (path, why) in scan.problems {
+        let id = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(Id::from_hex);
+        report.problems.push(Problem {
+            snapshot: id,
+            path: None,
+            pack: None,
+            message: format!("snapshot record {}: {why}", path.display()),
+        });
+    }
+    let snapshots = scan.snapshots;
     report.snapshots = snapshots.len() as u64;
     let mut sound_trees = HashSet::new();
     for snap in &snapshots {

@@ -44,6 +44,9 @@ pub enum Error {
         path: PathBuf,
         detail: String,
     },
+    /// A tree blob verified but does not decode, or holds invalid names.
+    #[error("tree {id}: {detail}")]
+    CorruptTree { id: Id, detail: String },
     /// A blob's bytes do not hash to its id.
     #[error("chunk {id} in pack {pack}: {detail}")]
     BadBlob { id: Id, pack: Id, detail: String },

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::limits::BLOB_SIZE_MAX;
 
 const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
 const PACKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("packs");
@@ -56,12 +57,14 @@ impl Location {
         if b.len() != LOCATION_LEN {
             return None;
         }
-        Some(Location {
+        let loc = Location {
             pack: Id(b[0..32].try_into().ok()?),
             offset: u64::from_le_bytes(b[32..40].try_into().ok()?),
             stored_len: u32::from_le_bytes(b[40..44].try_into().ok()?),
             raw_len: u32::from_le_bytes(b[44..48].try_into().ok()?),
-        })
+        };
+        // A damaged row must not make a reader allocate gigabytes.
+        (loc.stored_len <= BLOB_SIZE_MAX && loc.raw_len <= BLOB_SIZE_MAX).then_some(loc)
     }
 }
 
@@ -238,37 +241,24 @@ impl Index {
         Ok(out)
     }
 
-    /// Allocates the next version of `series` and commits a snapshot, in one write
-    /// transaction. `write_record(version)` must durably write the record file (the
-    /// commit point) and return its id and bytes.
-    pub fn commit_snapshot(
-        &self,
-        series: &str,
-        write_record: impl FnOnce(u64) -> Result<(Id, Vec<u8>)>,
-    ) -> Result<(Id, u64)> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
-        let version = {
-            let table = txn.open_table(SERIES).map_err(|e| self.err(e))?;
-            table
-                .get(series)
-                .map_err(|e| self.err(e))?
-                .map_or(0, |v| v.value())
-                + 1
-        };
-        let (id, bytes) = write_record(version)?;
-        crate::crash::point("snapshot record written");
-        {
-            let mut snaps = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-            snaps
-                .insert(&id.0[..], &bytes[..])
-                .map_err(|e| self.err(e))?;
-            let mut series_table = txn.open_table(SERIES).map_err(|e| self.err(e))?;
-            series_table
-                .insert(series, version)
-                .map_err(|e| self.err(e))?;
-        }
-        txn.commit().map_err(|e| self.err(e))?;
-        Ok((id, version))
+    /// Reserves the next version number of `series` in its own transaction, so no
+    /// version is ever handed out twice: a crash after this leaves a gap, never a
+    /// duplicate.
+    pub fn reserve_version(&self, series: &str) -> Result<u64> {
+        self.write(|txn| {
+            let mut table = txn.open_table(SERIES)?;
+            let version = table.get(series)?.map_or(0, |v| v.value()) + 1;
+            table.insert(series, version)?;
+            Ok(version)
+        })
+    }
+
+    /// Adds the index row of a committed snapshot record.
+    pub fn insert_snapshot(&self, id: &Id, record: &[u8]) -> Result<()> {
+        self.write(|txn| {
+            txn.open_table(SNAPSHOTS)?.insert(&id.0[..], record)?;
+            Ok(())
+        })
     }
 
     /// Adds snapshot rows found on disk but missing here (a crash between the record

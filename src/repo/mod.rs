@@ -47,6 +47,34 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Checks the settings against what the chunker and blob format accept, so a
+    /// damaged config is an error rather than a panic deep in a snapshot.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        use fastcdc::v2020::{
+            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+        };
+        let (min, avg, max) = (
+            self.chunk_size_min as usize,
+            self.chunk_size_avg as usize,
+            self.chunk_size_max as usize,
+        );
+        let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&min)
+            && (AVERAGE_MIN..=AVERAGE_MAX).contains(&avg)
+            && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&max)
+            && min < avg
+            && avg < max
+            && [min, avg, max].iter().all(|s| s % 2 == 0)
+            && max <= limits::READ_BATCH_BYTES
+            && max <= limits::BLOB_SIZE_MAX as usize;
+        if !ok {
+            return Err(format!("chunk sizes {min}/{avg}/{max} out of range"));
+        }
+        if !(1..=22).contains(&self.zstd_level) {
+            return Err(format!("zstd level {} out of range", self.zstd_level));
+        }
+        Ok(())
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut out = CONFIG_MAGIC.to_vec();
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -71,7 +99,10 @@ impl Config {
                 supported: FORMAT_VERSION,
             });
         }
-        postcard::from_bytes(&bytes[12..]).map_err(|e| corrupt(&e.to_string()))
+        let config: Config =
+            postcard::from_bytes(&bytes[12..]).map_err(|e| corrupt(&e.to_string()))?;
+        config.validate().map_err(|e| corrupt(&e))?;
+        Ok(config)
     }
 }
 
@@ -138,6 +169,12 @@ impl Repository {
         for dir in ["packs", "snapshots", "tmp"] {
             fsutil::create_dir_private(&root.join(dir))?;
         }
+        // Every pack shard exists from the start, durably, so no writer depends on
+        // another process having fsynced a shard it created.
+        for shard in 0..=255u8 {
+            fsutil::create_dir_private(&root.join("packs").join(format!("{shard:02x}")))?;
+        }
+        fsutil::fsync_dir(&root.join("packs"))?;
         Index::open(&root.join("index.redb"), true)?;
         fsutil::fsync_dir(root)?;
         // The config is the last thing written: a repository without it does not exist.

@@ -16,12 +16,11 @@
 //! stages with fsync), and writing outside `target`.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -66,22 +65,22 @@ struct Job {
     /// Path below the target directory ("" = the target itself).
     dest: Vec<u8>,
     entry: Entry,
-    /// Tree holding the volume root, for hardlinks that point outside the restored path.
+    /// Tree holding the volume root, for hardlinks whose first name was not restored.
     volume_root: Id,
-    /// Path of `entry` from its volume root, for translating hardlink targets.
+    /// Path of `entry` from its volume root ("" for the root), to match hardlink targets.
     source_path: Vec<u8>,
 }
+
+/// Files a restore wrote: (volume root, source path) → destination path.
+type WrittenFiles = HashMap<(Id, Vec<u8>), Vec<u8>>;
 
 /// A hardlink to create once every file exists.
 struct PendingLink {
     dest: Vec<u8>,
     entry: Entry,
+    /// The first name's path from the volume root.
     target: Vec<u8>,
     volume_root: Id,
-    /// Source path (from the volume root) of the restored top...
-    prefix: Vec<u8>,
-    /// ...and where that top lies below the restore target.
-    base: Vec<u8>,
 }
 
 struct Ctx<'a> {
@@ -94,6 +93,10 @@ struct Ctx<'a> {
     bytes: AtomicU64,
     warnings: Mutex<Vec<String>>,
     hardlinks: Mutex<Vec<PendingLink>>,
+    /// Where this restore wrote each file: (volume root, source path) → destination.
+    /// Hardlinks only ever link to files this restore created, never to something
+    /// that was already in the target.
+    written: Mutex<WrittenFiles>,
     dir_meta: Mutex<Vec<(Vec<u8>, Entry)>>,
 }
 
@@ -132,6 +135,7 @@ pub fn restore(
         bytes: AtomicU64::new(0),
         warnings: Mutex::new(Vec::new()),
         hardlinks: Mutex::new(Vec::new()),
+        written: Mutex::new(HashMap::new()),
         dir_meta: Mutex::new(Vec::new()),
     };
     for job in &jobs {
@@ -139,9 +143,9 @@ pub fn restore(
     }
     // Pass 2: hardlinks.
     let links = std::mem::take(&mut *ctx.hardlinks.lock().expect("lock"));
-    let mut copies = HashMap::new();
+    let mut written = std::mem::take(&mut *ctx.written.lock().expect("lock"));
     for link in links {
-        make_hardlink(&ctx, root_fd.as_fd(), &link, &mut copies, target)?;
+        make_hardlink(&ctx, root_fd.as_fd(), &link, &mut written, target)?;
     }
     // Pass 3: directory metadata, deepest first.
     let mut dirs = std::mem::take(&mut *ctx.dir_meta.lock().expect("lock"));
@@ -273,25 +277,42 @@ fn materialize_job(ctx: &Ctx<'_>, root: BorrowedFd<'_>, job: &Job, target: &Path
             .lock()
             .expect("lock")
             .push((Vec::new(), job.entry.clone()));
-        return restore_dir(ctx, root, &tree, b"", job, target);
+        return restore_dir(ctx, root, &tree, b"", &job.source_path, job, target);
     }
     let name = CString::new(job.dest.clone()).map_err(|_| Error::Usage("bad name".into()))?;
-    restore_entry(ctx, root, &name, &job.entry, &job.dest, job, target)
+    restore_entry(
+        ctx,
+        root,
+        &name,
+        &job.entry,
+        &job.dest,
+        &job.source_path,
+        job,
+        target,
+    )
 }
 
+/// Restores the entries of a tree into `dir`, which is `dest` below the target and
+/// `src` below the volume root.
 fn restore_dir(
     ctx: &Ctx<'_>,
     dir: BorrowedFd<'_>,
     tree_id: &Id,
     dest: &[u8],
+    src: &[u8],
     job: &Job,
     target: &Path,
 ) -> Result<()> {
-    let tree = tree::load(ctx.repo, tree_id)?;
+    let tree = tree::load(ctx.repo, tree_id).map_err(|e| Error::Corrupt {
+        what: "directory",
+        path: walk::display_path(target, dest),
+        detail: format!("not restored: {e}"),
+    })?;
     tree.entries.par_iter().try_for_each(|entry| {
-        let child = walk::join_rel(dest, &entry.name);
+        let child_dest = walk::join_rel(dest, &entry.name);
+        let child_src = walk::join_rel(src, &entry.name);
         let name = CString::new(entry.name.clone()).expect("tree names hold no NUL");
-        restore_entry(ctx, dir, &name, entry, &child, job, target)
+        restore_entry(ctx, dir, &name, entry, &child_dest, &child_src, job, target)
     })
 }
 
@@ -305,6 +326,8 @@ fn remove_existing(
     dir: BorrowedFd<'_>,
     name: &CString,
     keep_dir: bool,
+    dest: &[u8],
+    target: &Path,
 ) -> Result<()> {
     if !ctx.force {
         return Ok(());
@@ -314,30 +337,31 @@ fn remove_existing(
             if !keep_dir {
                 return Err(Error::Usage(format!(
                     "cannot replace directory {} with a non-directory",
-                    String::from_utf8_lossy(name.as_bytes())
+                    walk::display_path(target, dest).display()
                 )));
             }
             Ok(())
         }
-        Ok(_) => rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty()).map_err(|e| {
-            Error::io("remove", PathBuf::from(OsStr::from_bytes(name.as_bytes())))(errno(e))
-        }),
+        Ok(_) => rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty())
+            .map_err(io_err("remove", target, dest)),
         Err(_) => Ok(()),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn restore_entry(
     ctx: &Ctx<'_>,
     dir: BorrowedFd<'_>,
     name: &CString,
     entry: &Entry,
     dest: &[u8],
+    src: &[u8],
     job: &Job,
     target: &Path,
 ) -> Result<()> {
     let is_dir = matches!(entry.kind, Kind::Dir { .. });
     if !matches!(entry.kind, Kind::Hardlink { .. }) {
-        remove_existing(ctx, dir, name, is_dir)?;
+        remove_existing(ctx, dir, name, is_dir, dest, target)?;
     }
     match &entry.kind {
         Kind::Dir { tree } => {
@@ -353,11 +377,16 @@ fn restore_entry(
                 .lock()
                 .expect("lock")
                 .push((dest.to_vec(), entry.clone()));
-            restore_dir(ctx, fd.as_fd(), tree, dest, job, target)
+            restore_dir(ctx, fd.as_fd(), tree, dest, src, job, target)
         }
         Kind::File { size, chunks } => {
             write_file(ctx, dir, name, *size, chunks, dest, target)?;
-            apply_meta(ctx, dir, name, entry, dest, target)
+            apply_meta(ctx, dir, name, entry, dest, target)?;
+            ctx.written
+                .lock()
+                .expect("lock")
+                .insert((job.volume_root, src.to_vec()), dest.to_vec());
+            Ok(())
         }
         Kind::Hardlink {
             target: link_target,
@@ -367,11 +396,6 @@ fn restore_entry(
                 entry: entry.clone(),
                 target: link_target.clone(),
                 volume_root: job.volume_root,
-                prefix: job_prefix(job),
-                base: match job.entry.kind {
-                    Kind::Dir { .. } => job.dest.clone(),
-                    _ => Vec::new(),
-                },
             });
             Ok(())
         }
@@ -405,19 +429,6 @@ fn restore_entry(
             ctx.files.fetch_add(1, Ordering::Relaxed);
             apply_meta(ctx, dir, name, entry, dest, target)
         }
-    }
-}
-
-/// The source path (from the volume root) that corresponds to the restore's top: lets
-/// a hardlink target inside the restored path be mapped to its restored location.
-fn job_prefix(job: &Job) -> Vec<u8> {
-    match job.entry.kind {
-        Kind::Dir { .. } => job.source_path.clone(),
-        // A single non-directory entry: its parent is the prefix.
-        _ => match job.source_path.iter().rposition(|&b| b == b'/') {
-            Some(i) => job.source_path[..i].to_vec(),
-            None => Vec::new(),
-        },
     }
 }
 
@@ -613,35 +624,22 @@ fn open_parent(
     ))
 }
 
-/// Creates one hardlink. `copies` remembers, for link targets outside the restored
-/// path, where their content was materialized, so later names link to that copy.
+/// Creates one hardlink, to the file this restore wrote for the first name. When the
+/// first name was not restored (outside the restored path, or unreadable when the
+/// snapshot was taken), the content is written once and later names link to it.
 fn make_hardlink(
     ctx: &Ctx<'_>,
     root: BorrowedFd<'_>,
     link: &PendingLink,
-    copies: &mut HashMap<(Id, Vec<u8>), Vec<u8>>,
+    written: &mut WrittenFiles,
     target: &Path,
 ) -> Result<()> {
-    let (dest, entry, link_target, prefix) = (
-        &link.dest[..],
-        &link.entry,
-        &link.target[..],
-        &link.prefix[..],
-    );
+    let (dest, entry, link_target) = (&link.dest[..], &link.entry, &link.target[..]);
     let (link_dir, link_name) = open_parent(root, dest, target)?;
     let link_name = link_name.expect("a hardlink is never the target itself");
-    // Where the first name was restored: inside the restored path, or as an earlier copy.
+    remove_existing(ctx, link_dir.as_fd(), &link_name, false, dest, target)?;
     let key = (link.volume_root, link_target.to_vec());
-    let first = if prefix.is_empty() {
-        Some(walk::join_rel(&link.base, link_target))
-    } else if link_target.len() > prefix.len()
-        && link_target.starts_with(prefix)
-        && link_target[prefix.len()] == b'/'
-    {
-        Some(walk::join_rel(&link.base, &link_target[prefix.len() + 1..]))
-    } else {
-        copies.get(&key).cloned()
-    };
+    let first = written.get(&key).cloned();
     if let Some(rel) = first {
         let (tdir, tname) = open_parent(root, &rel, target)?;
         let tname = tname.expect("a link target is never the target itself");
@@ -656,13 +654,13 @@ fn make_hardlink(
                 ctx.files.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            // The first name was not restored (it was unreadable when snapshotted).
+            // Removed since it was written (not by volsnap): write a copy instead.
             Err(Errno::NOENT) => {}
             Err(e) => return Err(io_err("create hardlink", target, dest)(e)),
         }
     }
-    copies.insert(key, dest.to_vec());
-    // The first name lies outside the restored path: restore the content as a file.
+    // The first name was not restored by this run: write the content as a file, once.
+    written.insert(key, dest.to_vec());
     let components = tree::split_path(link_target).map_err(Error::Usage)?;
     let first = tree::resolve(ctx.repo, &link.volume_root, &components)?;
     match first {

@@ -462,11 +462,13 @@ fn read_file(
             return Ok(None);
         }
     };
-    let xattrs = match walk::xattrs_fd(fd.as_fd()) {
-        Ok(x) => x,
+    // A file whose xattrs could not be read is recorded without them and reported,
+    // and never cached: the next snapshot must try (and report) again.
+    let (xattrs, xattrs_ok) = match walk::xattrs_fd(fd.as_fd()) {
+        Ok(x) => (x, true),
         Err(e) => {
             ctx.unreadable(rel, format!("extended attributes: {}", errno(e)));
-            Vec::new()
+            (Vec::new(), false)
         }
     };
     let file = File::from(fd);
@@ -520,7 +522,7 @@ fn read_file(
         ));
     }
     let racy = before.mtime_ns.max(before.ctime_ns) >= ctx.racy_after_ns;
-    let cached = (stable && !racy && stat.ino == before.ino).then(|| CachedFile {
+    let cached = (stable && xattrs_ok && !racy && stat.ino == before.ino).then(|| CachedFile {
         name: name.to_bytes().to_vec(),
         size,
         mtime_ns: before.mtime_ns,
@@ -540,7 +542,11 @@ fn read_file(
 
 /// Turns every later name of a multiply-linked file (in depth-first name order) into a
 /// hardlink to its first name.
-fn resolve_hardlinks(nodes: &mut [Node], path: &mut Vec<u8>, first: &mut HashMap<u64, Vec<u8>>) {
+fn resolve_hardlinks(
+    nodes: &mut [Node],
+    path: &mut Vec<u8>,
+    first: &mut HashMap<(u64, u64), Vec<u8>>,
+) {
     for node in nodes {
         let len = path.len();
         if !path.is_empty() {
@@ -549,16 +555,18 @@ fn resolve_hardlinks(nodes: &mut [Node], path: &mut Vec<u8>, first: &mut HashMap
         path.extend_from_slice(&node.name);
         match &mut node.what {
             What::Dir { children } => resolve_hardlinks(children, path, first),
-            What::File { .. } if node.stat.nlink > 1 => match first.get(&node.stat.ino) {
-                Some(target) => {
-                    node.what = What::Hardlink {
-                        target: target.clone(),
+            What::File { .. } if node.stat.nlink > 1 => {
+                match first.get(&(node.stat.dev, node.stat.ino)) {
+                    Some(target) => {
+                        node.what = What::Hardlink {
+                            target: target.clone(),
+                        }
+                    }
+                    None => {
+                        first.insert((node.stat.dev, node.stat.ino), path.clone());
                     }
                 }
-                None => {
-                    first.insert(node.stat.ino, path.clone());
-                }
-            },
+            }
             _ => {}
         }
         path.truncate(len);

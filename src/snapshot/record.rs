@@ -108,7 +108,18 @@ impl Snapshot {
         if version != RECORD_VERSION {
             return Err(format!("unknown record version {version}"));
         }
-        postcard::from_bytes(&bytes[12..]).map_err(|e| e.to_string())
+        let snapshot: Snapshot = postcard::from_bytes(&bytes[12..]).map_err(|e| e.to_string())?;
+        // Labels become directory names on restore: they must be single, unique names.
+        let mut labels = HashSet::new();
+        for v in &snapshot.volumes {
+            if !crate::tree::valid_name(v.label.as_bytes()) || !labels.insert(&v.label) {
+                return Err(format!("invalid volume label {:?}", v.label));
+            }
+        }
+        if snapshot.volumes.is_empty() {
+            return Err("snapshot has no volumes".into());
+        }
+        Ok(snapshot)
     }
 }
 
@@ -119,26 +130,43 @@ pub struct Listed {
     pub snapshot: Snapshot,
 }
 
-/// Commits a snapshot: allocates its version, writes the record durably, indexes it.
+/// Commits a snapshot: reserves its version, writes the record durably (the commit
+/// point), then indexes it. A crash after the record leaves a row missing, which
+/// `scan` adds back.
 pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
-    let series = snapshot.series.clone();
-    let mut written = None;
-    let (id, version) = repo.index.commit_snapshot(&series, |version| {
-        snapshot.version = version;
-        let bytes = snapshot.encode();
-        let id = Id::of(&bytes);
-        let path = repo.snapshots_dir().join(id.hex());
-        fsutil::atomic_write(&repo.tmp_dir(), &path, &bytes)?;
-        written = Some(snapshot.clone());
-        Ok((id, bytes))
-    })?;
-    let snapshot = written.expect("record written");
-    assert_eq!(snapshot.version, version);
+    snapshot.version = repo.index.reserve_version(&snapshot.series)?;
+    let bytes = snapshot.encode();
+    let id = Id::of(&bytes);
+    let path = repo.snapshots_dir().join(id.hex());
+    if let Err(e) = fsutil::atomic_write(&repo.tmp_dir(), &path, &bytes) {
+        // The user is told this snapshot failed: it must not appear later.
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    crate::crash::point("snapshot record written");
+    repo.index.insert_snapshot(&id, &bytes)?;
     Ok(Listed { id, snapshot })
 }
 
-/// Every snapshot, oldest first, after reconciling the index with the record files.
+/// Every snapshot, and the record files that could not be used.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub snapshots: Vec<Listed>,
+    /// Record files that do not match their name or do not decode, with why.
+    pub problems: Vec<(std::path::PathBuf, String)>,
+}
+
+/// Every usable snapshot, oldest first, after reconciling the index with the record
+/// files. Damaged records are left out (`scan` reports them).
 pub fn list_all(repo: &Repository) -> Result<Vec<Listed>> {
+    Ok(scan(repo)?.snapshots)
+}
+
+/// Reconciles the index with the record files: adopts records without a row (a crash
+/// after the commit point), drops rows whose record is gone (forgotten by another
+/// process), and sets aside records that are damaged. Never fails on a bad record, so
+/// one damaged file cannot make the others unusable.
+pub fn scan(repo: &Repository) -> Result<Scan> {
     let dir = repo.snapshots_dir();
     let mut on_disk = HashSet::new();
     for entry in std::fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
@@ -150,32 +178,39 @@ pub fn list_all(repo: &Repository) -> Result<Vec<Listed>> {
     let rows = repo.index.snapshots()?;
     let indexed: HashSet<Id> = rows.iter().map(|(id, _)| *id).collect();
     let gone: Vec<Id> = indexed.difference(&on_disk).copied().collect();
-    let mut missing = Vec::new();
+    let mut out = Scan::default();
+    let mut adopted = Vec::new();
     for id in on_disk.difference(&indexed) {
         let path = dir.join(id.hex());
-        let bytes = std::fs::read(&path).map_err(Error::io("read", &path))?;
-        let snapshot = Snapshot::decode(&bytes).map_err(|detail| Error::Corrupt {
-            what: "snapshot record",
-            path: path.clone(),
-            detail,
-        })?;
-        missing.push((*id, bytes, snapshot.series, snapshot.version));
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                out.problems.push((path, e.to_string()));
+                continue;
+            }
+        };
+        if Id::of(&bytes) != *id {
+            out.problems
+                .push((path, "record does not match its name (damaged)".into()));
+            continue;
+        }
+        match Snapshot::decode(&bytes) {
+            Ok(s) => adopted.push((*id, bytes, s.series, s.version)),
+            Err(e) => out.problems.push((path, e)),
+        }
     }
-    repo.index.reconcile_snapshots(&missing, &gone)?;
-    let mut out = Vec::new();
+    repo.index.reconcile_snapshots(&adopted, &gone)?;
     for (id, bytes) in rows
         .into_iter()
         .filter(|(id, _)| on_disk.contains(id))
-        .chain(missing.into_iter().map(|(id, b, _, _)| (id, b)))
+        .chain(adopted.into_iter().map(|(id, b, _, _)| (id, b)))
     {
-        let snapshot = Snapshot::decode(&bytes).map_err(|detail| Error::Corrupt {
-            what: "snapshot record",
-            path: dir.join(id.hex()),
-            detail,
-        })?;
-        out.push(Listed { id, snapshot });
+        match Snapshot::decode(&bytes) {
+            Ok(snapshot) => out.snapshots.push(Listed { id, snapshot }),
+            Err(e) => out.problems.push((dir.join(id.hex()), e)),
+        }
     }
-    out.sort_by(|a, b| {
+    out.snapshots.sort_by(|a, b| {
         (a.snapshot.time_ns, &a.snapshot.series, a.snapshot.version).cmp(&(
             b.snapshot.time_ns,
             &b.snapshot.series,

@@ -94,6 +94,11 @@ pub struct Tree {
     pub entries: Vec<Entry>,
 }
 
+/// Whether `path` is a '/'-separated relative path of valid names (a hardlink target).
+pub fn valid_relative_path(path: &[u8]) -> bool {
+    !path.is_empty() && path.split(|&b| b == b'/').all(valid_name)
+}
+
 /// Whether `name` is acceptable as one path component.
 pub fn valid_name(name: &[u8]) -> bool {
     !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/') && !name.contains(&0)
@@ -126,6 +131,14 @@ impl Tree {
                     String::from_utf8_lossy(&e.name)
                 ));
             }
+            if let Kind::Hardlink { target } = &e.kind
+                && !valid_relative_path(target)
+            {
+                return Err(format!(
+                    "invalid hardlink target {:?}",
+                    String::from_utf8_lossy(target)
+                ));
+            }
         }
         if !tree.entries.windows(2).all(|w| w[0].name < w[1].name) {
             return Err("entries not sorted".into());
@@ -145,11 +158,7 @@ impl Tree {
 /// Loads and verifies the tree `id`.
 pub fn load(repo: &Repository, id: &Id) -> Result<Tree> {
     let bytes = repo.read_blob(id)?;
-    Tree::decode(&bytes).map_err(|detail| Error::Corrupt {
-        what: "tree",
-        path: repo.root.join(id.hex()),
-        detail,
-    })
+    Tree::decode(&bytes).map_err(|detail| Error::CorruptTree { id: *id, detail })
 }
 
 /// Splits a '/'-separated path into components, dropping empty ones and `.`.

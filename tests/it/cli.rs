@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 
 use serde_json::Value;
@@ -677,4 +677,36 @@ fn init_refuses_a_directory_that_holds_other_things() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("precious.txt")]);
+}
+
+#[test]
+fn forced_restores_never_join_hardlinks_to_files_already_in_the_target() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("a"), "snapshot-time content");
+    fs::hard_link(data.join("a"), data.join("b")).unwrap();
+    let snap = id(&repo.snapshot(&[&data], &["--name", "s"]));
+
+    // One name of a hardlinked pair, into a directory holding an unrelated "a".
+    let live = repo.mkdir("live");
+    write(live.join("a"), "unrelated live file");
+    repo.ok([
+        "restore",
+        &format!("{snap}:b"),
+        "--to",
+        live.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_eq!(fs::read(live.join("b")).unwrap(), b"snapshot-time content");
+    assert_eq!(fs::read(live.join("a")).unwrap(), b"unrelated live file");
+    assert_ne!(
+        fs::metadata(live.join("a")).unwrap().ino(),
+        fs::metadata(live.join("b")).unwrap().ino()
+    );
+
+    // Restoring twice over the same place with --force keeps the links.
+    let twice = repo.scratch("twice");
+    repo.ok(["restore", &snap, "--to", twice.to_str().unwrap()]);
+    repo.ok(["restore", &snap, "--to", twice.to_str().unwrap(), "--force"]);
+    assert_same_tree(&data, &twice);
 }

@@ -10,6 +10,8 @@ mod support;
 mod cli;
 mod concurrency;
 mod corruption;
+mod crash;
+mod hostile;
 mod incremental;
 mod roundtrip;
 mod unreadable;
