@@ -24,6 +24,7 @@ pub mod check;
 pub mod chunker;
 pub mod crash;
 pub mod error;
+pub mod export;
 pub mod fsutil;
 pub mod id;
 pub mod index;

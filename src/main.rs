@@ -101,6 +101,22 @@ enum Command {
         #[arg(long)]
         volume: Option<String>,
     },
+    /// Write a snapshot, or SNAP:path, as an archive any tar reads
+    Export {
+        source: OsString,
+        /// Output file, or - for standard output
+        #[arg(short, long, default_value = "-")]
+        output: PathBuf,
+        /// Archive format: tar.gz, tar or tar.zst
+        #[arg(long, default_value = "tar.gz")]
+        format: String,
+        /// Compression level (gzip 1-9, default 6; zstd 1-19, default 3)
+        #[arg(long)]
+        level: Option<u32>,
+        /// Export only this volume of a multi-volume snapshot
+        #[arg(long)]
+        volume: Option<String>,
+    },
     /// Rebuild derived data
     Repair {
         #[command(subcommand)]
@@ -155,9 +171,10 @@ fn main() -> ExitCode {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    let broken = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
     e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        c.downcast_ref::<std::io::Error>().is_some_and(broken)
+            || matches!(c.downcast_ref::<Error>(), Some(Error::Io { cause, .. }) if broken(cause))
     })
 }
 
@@ -326,6 +343,77 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     report.duration_ms as f64 / 1000.0
                 )
             })?;
+        }
+        Command::Export {
+            source,
+            output,
+            format,
+            level,
+            volume,
+        } => {
+            let format = volsnap::export::Format::parse(&format).ok_or_else(|| {
+                Error::Usage(format!(
+                    "unknown format {format:?}: use tar.gz, tar or tar.zst"
+                ))
+            })?;
+            let to_stdout = output.as_os_str() == "-";
+            if to_stdout && std::io::stdout().is_terminal() {
+                return Err(Error::Usage(
+                    "refusing to write an archive to a terminal: use -o FILE or a pipe".into(),
+                )
+                .into());
+            }
+            let repo = Repository::open(&path)?;
+            let (reference, sub) = split_ref(&source);
+            let listed = snapshot::resolve(&repo, &reference)?;
+            let opts = volsnap::export::Options {
+                format,
+                level,
+                volume,
+                threads: None,
+            };
+            let progress = Progress::default();
+            let report = render::with_progress(show_progress, &progress, "export", || {
+                if to_stdout {
+                    volsnap::export::export(
+                        &repo,
+                        &listed,
+                        &sub,
+                        std::io::stdout(),
+                        &opts,
+                        &progress,
+                    )
+                } else {
+                    volsnap::export::export_to_file(&repo, &listed, &sub, &output, &opts, &progress)
+                }
+            })?;
+            let value = json!({
+                "snapshot": listed.id.hex(),
+                "format": format.name(),
+                "output": if to_stdout { "-".into() } else { output.display().to_string() },
+                "entries": report.entries,
+                "bytes_in": report.bytes_in,
+                "bytes_out": report.bytes_out,
+                "duration_ms": report.duration_ms,
+            });
+            let text = format!(
+                "exported {} entries, {} of content, as {} of {} in {:.1}s\n",
+                report.entries,
+                render::bytes(report.bytes_in),
+                render::bytes(report.bytes_out),
+                format.name(),
+                report.duration_ms as f64 / 1000.0
+            );
+            // With -o -, stdout carries the archive and nothing else.
+            if to_stdout {
+                if json {
+                    eprintln!("{value}");
+                } else {
+                    eprint!("{text}");
+                }
+            } else {
+                emit(json, &value, || text)?;
+            }
         }
         Command::Repair {
             what: RepairWhat::Index,

@@ -34,6 +34,7 @@ use crate::id::Id;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
+use crate::snapshot::select::{self, Selection};
 use crate::tree::{self, Entry, Kind};
 use crate::walk;
 
@@ -58,17 +59,6 @@ pub struct Report {
     pub duration_ms: u64,
     /// Metadata that could not be applied (e.g. owners when not root).
     pub warnings: Vec<String>,
-}
-
-/// One tree (or single entry) to materialize at a place below the target.
-struct Job {
-    /// Path below the target directory ("" = the target itself).
-    dest: Vec<u8>,
-    entry: Entry,
-    /// Tree holding the volume root, for hardlinks whose first name was not restored.
-    volume_root: Id,
-    /// Path of `entry` from its volume root ("" for the root), to match hardlink targets.
-    source_path: Vec<u8>,
 }
 
 /// Files a restore wrote: (volume root, source path) → destination path.
@@ -116,7 +106,7 @@ pub fn restore(
     progress: &Progress,
 ) -> Result<Report> {
     let started = Instant::now();
-    let jobs = plan(repo, snap, path, opts)?;
+    let jobs = select::select(repo, snap, path, opts.volume.as_deref())?;
     prepare_target(target, opts.force)?;
     let root_fd = walk::open_root(target).map_err(|e| Error::io("open", target)(errno(e)))?;
     // The whole snapshot's size is known from its stats; a part's is not.
@@ -171,78 +161,6 @@ pub fn restore(
     })
 }
 
-/// Decides which entries go where, from the snapshot, the path and the options.
-fn plan(repo: &Repository, snap: &Listed, path: &[u8], opts: &Options) -> Result<Vec<Job>> {
-    let mut components = tree::split_path(path).map_err(Error::Usage)?;
-    let volumes: Vec<_> = match &opts.volume {
-        Some(label) => {
-            let v = snap
-                .snapshot
-                .volumes
-                .iter()
-                .find(|v| &v.label == label)
-                .ok_or_else(|| {
-                    Error::Usage(format!(
-                        "snapshot {} has no volume {label:?}",
-                        snap.id.short()
-                    ))
-                })?;
-            vec![v]
-        }
-        None => snap.snapshot.volumes.iter().collect(),
-    };
-    let multi = volumes.len() > 1;
-    let not_found = |p: &[u8]| Error::PathNotFound {
-        snapshot: snap.id.short(),
-        path: String::from_utf8_lossy(p).into_owned(),
-    };
-    if multi && components.is_empty() {
-        return Ok(volumes
-            .iter()
-            .map(|v| Job {
-                dest: v.label.as_bytes().to_vec(),
-                entry: v.root_entry(),
-                volume_root: v.tree,
-                source_path: Vec::new(),
-            })
-            .collect());
-    }
-    let volume = if multi {
-        let label = components.remove(0);
-        *volumes
-            .iter()
-            .find(|v| v.label.as_bytes() == label)
-            .ok_or_else(|| not_found(path))?
-    } else {
-        volumes[0]
-    };
-    if components.is_empty() {
-        return Ok(vec![Job {
-            dest: Vec::new(),
-            entry: volume.root_entry(),
-            volume_root: volume.tree,
-            source_path: Vec::new(),
-        }]);
-    }
-    let entry = tree::resolve(repo, &volume.tree, &components)
-        .map_err(|e| match e {
-            Error::PathNotFound { .. } => not_found(path),
-            other => other,
-        })?
-        .expect("non-empty path resolves to an entry");
-    let source_path = components.join(&b'/');
-    let dest = match entry.kind {
-        Kind::Dir { .. } => Vec::new(),
-        _ => entry.name.clone(),
-    };
-    Ok(vec![Job {
-        dest,
-        entry,
-        volume_root: volume.tree,
-        source_path,
-    }])
-}
-
 fn prepare_target(target: &Path, force: bool) -> Result<()> {
     match std::fs::symlink_metadata(target) {
         Ok(m) if m.is_dir() => {
@@ -266,7 +184,12 @@ fn prepare_target(target: &Path, force: bool) -> Result<()> {
     }
 }
 
-fn materialize_job(ctx: &Ctx<'_>, root: BorrowedFd<'_>, job: &Job, target: &Path) -> Result<()> {
+fn materialize_job(
+    ctx: &Ctx<'_>,
+    root: BorrowedFd<'_>,
+    job: &Selection,
+    target: &Path,
+) -> Result<()> {
     if job.dest.is_empty() {
         // The job's entry is a directory restored as the target itself.
         let Kind::Dir { tree } = job.entry.kind else {
@@ -300,7 +223,7 @@ fn restore_dir(
     tree_id: &Id,
     dest: &[u8],
     src: &[u8],
-    job: &Job,
+    job: &Selection,
     target: &Path,
 ) -> Result<()> {
     let tree = tree::load(ctx.repo, tree_id).map_err(|e| Error::Corrupt {
@@ -356,7 +279,7 @@ fn restore_entry(
     entry: &Entry,
     dest: &[u8],
     src: &[u8],
-    job: &Job,
+    job: &Selection,
     target: &Path,
 ) -> Result<()> {
     let is_dir = matches!(entry.kind, Kind::Dir { .. });

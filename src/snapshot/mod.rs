@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod create;
 pub mod record;
+pub mod select;
 
 pub use create::{Options, Outcome, create};
 pub use record::{Listed, Snapshot, Stats, Unreadable, Volume, list_all, resolve};
