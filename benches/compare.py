@@ -227,6 +227,9 @@ class Volsnap:
     def prune(self):
         return None  # forget + gc arrive with the gc issue
 
+    def export(self, out):
+        return run([self.bin, "--repo", self.repo, "export", "bench@latest", "-o", out])
+
 
 class Restic:
     name = "restic"
@@ -288,8 +291,9 @@ def one_run(tool_cls, dataset, base, run_no):
     work.mkdir(parents=True)
     data = work / "data"
     dataset.make(data)
-    if dataset.name == "db":
-        time.sleep(1.1)  # let ctimes fall out of volsnap's racily-clean window, as in real use
+    # Data is older than the snapshot that reads it, as in real use: let ctimes fall out
+    # of volsnap's one-second racily-clean window.
+    time.sleep(1.1)
     tool = tool_cls(work)
     tool.init()
     out = {}
@@ -304,6 +308,8 @@ def one_run(tool_cls, dataset, base, run_no):
     diff = subprocess.run(["diff", "-r", "--no-dereference", "-q", str(data), str(restored)], capture_output=True, text=True)
     if diff.returncode != 0:
         sys.exit(f"{tool_cls.name} restore of {dataset.name} differs:\n{diff.stdout[:2000]}")
+    if hasattr(tool, "export"):
+        out["export"] = tool.export(work / "export.tar.gz") + (os.path.getsize(work / "export.tar.gz"),)
     p = tool.prune()
     out["prune"] = None if p is None else p + (du(tool.repo),)
     drop_tree(work)
@@ -326,6 +332,33 @@ def baselines(dataset, base, run_no):
     out["sizes"] = {"tar.gz": os.path.getsize(work / "a.tar.gz"), "data": du(data)}
     drop_tree(work)
     return out
+
+
+def rss_scaling(base):
+    """Peak RSS of a no-change snapshot, in a repository holding only the data set and
+    in one also holding 10x as much unrelated data."""
+    work = base / "rss-scaling"
+    drop_tree(work)
+    work.mkdir(parents=True)
+    data = work / "data"
+    Versions().make(data)
+    size = du(data)
+    v = Volsnap(work)
+    v.init()
+    v.snapshot(data, 1)
+    time.sleep(1.1)
+    small = v.snapshot(data, 2)
+    other = work / "other"
+    other.mkdir()
+    r = rand("unrelated")
+    for i in range(10):
+        (other / f"blob{i}").write_bytes(r.randbytes(size))
+    run([v.bin, "--repo", v.repo, "snapshot", other, "--name", "unrelated"])
+    time.sleep(1.1)
+    big = v.snapshot(data, 3)
+    result = (size, du(v.repo), small, big)
+    drop_tree(work)
+    return result
 
 
 def med(values):
@@ -383,6 +416,15 @@ def report(results, base_results, runs, versions):
         vf = med([r["first"][0] for r in v])
         vu = med([r["unchanged"][0] for r in v])
         lines.append(f"| tar czf (first snapshot) | {med([r['tar czf'][0] for r in b]) / vf:.1f}× | | | | |")
+        ve = [r["export"] for r in v if r.get("export")]
+        if ve:
+            lines.append("")
+            lines.append(
+                f"Export of the mutated snapshot as tar.gz (`volsnap export -o FILE`, gzip level 6): wall {fmt_s(med([e[0] for e in ve]))}, "
+                f"CPU {fmt_s(med([e[1] for e in ve]))}, peak RSS {fmt_b(med([e[2] for e in ve]))}, output {fmt_b(med([e[3] for e in ve]))}; "
+                f"`tar czf` of the data takes {med([r['tar czf'][0] for r in b]) / med([e[0] for e in ve]):.2f}× as long "
+                f"(`tar -I pigz`: {med([r['tar -I pigz'][0] for r in b]) / med([e[0] for e in ve]):.2f}×)."
+            )
         lines.append(f"| find (unchanged: volsnap / find) | | {vu / med([r['find stat walk'][0] for r in b]):.2f} | | | |")
         lines.append("")
         nb = {t: med([r["new_bytes"] for r in rs]) for t, rs in per_tool.items()}
@@ -431,8 +473,14 @@ def main():
         subprocess.run(c, capture_output=True, text=True).stdout.strip().splitlines()[0]
         for c in (["restic", "version"], ["borg", "--version"], ["tar", "--version"], ["pigz", "--version"], [str(ROOT / "target/release/volsnap"), "--version"])
     )
+    scaling = rss_scaling(base)
     cpu = subprocess.run(["sh", "-c", "nproc; grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True).stdout.split("\n")
     text = f"Machine: {cpu[0]} cores, {cpu[1].split(':')[-1].strip()}.\n\n" + report(results, base_results, args.runs, versions)
+    size, repo_size, small, big = scaling
+    text += (
+        f"\nPeak RSS of a no-change volsnap snapshot of the versions data set ({fmt_b(size)}): {fmt_b(small[2])} when the repository holds only it, "
+        f"{fmt_b(big[2])} when it also holds 10x as much unrelated data (repository {fmt_b(repo_size)}).\n"
+    )
     if args.no_write:
         print(text)
         return
