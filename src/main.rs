@@ -45,7 +45,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create a repository
-    Init,
+    Init {
+        /// Average chunk size in bytes (fixed for the repository's life)
+        #[arg(long)]
+        chunk_size_avg: Option<u32>,
+        /// zstd level for new chunks (1-22)
+        #[arg(long)]
+        zstd_level: Option<i32>,
+    },
     /// Snapshot one or more directories (each becomes a volume of the snapshot)
     Snapshot {
         #[arg(required = true)]
@@ -210,8 +217,26 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     let json = cli.json;
     let show_progress = !json && std::io::stderr().is_terminal();
     match cli.command {
-        Command::Init => {
-            let (repo, created) = Repository::init(&path, Config::default())?;
+        Command::Init {
+            chunk_size_avg,
+            zstd_level,
+        } => {
+            let mut config = Config::default();
+            if let Some(avg) = chunk_size_avg {
+                // Minimum a quarter and maximum four times the average, as the defaults.
+                (
+                    config.chunk_size_min,
+                    config.chunk_size_avg,
+                    config.chunk_size_max,
+                ) = (avg / 4, avg, avg.saturating_mul(4));
+            }
+            if let Some(level) = zstd_level {
+                config.zstd_level = level;
+            }
+            config
+                .validate()
+                .map_err(|e| Error::Usage(format!("init: {e}")))?;
+            let (repo, created) = Repository::init(&path, config)?;
             let value = json!({"repo": repo.root, "format_version": volsnap::limits::FORMAT_VERSION, "created": created});
             emit(json, &value, || {
                 if created {
