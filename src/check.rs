@@ -50,6 +50,7 @@ impl Report {
 }
 
 pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Report> {
+    let _lease = repo.lease("check")?;
     let mut report = Report::default();
     let packs = repo.index.packs()?;
     report.packs = packs.len() as u64;

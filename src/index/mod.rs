@@ -30,6 +30,8 @@ const PACKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("packs");
 const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots");
 const SERIES: TableDefinition<&str, u64> = TableDefinition::new("series");
 const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
+const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// Where a blob lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +129,8 @@ impl Index {
                 txn.open_table(SNAPSHOTS)?;
                 txn.open_table(SERIES)?;
                 txn.open_table(FILES)?;
+                txn.open_table(LEASES)?;
+                txn.open_table(COUNTERS)?;
                 Ok(())
             })?;
         }
@@ -286,6 +290,56 @@ impl Index {
             }
             Ok(())
         })
+    }
+
+    /// Registers a lease: allocates its id (ids only grow) and stores its row, in one
+    /// transaction.
+    pub fn insert_lease(&self, row: &[u8]) -> Result<u64> {
+        self.write(|txn| {
+            let mut counters = txn.open_table(COUNTERS)?;
+            let id = counters.get("lease")?.map_or(0, |v| v.value()) + 1;
+            counters.insert("lease", id)?;
+            txn.open_table(LEASES)?.insert(id, row)?;
+            Ok(id)
+        })
+    }
+
+    /// The id the next lease will get: every lease registered so far has a smaller one.
+    pub fn next_lease_id(&self) -> Result<u64> {
+        let txn = self.read()?;
+        let counters = match txn.open_table(COUNTERS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(1),
+            Err(e) => return Err(self.err(e)),
+        };
+        Ok(counters
+            .get("lease")
+            .map_err(|e| self.err(e))?
+            .map_or(0, |v| v.value())
+            + 1)
+    }
+
+    pub fn remove_lease(&self, id: u64) -> Result<()> {
+        self.write(|txn| {
+            txn.open_table(LEASES)?.remove(id)?;
+            Ok(())
+        })
+    }
+
+    /// Every registered lease (alive or left by a dead process).
+    pub fn leases(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let txn = self.read()?;
+        let table = match txn.open_table(LEASES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// Reads one files-cache row.

@@ -22,6 +22,7 @@ use crate::index::Index;
 use crate::limits::{self, FORMAT_VERSION};
 use crate::pack::PackReader;
 
+pub mod lease;
 pub mod repair;
 
 const CONFIG_MAGIC: &[u8; 8] = b"VSNPCONF";
@@ -116,10 +117,11 @@ pub struct Repository {
 
 /// Names a repository directory may hold; anything else means `root` is some other
 /// directory, which init must not fill with repository files.
-const LAYOUT: [&str; 6] = [
+const LAYOUT: [&str; 7] = [
     "config",
     "index.redb",
     "index.redb.old",
+    "locks",
     "packs",
     "snapshots",
     "tmp",
@@ -166,7 +168,7 @@ impl Repository {
         }
         refuse_foreign_directory(root)?;
         fsutil::create_dir_private(root)?;
-        for dir in ["packs", "snapshots", "tmp"] {
+        for dir in ["packs", "snapshots", "tmp", "locks"] {
             fsutil::create_dir_private(&root.join(dir))?;
         }
         // Every pack shard exists from the start, durably, so no writer depends on

@@ -161,6 +161,8 @@ pub fn create(
         None => default_series(&sources, &labels),
     };
     let excludes = build_excludes(&opts.excludes)?;
+    // Held until the record is committed: gc keeps every chunk this run may reuse.
+    let _lease = repo.lease("snapshot")?;
     let parent = record::latest(&record::list_all(repo)?, &series);
     if let Some(p) = &parent {
         progress.set_total(p.snapshot.stats.bytes);

@@ -1,0 +1,118 @@
+//! Leases: the claim an in-flight operation (snapshot, restore, export, check) holds
+//! on the repository, so garbage collection never deletes what it may still use.
+//!
+//! A lease is a row in the index (`leases`: id → `LeaseRow`) plus an exclusive kernel
+//! lock (`File::lock`, flock) on its own file in `locks/`. The lock dies with the
+//! process, so a lease can never go stale: a row whose file is not locked belongs to a
+//! dead process and is ignored and cleaned up. No timers or clocks decide anything.
+//! **Invariant:** the lock is taken before the row is written, so a row whose lock
+//! can be taken by someone else is dead, never "not yet locked".
+//! **Invariant:** lease ids only grow, so "leases older than X" is "ids below X".
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::repo::Repository;
+
+/// What the index stores of a lease.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaseRow {
+    /// File name of its lock in `locks/`.
+    pub lock: String,
+    pub pid: u32,
+    /// "snapshot", "restore", "export", "check"...
+    pub kind: String,
+    pub started_ns: i64,
+}
+
+/// A held lease; released on drop (and by the kernel if the process dies).
+pub struct Lease<'r> {
+    repo: &'r Repository,
+    pub id: u64,
+    _lock: tempfile::NamedTempFile,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        // Best effort: if this fails the row is left, and its unlocked file marks it dead.
+        let _ = self.repo.index.remove_lease(self.id);
+    }
+}
+
+fn locks_dir(root: &Path) -> PathBuf {
+    root.join("locks")
+}
+
+impl Repository {
+    /// Takes a lease for an operation of `kind`.
+    pub fn lease(&self, kind: &str) -> Result<Lease<'_>> {
+        let dir = locks_dir(&self.root);
+        if !dir.exists() {
+            crate::fsutil::create_dir_private(&dir)?;
+        }
+        let lock = tempfile::Builder::new()
+            .prefix("lease-")
+            .tempfile_in(&dir)
+            .map_err(Error::io("create lease lock in", &dir))?;
+        lock.as_file()
+            .lock()
+            .map_err(Error::io("lock", lock.path()))?;
+        let row = LeaseRow {
+            lock: lock
+                .path()
+                .file_name()
+                .expect("temp file has a name")
+                .to_string_lossy()
+                .into_owned(),
+            pid: std::process::id(),
+            kind: kind.to_string(),
+            started_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64),
+        };
+        let id = self
+            .index
+            .insert_lease(&postcard::to_stdvec(&row).expect("lease rows encode"))?;
+        Ok(Lease {
+            repo: self,
+            id,
+            _lock: lock,
+        })
+    }
+
+    /// The leases whose holders are alive, oldest first. Rows of dead holders are
+    /// removed on the way.
+    pub fn live_leases(&self) -> Result<Vec<(u64, LeaseRow)>> {
+        let mut out = Vec::new();
+        for (id, bytes) in self.index.leases()? {
+            let Ok(row) = postcard::from_bytes::<LeaseRow>(&bytes) else {
+                self.index.remove_lease(id)?;
+                continue;
+            };
+            if lock_is_held(&locks_dir(&self.root).join(&row.lock))? {
+                out.push((id, row));
+            } else {
+                self.index.remove_lease(id)?;
+                let _ = std::fs::remove_file(locks_dir(&self.root).join(&row.lock));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether some process holds the lock on `path`.
+fn lock_is_held(path: &Path) -> Result<bool> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("open lease lock", path)(e)),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("test lease lock", path)(e)),
+    }
+}
