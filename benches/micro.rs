@@ -166,6 +166,7 @@ fn big_index() -> &'static Index {
                             blobs: 50_000,
                         },
                         &rows,
+                        volsnap::index::Commit::Store,
                     )
                     .unwrap();
             }

@@ -65,6 +65,9 @@ pub enum Error {
     /// A path inside a snapshot does not exist.
     #[error("path {path:?} not found in snapshot {snapshot}")]
     PathNotFound { snapshot: String, path: String },
+    /// Another process holds what this operation needs (exit code 11).
+    #[error("{0}")]
+    Busy(String),
     /// The user asked for something that cannot be done as asked.
     #[error("{0}")]
     Usage(String),
@@ -78,6 +81,11 @@ impl Error {
     pub fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |cause| Error::Io { op, path, cause }
+    }
+
+    /// Whether this error means another process holds what was needed (exit code 11).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::Busy(_))
     }
 
     /// Whether this error means there is no repository (exit code 10).

@@ -20,12 +20,14 @@
 //! # Ok::<(), volsnap::Error>(())
 //! ```
 
+pub mod calendar;
 pub mod check;
 pub mod chunker;
 pub mod crash;
 pub mod error;
 pub mod export;
 pub mod fsutil;
+pub mod gc;
 pub mod id;
 pub mod index;
 pub mod inspect;

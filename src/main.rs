@@ -23,6 +23,7 @@ mod exit {
     pub const ERROR: u8 = 1;
     pub const INCOMPLETE: u8 = 3;
     pub const NO_REPOSITORY: u8 = 10;
+    pub const BUSY: u8 = 11;
 }
 
 #[derive(Parser)]
@@ -124,6 +125,47 @@ enum Command {
         #[arg(long)]
         volume: Option<String>,
     },
+    /// Forget snapshots by id or by retention policy (records only; gc frees the data)
+    Forget {
+        /// Snapshots to forget (instead of a policy)
+        snapshots: Vec<String>,
+        /// Only this series
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        keep_last: Option<usize>,
+        #[arg(long)]
+        keep_hourly: Option<usize>,
+        #[arg(long)]
+        keep_daily: Option<usize>,
+        #[arg(long)]
+        keep_weekly: Option<usize>,
+        #[arg(long)]
+        keep_monthly: Option<usize>,
+        #[arg(long)]
+        keep_yearly: Option<usize>,
+        /// Keep everything within this long of the series' newest snapshot (e.g. 7d, 2w, 1y6m)
+        #[arg(long)]
+        keep_within: Option<String>,
+        /// Keep every snapshot with this tag (repeatable)
+        #[arg(long)]
+        keep_tag: Vec<String>,
+        /// Show what would be kept and removed, and why, without removing anything
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete data no snapshot references; runs beside snapshots, restores and exports
+    Gc {
+        /// Report what would be reclaimed without changing anything
+        #[arg(long)]
+        dry_run: bool,
+        /// Rewrite packs whose unused share exceeds this percentage
+        #[arg(long, default_value_t = 10.0)]
+        max_unused: f64,
+        /// Rewrite at most this many live bytes in one run
+        #[arg(long)]
+        max_repack: Option<u64>,
+    },
     /// Rebuild derived data
     Repair {
         #[command(subcommand)]
@@ -162,6 +204,7 @@ fn main() -> ExitCode {
             }
             let code = match e.downcast_ref::<Error>() {
                 Some(err) if err.is_no_repository() => exit::NO_REPOSITORY,
+                Some(err) if err.is_busy() => exit::BUSY,
                 _ => exit::ERROR,
             };
             if json {
@@ -439,6 +482,171 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 emit(json, &value, || text)?;
             }
+        }
+        Command::Forget {
+            snapshots: refs,
+            name,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            keep_within,
+            keep_tag,
+            dry_run,
+        } => {
+            use volsnap::gc::forget;
+            let repo = Repository::open(&path)?;
+            let within_ns = match &keep_within {
+                Some(d) => Some(forget::parse_duration(d).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--keep-within {d:?}: expected a duration like 7d, 2w, 36h, 1y6m"
+                    ))
+                })?),
+                None => None,
+            };
+            let policy = forget::Policy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+                within_ns,
+                tags: keep_tag,
+            };
+            let decisions = if refs.is_empty() {
+                forget::plan(&snapshot::list_all(&repo)?, &policy, name.as_deref())?
+            } else {
+                if !policy.is_empty() || name.is_some() {
+                    return Err(Error::Usage(
+                        "give snapshots to forget, or a policy, not both".into(),
+                    )
+                    .into());
+                }
+                let mut out = Vec::new();
+                for r in &refs {
+                    let listed = snapshot::resolve(&repo, r)?;
+                    out.push(forget::Decision {
+                        listed,
+                        keep: false,
+                        reasons: vec!["asked for".into()],
+                    });
+                }
+                out
+            };
+            let removed: Vec<volsnap::Id> = decisions
+                .iter()
+                .filter(|d| !d.keep)
+                .map(|d| d.listed.id)
+                .collect();
+            if !dry_run {
+                forget::remove(&repo, &removed)?;
+            }
+            let entry = |d: &forget::Decision| {
+                json!({
+                    "id": d.listed.id.hex(),
+                    "series": d.listed.snapshot.series,
+                    "version": d.listed.snapshot.version,
+                    "time": render::time(d.listed.snapshot.time_ns),
+                    "reasons": d.reasons,
+                })
+            };
+            let value = json!({
+                "dry_run": dry_run,
+                "kept": decisions.iter().filter(|d| d.keep).map(entry).collect::<Vec<_>>(),
+                "removed": decisions.iter().filter(|d| !d.keep).map(entry).collect::<Vec<_>>(),
+            });
+            emit(json, &value, || {
+                let mut out = String::new();
+                for d in &decisions {
+                    out.push_str(&format!(
+                        "{} {} {}@{} {} ({})\n",
+                        if d.keep {
+                            "keep  "
+                        } else if dry_run {
+                            "would remove"
+                        } else {
+                            "remove"
+                        },
+                        d.listed.id.short(),
+                        d.listed.snapshot.series,
+                        d.listed.snapshot.version,
+                        render::time(d.listed.snapshot.time_ns),
+                        d.reasons.join(", ")
+                    ));
+                }
+                out.push_str(&format!(
+                    "{} kept, {} {}; run `volsnap gc` to free their data\n",
+                    decisions.iter().filter(|d| d.keep).count(),
+                    removed.len(),
+                    if dry_run {
+                        "would be removed"
+                    } else {
+                        "removed"
+                    }
+                ));
+                out
+            })?;
+        }
+        Command::Gc {
+            dry_run,
+            max_unused,
+            max_repack,
+        } => {
+            let repo = Repository::open(&path)?;
+            let opts = volsnap::gc::Options {
+                dry_run,
+                max_unused_percent: max_unused,
+                max_repack_bytes: max_repack,
+            };
+            let progress = Progress::default();
+            let on_wait = |older: &[(u64, volsnap::repo::lease::LeaseRow)]| {
+                if !json {
+                    let who: Vec<String> = older
+                        .iter()
+                        .map(|(_, r)| format!("{} (pid {})", r.kind, r.pid))
+                        .collect();
+                    eprintln!(
+                        "gc: waiting for {} operation(s) started before it to finish: {}",
+                        older.len(),
+                        who.join(", ")
+                    );
+                }
+            };
+            let report = volsnap::gc::gc(&repo, &opts, &progress, &on_wait)?;
+            let value = json!({
+                "dry_run": report.dry_run,
+                "snapshots": report.snapshots,
+                "blobs": report.blobs,
+                "unreachable_blobs": report.unreachable_blobs,
+                "unreachable_bytes": report.unreachable_bytes,
+                "packs_deleted": report.packs_deleted,
+                "packs_repacked": report.packs_repacked,
+                "bytes_reclaimed": report.bytes_reclaimed,
+                "stale_files_removed": report.stale_files_removed,
+            });
+            emit(json, &value, || {
+                format!(
+                    "{} {} unreferenced blobs ({}); {} packs deleted, {} repacked; {} {}\n",
+                    if report.dry_run {
+                        "would delete"
+                    } else {
+                        "deleted"
+                    },
+                    report.unreachable_blobs,
+                    render::bytes(report.unreachable_bytes),
+                    report.packs_deleted,
+                    report.packs_repacked,
+                    render::bytes(report.bytes_reclaimed),
+                    if report.dry_run {
+                        "reclaimable"
+                    } else {
+                        "reclaimed"
+                    }
+                )
+            })?;
         }
         Command::Repair {
             what: RepairWhat::Index,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -32,6 +32,8 @@ const SERIES: TableDefinition<&str, u64> = TableDefinition::new("series");
 const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// Chunks a running gc found unreachable: dedup treats them as absent (see `gc`).
+const CONDEMNED: TableDefinition<&[u8], u64> = TableDefinition::new("condemned");
 
 /// Where a blob lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +86,19 @@ pub struct PackRow {
 const CHUNK_READER_MAX_AGE: Duration = Duration::from_millis(50);
 
 type ChunkTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+type CondemnedTable = redb::ReadOnlyTable<&'static [u8], u64>;
+/// A read snapshot of the chunk table and the condemned set, taken together.
+type ChunkTables = (ChunkTable, CondemnedTable);
+
+/// How `commit_pack` treats a blob whose id already has a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// New data: keep an existing location unless the chunk is condemned, in which
+    /// case this copy replaces it (and the chunk is no longer condemned).
+    Store,
+    /// A repack of pack `from`: move rows that still point into `from` to the new pack.
+    Repack { from: Id },
+}
 
 /// The redb database of a repository.
 pub struct Index {
@@ -91,7 +106,7 @@ pub struct Index {
     path: PathBuf,
     /// A shared read snapshot of the chunk table: opening a read transaction costs
     /// several microseconds (file locks), more than the lookup itself.
-    chunk_reader: Mutex<Option<(Arc<ChunkTable>, Instant)>>,
+    chunk_reader: Mutex<Option<(Arc<ChunkTables>, Instant)>>,
 }
 
 impl Index {
@@ -131,6 +146,7 @@ impl Index {
                 txn.open_table(FILES)?;
                 txn.open_table(LEASES)?;
                 txn.open_table(COUNTERS)?;
+                txn.open_table(CONDEMNED)?;
                 Ok(())
             })?;
         }
@@ -158,23 +174,26 @@ impl Index {
         self.db.begin_read().map_err(|e| self.err(e))
     }
 
-    fn chunk_table(&self) -> Result<Arc<ChunkTable>> {
+    fn chunk_tables(&self) -> Result<Arc<ChunkTables>> {
         let mut cached = self.chunk_reader.lock().expect("index lock");
-        if let Some((table, at)) = cached.as_ref()
+        if let Some((tables, at)) = cached.as_ref()
             && at.elapsed() < CHUNK_READER_MAX_AGE
         {
-            return Ok(table.clone());
+            return Ok(tables.clone());
         }
         let txn = self.read()?;
-        let table = Arc::new(txn.open_table(CHUNKS).map_err(|e| self.err(e))?);
-        *cached = Some((table.clone(), Instant::now()));
-        Ok(table)
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+        let condemned = txn.open_table(CONDEMNED).map_err(|e| self.err(e))?;
+        let tables = Arc::new((chunks, condemned));
+        *cached = Some((tables.clone(), Instant::now()));
+        Ok(tables)
     }
 
-    /// Where the blob `id` is stored, if anywhere (as of at most `CHUNK_READER_MAX_AGE` ago).
+    /// Where the blob `id` is stored, if anywhere (as of at most `CHUNK_READER_MAX_AGE`
+    /// ago). Condemned chunks are still found: readers of committed snapshots need them.
     pub fn lookup(&self, id: &Id) -> Result<Option<Location>> {
-        let table = self.chunk_table()?;
-        let Some(value) = table.get(&id.0[..]).map_err(|e| self.err(e))? else {
+        let tables = self.chunk_tables()?;
+        let Some(value) = tables.0.get(&id.0[..]).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
         Location::decode(value.value())
@@ -182,18 +201,177 @@ impl Index {
             .ok_or_else(|| self.err(format!("bad location row for chunk {id}")))
     }
 
-    /// Records a pack and the blobs in it, in one transaction. A blob already indexed
-    /// elsewhere keeps its first location; its copy here is dead weight for gc.
-    pub fn commit_pack(&self, pack: &Id, row: &PackRow, blobs: &[(Id, Location)]) -> Result<()> {
+    /// Whether a writer may reuse the stored blob `id` instead of storing it: it is
+    /// indexed and not condemned by a running gc.
+    pub fn is_stored(&self, id: &Id) -> Result<bool> {
+        let tables = self.chunk_tables()?;
+        if tables.0.get(&id.0[..]).map_err(|e| self.err(e))?.is_none() {
+            return Ok(false);
+        }
+        Ok(tables.1.get(&id.0[..]).map_err(|e| self.err(e))?.is_none())
+    }
+
+    /// Records a pack and the blobs in it, in one transaction (see `Commit` for blobs
+    /// whose id already has a row).
+    pub fn commit_pack(
+        &self,
+        pack: &Id,
+        row: &PackRow,
+        blobs: &[(Id, Location)],
+        mode: Commit,
+    ) -> Result<()> {
         let row_bytes = postcard::to_stdvec(row).expect("pack rows encode");
         self.write(|txn| {
             let mut chunks = txn.open_table(CHUNKS)?;
+            let mut condemned = txn.open_table(CONDEMNED)?;
             for (id, loc) in blobs {
-                if chunks.get(&id.0[..])?.is_none() {
+                let current = chunks
+                    .get(&id.0[..])?
+                    .and_then(|v| Location::decode(v.value()));
+                let replace = match (mode, current) {
+                    (_, None) => true,
+                    (Commit::Store, Some(_)) => condemned.remove(&id.0[..])?.is_some(),
+                    (Commit::Repack { from }, Some(cur)) => cur.pack == from,
+                };
+                if replace {
                     chunks.insert(&id.0[..], &loc.encode()[..])?;
                 }
             }
             txn.open_table(PACKS)?.insert(&pack.0[..], &row_bytes[..])?;
+            Ok(())
+        })
+    }
+
+    /// Number of indexed blobs.
+    pub fn chunk_count(&self) -> Result<u64> {
+        let txn = self.read()?;
+        let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+        table.len().map_err(|e| self.err(e))
+    }
+
+    /// gc step 2: in one transaction, condemns every indexed blob `reachable` rejects
+    /// (replacing any earlier condemnation) and drops the files-cache rows
+    /// `stale_cache_row` accepts. Returns the number condemned and their stored bytes.
+    pub fn condemn(
+        &self,
+        reachable: impl Fn(&Id) -> bool,
+        stale_cache_row: impl Fn(&[u8]) -> bool,
+    ) -> Result<(u64, u64)> {
+        self.write(|txn| {
+            txn.delete_table(CONDEMNED)?;
+            let mut condemned = txn.open_table(CONDEMNED)?;
+            let chunks = txn.open_table(CHUNKS)?;
+            let (mut n, mut bytes) = (0, 0);
+            for item in chunks.iter()? {
+                let (k, v) = item?;
+                let Ok(raw) = <[u8; 32]>::try_from(k.value()) else {
+                    continue;
+                };
+                if !reachable(&Id(raw)) {
+                    condemned.insert(&raw[..], 1)?;
+                    n += 1;
+                    bytes += Location::decode(v.value()).map_or(0, |l| u64::from(l.stored_len));
+                }
+            }
+            let mut files = txn.open_table(FILES)?;
+            let stale: Vec<Vec<u8>> = files
+                .iter()?
+                .filter_map(|item| item.ok())
+                .filter(|(_, v)| stale_cache_row(v.value()))
+                .map(|(k, _)| k.value().to_vec())
+                .collect();
+            for k in stale {
+                files.remove(&k[..])?;
+            }
+            Ok((n, bytes))
+        })
+    }
+
+    /// gc step 4, in one transaction: deletes the rows of condemned blobs that
+    /// `reachable` still rejects, lifts the condemnation of the others, and drops the
+    /// files-cache rows `stale_cache_row` accepts given the deleted ids. Returns the
+    /// locations deleted.
+    pub fn sweep(
+        &self,
+        reachable: impl Fn(&Id) -> bool,
+        stale_cache_row: impl Fn(&[u8], &std::collections::HashSet<Id>) -> bool,
+    ) -> Result<Vec<(Id, Location)>> {
+        self.write(|txn| {
+            let mut deleted = Vec::new();
+            {
+                let condemned = txn.open_table(CONDEMNED)?;
+                let mut chunks = txn.open_table(CHUNKS)?;
+                for item in condemned.iter()? {
+                    let (k, _) = item?;
+                    let Ok(raw) = <[u8; 32]>::try_from(k.value()) else {
+                        continue;
+                    };
+                    let id = Id(raw);
+                    if reachable(&id) {
+                        continue;
+                    }
+                    if let Some(v) = chunks.remove(&raw[..])?
+                        && let Some(loc) = Location::decode(v.value())
+                    {
+                        deleted.push((id, loc));
+                    }
+                }
+            }
+            txn.delete_table(CONDEMNED)?;
+            txn.open_table(CONDEMNED)?;
+            let gone: std::collections::HashSet<Id> = deleted.iter().map(|(id, _)| *id).collect();
+            let mut files = txn.open_table(FILES)?;
+            let stale: Vec<Vec<u8>> = files
+                .iter()?
+                .filter_map(|item| item.ok())
+                .filter(|(_, v)| stale_cache_row(v.value(), &gone))
+                .map(|(k, _)| k.value().to_vec())
+                .collect();
+            for k in stale {
+                files.remove(&k[..])?;
+            }
+            Ok(deleted)
+        })
+    }
+
+    /// Whether any blob is condemned (a gc is between its condemn and sweep steps).
+    pub fn any_condemned(&self) -> Result<bool> {
+        let txn = self.read()?;
+        let table = txn.open_table(CONDEMNED).map_err(|e| self.err(e))?;
+        Ok(!table.is_empty().map_err(|e| self.err(e))?)
+    }
+
+    /// Lifts every condemnation (a gc that stops early, or a new one starting).
+    pub fn clear_condemned(&self) -> Result<()> {
+        self.write(|txn| {
+            txn.delete_table(CONDEMNED)?;
+            txn.open_table(CONDEMNED)?;
+            Ok(())
+        })
+    }
+
+    /// Live stored bytes (headers included) per pack, from the chunk rows.
+    pub fn pack_live_bytes(&self) -> Result<std::collections::HashMap<Id, u64>> {
+        let mut live = std::collections::HashMap::new();
+        self.for_each_chunk(|_, loc| {
+            *live.entry(loc.pack).or_insert(0) +=
+                crate::pack::blob::HEADER_LEN as u64 + u64::from(loc.stored_len);
+        })?;
+        Ok(live)
+    }
+
+    /// Forgets a pack's row (its blobs' rows must already point elsewhere or be gone).
+    pub fn remove_pack(&self, pack: &Id) -> Result<()> {
+        self.write(|txn| {
+            txn.open_table(PACKS)?.remove(&pack.0[..])?;
+            Ok(())
+        })
+    }
+
+    /// Removes a snapshot's row (its record file is already gone).
+    pub fn remove_snapshot(&self, id: &Id) -> Result<()> {
+        self.write(|txn| {
+            txn.open_table(SNAPSHOTS)?.remove(&id.0[..])?;
             Ok(())
         })
     }

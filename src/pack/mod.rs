@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::id::Id;
-use crate::index::{Location, PackRow};
+use crate::index::{Commit, Location, PackRow};
 use crate::limits::{OPEN_PACKS_MAX, PACK_SIZE_TARGET};
 use crate::repo::Repository;
 use blob::{BlobHeader, BlobKind, EncodedBlob, HEADER_LEN};
@@ -68,6 +68,7 @@ impl OpenPack {
 pub struct Packer<'r> {
     repo: &'r Repository,
     kind: BlobKind,
+    mode: Commit,
     open: Mutex<OpenPack>,
     /// Every id this packer has accepted, so a concurrent duplicate is stored once.
     seen: Mutex<HashSet<Id>>,
@@ -77,9 +78,19 @@ pub struct Packer<'r> {
 
 impl<'r> Packer<'r> {
     pub fn new(repo: &'r Repository, kind: BlobKind) -> Packer<'r> {
+        Packer::with_mode(repo, kind, Commit::Store)
+    }
+
+    /// A packer that moves the live blobs of pack `from` into new packs (gc repack).
+    pub fn for_repack(repo: &'r Repository, kind: BlobKind, from: Id) -> Packer<'r> {
+        Packer::with_mode(repo, kind, Commit::Repack { from })
+    }
+
+    fn with_mode(repo: &'r Repository, kind: BlobKind, mode: Commit) -> Packer<'r> {
         Packer {
             repo,
             kind,
+            mode,
             open: Mutex::new(OpenPack::new(kind)),
             seen: Mutex::new(HashSet::new()),
             new_blobs: AtomicU64::new(0),
@@ -87,12 +98,12 @@ impl<'r> Packer<'r> {
         }
     }
 
-    /// Whether a blob with this id is already stored or accepted.
+    /// Whether a blob with this id is already stored (and not condemned) or accepted.
     pub fn has(&self, id: &Id) -> Result<bool> {
         if self.seen.lock().expect("packer lock").contains(id) {
             return Ok(true);
         }
-        Ok(self.repo.index.lookup(id)?.is_some())
+        Ok(matches!(self.mode, Commit::Store) && self.repo.index.is_stored(id)?)
     }
 
     /// Stores `raw` under `id` unless it is already stored.
@@ -109,6 +120,11 @@ impl<'r> Packer<'r> {
                     detail,
                 }
             })?;
+        self.add(blob)
+    }
+
+    /// Appends an already encoded (and verified) blob, e.g. one moved by a repack.
+    pub fn add_encoded(&self, blob: EncodedBlob) -> Result<bool> {
         self.add(blob)
     }
 
@@ -191,7 +207,9 @@ impl<'r> Packer<'r> {
             size_bytes: pack.bytes.len() as u64,
             blobs: pack.rows.len() as u64,
         };
-        self.repo.index.commit_pack(&pack_id, &row, &pack.rows)
+        self.repo
+            .index
+            .commit_pack(&pack_id, &row, &pack.rows, self.mode)
     }
 }
 

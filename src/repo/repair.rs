@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Location, PackRow};
+use crate::index::{Commit, Location, PackRow};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot;
@@ -100,7 +100,7 @@ pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
         };
         report.packs += 1;
         report.blobs += rows.len() as u64;
-        repo.index.commit_pack(&pack, &row, &rows)?;
+        repo.index.commit_pack(&pack, &row, &rows, Commit::Store)?;
     }
     report.snapshots = snapshot::list_all(&repo)?.len() as u64;
     Ok(report)

@@ -89,6 +89,8 @@ struct Ctx<'a> {
     cross_filesystems: bool,
     excludes: &'a GlobSet,
     racy_after_ns: i64,
+    /// A gc has blobs condemned: cache hits must be checked against the index.
+    check_cache_hits: bool,
     progress: &'a Progress,
     unreadable: Mutex<Vec<Unreadable>>,
     notes: Mutex<Vec<String>>,
@@ -163,6 +165,9 @@ pub fn create(
     let excludes = build_excludes(&opts.excludes)?;
     // Held until the record is committed: gc keeps every chunk this run may reuse.
     let _lease = repo.lease("snapshot")?;
+    // Taken after the lease: a gc that condemned blobs before it waits for nothing of
+    // ours, so every cached chunk list must then be checked (see `gc`).
+    let check_cache_hits = repo.index.any_condemned()?;
     let parent = record::latest(&record::list_all(repo)?, &series);
     if let Some(p) = &parent {
         progress.set_total(p.snapshot.stats.bytes);
@@ -194,6 +199,7 @@ pub fn create(
             cross_filesystems: opts.cross_filesystems,
             excludes: &excludes,
             racy_after_ns: time_ns - RACY_WINDOW_NS,
+            check_cache_hits,
             progress,
             unreadable: Mutex::new(Vec::new()),
             notes: Mutex::new(Vec::new()),
@@ -350,12 +356,23 @@ fn visit(
     };
     let out = match stat.file_type {
         FileType::RegularFile => {
-            if let Some(hit) = old_cache.and_then(|c| c.get(name_bytes)).filter(|c| {
+            let hit = old_cache.and_then(|c| c.get(name_bytes)).filter(|c| {
                 c.size == stat.size
                     && c.mtime_ns == stat.mtime_ns
                     && c.ctime_ns == stat.ctime_ns
                     && c.ino == stat.ino
-            }) {
+            });
+            let hit = match hit {
+                Some(h) if ctx.check_cache_hits => {
+                    let mut stored = true;
+                    for c in &h.chunks {
+                        stored &= ctx.repo.index.is_stored(c)?;
+                    }
+                    stored.then_some(h)
+                }
+                other => other,
+            };
+            if let Some(hit) = hit {
                 ctx.files.fetch_add(1, Ordering::Relaxed);
                 ctx.bytes.fetch_add(hit.size, Ordering::Relaxed);
                 ctx.progress.add(1, hit.size);

@@ -1,0 +1,357 @@
+//! Garbage collection: delete what no snapshot references, without ever deleting a
+//! blob that a committed snapshot, a snapshot being written, or a restore or export
+//! being read will need, and without stopping them.
+//!
+//! The protocol (no timers or clocks decide safety; see ARCHITECTURE.md):
+//! 1. mark: a Bloom filter of every blob reachable from every committed snapshot;
+//! 2. condemn (one transaction): every indexed blob not in the filter is condemned;
+//!    writers' dedup treats condemned blobs as absent, so from now on no new work
+//!    reuses them (storing a condemned blob again lifts the condemnation); files-cache
+//!    rows naming a condemned blob are dropped, and writers that start while blobs are
+//!    condemned check their cache hits against the condemned set;
+//! 3. wait until every lease older than the condemnation has ended (work that may have
+//!    decided to reuse a blob before it was condemned has committed or died);
+//! 4. mark again, then sweep (one transaction): delete the rows of condemned blobs
+//!    still unreachable, lift the rest, drop cache rows naming deleted blobs;
+//! 5. delete packs with nothing live; rewrite packs with too much dead weight, and
+//!    delete the old ones after another wait for older leases (readers may hold their
+//!    old locations); delete stale temporary files and unindexed packs that were
+//!    there before the wait.
+//!
+//! Memory: a Bloom filter (10 bits per indexed blob, capped), the set of tree ids
+//! visited while marking, and the ids deleted by the sweep.
+
+pub mod bloom;
+pub mod forget;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bloom::Bloom;
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::pack::blob::{BlobKind, EncodedBlob, HEADER_LEN};
+use crate::pack::{PACK_HEADER_LEN, Packer};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::repo::lease::LeaseRow;
+use crate::snapshot::{self, cache::DirCache};
+use crate::tree::{self, Kind};
+
+/// What the user asked for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dry_run: bool,
+    /// Rewrite packs whose dead bytes exceed this percentage of their size.
+    pub max_unused_percent: f64,
+    /// At most this many live bytes are rewritten by one run.
+    pub max_repack_bytes: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            dry_run: false,
+            max_unused_percent: 10.0,
+            max_repack_bytes: None,
+        }
+    }
+}
+
+/// What a gc found and did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub dry_run: bool,
+    pub snapshots: u64,
+    pub blobs: u64,
+    pub unreachable_blobs: u64,
+    pub unreachable_bytes: u64,
+    pub packs_deleted: u64,
+    pub packs_repacked: u64,
+    /// Bytes of pack files removed minus bytes of packs written.
+    pub bytes_reclaimed: u64,
+    pub stale_files_removed: u64,
+}
+
+/// Called while gc waits for older operations, with the leases it waits for.
+pub type OnWait<'a> = &'a dyn Fn(&[(u64, LeaseRow)]);
+
+pub fn gc(
+    repo: &Repository,
+    opts: &Options,
+    progress: &Progress,
+    on_wait: OnWait<'_>,
+) -> Result<Report> {
+    let _gc_lock = lock_gc(repo)?;
+    let mut report = Report {
+        dry_run: opts.dry_run,
+        ..Report::default()
+    };
+    // What was on disk before any wait: only these can be stale leftovers.
+    let packs_on_disk = list_pack_files(repo)?;
+    let tmp_files = list_dir(&repo.tmp_dir())?;
+
+    let (reach1, snapshots) = mark(repo, progress)?;
+    report.snapshots = snapshots;
+    report.blobs = repo.index.chunk_count()?;
+    if opts.dry_run {
+        let mut dead_per_pack: HashMap<Id, u64> = HashMap::new();
+        repo.index.for_each_chunk(|id, loc| {
+            if !reach1.contains(&id) {
+                report.unreachable_blobs += 1;
+                report.unreachable_bytes += u64::from(loc.stored_len);
+                *dead_per_pack.entry(loc.pack).or_insert(0) +=
+                    HEADER_LEN as u64 + u64::from(loc.stored_len);
+            }
+        })?;
+        let live = repo.index.pack_live_bytes()?;
+        for (pack, row) in repo.index.packs()? {
+            let live_bytes = live.get(&pack).copied().unwrap_or(0);
+            if live_bytes <= dead_per_pack.get(&pack).copied().unwrap_or(0) {
+                report.packs_deleted += 1;
+                report.bytes_reclaimed += row.size_bytes;
+            }
+        }
+        return Ok(report);
+    }
+
+    let (n, bytes) = repo.index.condemn(
+        |id| reach1.contains(id),
+        |row| cache_row_names(row, &|id| !reach1.contains(id)),
+    )?;
+    report.unreachable_blobs = n;
+    report.unreachable_bytes = bytes;
+    crate::crash::point("gc condemned");
+    drop(reach1);
+    wait_for_older_leases(repo, on_wait)?;
+    crate::crash::point("gc waited");
+
+    let (reach2, _) = mark(repo, progress)?;
+    let deleted = repo.index.sweep(
+        |id| reach2.contains(id),
+        |row, gone| cache_row_names(row, &|id| gone.contains(id)),
+    )?;
+    drop(reach2);
+    crate::crash::point("gc swept");
+    report.unreachable_blobs = deleted.len() as u64;
+    report.unreachable_bytes = deleted.iter().map(|(_, l)| u64::from(l.stored_len)).sum();
+
+    // Packs: delete the empty, choose the wasteful for repacking.
+    let live = repo.index.pack_live_bytes()?;
+    let mut candidates = Vec::new();
+    for (pack, row) in repo.index.packs()? {
+        let live_bytes = live.get(&pack).copied().unwrap_or(0);
+        if live_bytes == 0 {
+            delete_pack(repo, &pack)?;
+            report.packs_deleted += 1;
+            report.bytes_reclaimed += row.size_bytes;
+            continue;
+        }
+        let dead = row
+            .size_bytes
+            .saturating_sub(PACK_HEADER_LEN as u64 + live_bytes);
+        if dead as f64 > row.size_bytes as f64 * opts.max_unused_percent / 100.0 {
+            candidates.push((dead, pack, row.size_bytes, live_bytes, row.kind));
+        }
+    }
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
+    let mut budget = opts.max_repack_bytes.unwrap_or(u64::MAX);
+    let mut repacked = Vec::new();
+    for (_, pack, size, live_bytes, kind) in candidates {
+        if live_bytes > budget {
+            continue;
+        }
+        budget -= live_bytes;
+        let written = repack(repo, &pack, kind)?;
+        report.bytes_reclaimed = report
+            .bytes_reclaimed
+            .saturating_add(size)
+            .saturating_sub(written);
+        repacked.push(pack);
+        crate::crash::point("gc repacked a pack");
+    }
+    if !repacked.is_empty() {
+        // Readers that looked up a location in a repacked pack before its rows moved
+        // must finish before the old pack goes.
+        wait_for_older_leases(repo, on_wait)?;
+        let live = repo.index.pack_live_bytes()?;
+        for pack in repacked {
+            if live.get(&pack).copied().unwrap_or(0) == 0 {
+                delete_pack(repo, &pack)?;
+                report.packs_repacked += 1;
+            }
+        }
+    }
+
+    // Leftovers of crashed writers: present before the wait, still unindexed now.
+    let indexed: HashSet<Id> = repo.index.packs()?.into_iter().map(|(id, _)| id).collect();
+    for (id, path) in packs_on_disk {
+        if !indexed.contains(&id) && path.exists() {
+            remove_file(&path)?;
+            report.stale_files_removed += 1;
+        }
+    }
+    for path in tmp_files {
+        if path.exists() {
+            remove_file(&path)?;
+            report.stale_files_removed += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// Marks every blob reachable from every committed snapshot.
+fn mark(repo: &Repository, progress: &Progress) -> Result<(Bloom, u64)> {
+    let mut bloom = Bloom::new(repo.index.chunk_count()?);
+    let mut trees = HashSet::new();
+    let snapshots = snapshot::list_all(repo)?;
+    for s in &snapshots {
+        for v in &s.snapshot.volumes {
+            mark_tree(repo, &v.tree, &mut bloom, &mut trees, progress)?;
+        }
+    }
+    Ok((bloom, snapshots.len() as u64))
+}
+
+fn mark_tree(
+    repo: &Repository,
+    id: &Id,
+    bloom: &mut Bloom,
+    seen: &mut HashSet<Id>,
+    progress: &Progress,
+) -> Result<()> {
+    if !seen.insert(*id) {
+        return Ok(());
+    }
+    bloom.insert(id);
+    // A tree that cannot be read makes reachability unknowable: stop, delete nothing.
+    let tree = tree::load(repo, id)?;
+    progress.add(tree.entries.len() as u64, 0);
+    for e in &tree.entries {
+        match &e.kind {
+            Kind::File { chunks, .. } => chunks.iter().for_each(|c| bloom.insert(c)),
+            Kind::Dir { tree } => mark_tree(repo, tree, bloom, seen, progress)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether a files-cache row names a blob `bad` accepts (undecodable rows count too).
+fn cache_row_names(row: &[u8], bad: &dyn Fn(&Id) -> bool) -> bool {
+    match postcard::from_bytes::<DirCache>(row) {
+        Ok(c) => c.files.iter().any(|f| f.chunks.iter().any(bad)),
+        Err(_) => true,
+    }
+}
+
+fn wait_for_older_leases(repo: &Repository, on_wait: OnWait<'_>) -> Result<()> {
+    let before = repo.index.next_lease_id()?;
+    let mut announced = false;
+    loop {
+        let older: Vec<_> = repo
+            .live_leases()?
+            .into_iter()
+            .filter(|(id, _)| *id < before)
+            .collect();
+        if older.is_empty() {
+            return Ok(());
+        }
+        if !announced {
+            on_wait(&older);
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Moves the live blobs of `pack` into new packs. Returns the bytes written.
+fn repack(repo: &Repository, pack: &Id, kind: u8) -> Result<u64> {
+    let path = repo.pack_path(pack);
+    let bytes = std::fs::read(&path).map_err(Error::io("read pack", &path))?;
+    let kind = if kind == BlobKind::Tree as u8 {
+        BlobKind::Tree
+    } else {
+        BlobKind::Data
+    };
+    let packer = Packer::for_repack(repo, kind, *pack);
+    let (blobs, _) = crate::pack::scan(&bytes);
+    for b in blobs {
+        let at = b.offset as usize + HEADER_LEN;
+        let live = matches!(repo.index.lookup(&b.header.id)?, Some(loc) if loc.pack == *pack && loc.offset == b.offset);
+        if live && b.verified.is_ok() {
+            let stored = bytes[at..at + b.header.stored_len as usize].to_vec();
+            packer.add_encoded(EncodedBlob {
+                header: b.header,
+                stored,
+            })?;
+        }
+    }
+    packer.flush()?;
+    Ok(packer.new_bytes_stored())
+}
+
+fn delete_pack(repo: &Repository, pack: &Id) -> Result<()> {
+    // Row first: a crash after it leaves an unindexed file, removed by the next gc.
+    repo.index.remove_pack(pack)?;
+    remove_file(&repo.pack_path(pack))?;
+    crate::crash::point("gc deleted a pack");
+    Ok(())
+}
+
+fn remove_file(path: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path)(e)),
+    }
+}
+
+fn list_dir(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
+        out.push(e.map_err(Error::io("read directory", dir))?.path());
+    }
+    Ok(out)
+}
+
+fn list_pack_files(repo: &Repository) -> Result<Vec<(Id, PathBuf)>> {
+    let mut out = Vec::new();
+    for shard in list_dir(&repo.root.join("packs"))? {
+        if !shard.is_dir() {
+            continue;
+        }
+        for f in list_dir(&shard)? {
+            let id = f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".pack"))
+                .and_then(Id::from_hex);
+            if let Some(id) = id {
+                out.push((id, f));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Only one gc runs at a time; a second one stops at once with a clear error.
+fn lock_gc(repo: &Repository) -> Result<File> {
+    let path = repo.root.join("locks").join("gc.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(Error::io("open", &path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy(
+            "another gc is running on this repository".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path)(e)),
+    }
+}
