@@ -23,3 +23,23 @@ pub fn point(name: &str) {
         }
     }
 }
+
+/// Test-only pause: when `VOLSNAP_PAUSE_AT` names this point, creates
+/// `$VOLSNAP_PAUSE_FILE.reached` and waits until `$VOLSNAP_PAUSE_FILE` is removed, so a
+/// test can interleave another process at an exact step.
+pub fn pause(name: &str) {
+    if std::env::var("VOLSNAP_PAUSE_AT").ok().as_deref() != Some(name) {
+        return;
+    }
+    let Some(file) = std::env::var_os("VOLSNAP_PAUSE_FILE") else {
+        return;
+    };
+    let file = std::path::PathBuf::from(file);
+    let mut reached = file.clone().into_os_string();
+    reached.push(".reached");
+    #[allow(clippy::disallowed_methods)] // a test marker, not repository data
+    let _ = std::fs::write(&reached, name);
+    while file.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -109,10 +109,17 @@ pub fn gc(
         })?;
         let live = repo.index.pack_live_bytes()?;
         for (pack, row) in repo.index.packs()? {
-            let live_bytes = live.get(&pack).copied().unwrap_or(0);
-            if live_bytes <= dead_per_pack.get(&pack).copied().unwrap_or(0) {
+            let dead = dead_per_pack.get(&pack).copied().unwrap_or(0);
+            let still_live = live.get(&pack).copied().unwrap_or(0).saturating_sub(dead);
+            let unused = row
+                .size_bytes
+                .saturating_sub(PACK_HEADER_LEN as u64 + still_live);
+            if still_live == 0 {
                 report.packs_deleted += 1;
                 report.bytes_reclaimed += row.size_bytes;
+            } else if unused as f64 > row.size_bytes as f64 * opts.max_unused_percent / 100.0 {
+                report.packs_repacked += 1;
+                report.bytes_reclaimed += unused;
             }
         }
         return Ok(report);
@@ -278,6 +285,8 @@ fn repack(repo: &Repository, pack: &Id, kind: u8) -> Result<u64> {
         BlobKind::Data
     };
     let packer = Packer::for_repack(repo, kind, *pack);
+    // Live means indexed at this place now, not as of a cached read snapshot.
+    repo.index.refresh();
     let (blobs, _) = crate::pack::scan(&bytes);
     for b in blobs {
         let at = b.offset as usize + HEADER_LEN;

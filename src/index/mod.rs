@@ -189,16 +189,28 @@ impl Index {
         Ok(tables)
     }
 
-    /// Where the blob `id` is stored, if anywhere (as of at most `CHUNK_READER_MAX_AGE`
-    /// ago). Condemned chunks are still found: readers of committed snapshots need them.
+    /// Drops the shared read snapshot, so the next lookup sees every commit made so far.
+    pub fn refresh(&self) {
+        *self.chunk_reader.lock().expect("index lock") = None;
+    }
+
+    /// Where the blob `id` is stored, if anywhere. Condemned chunks are still found:
+    /// readers of committed snapshots need them. A blob missing from the shared read
+    /// snapshot is looked up again in a fresh one, so a reader never misses a blob
+    /// committed before its lookup.
     pub fn lookup(&self, id: &Id) -> Result<Option<Location>> {
-        let tables = self.chunk_tables()?;
-        let Some(value) = tables.0.get(&id.0[..]).map_err(|e| self.err(e))? else {
-            return Ok(None);
-        };
-        Location::decode(value.value())
-            .map(Some)
-            .ok_or_else(|| self.err(format!("bad location row for chunk {id}")))
+        for attempt in 0..2 {
+            if attempt == 1 {
+                self.refresh();
+            }
+            let tables = self.chunk_tables()?;
+            if let Some(value) = tables.0.get(&id.0[..]).map_err(|e| self.err(e))? {
+                return Location::decode(value.value())
+                    .map(Some)
+                    .ok_or_else(|| self.err(format!("bad location row for chunk {id}")));
+            }
+        }
+        Ok(None)
     }
 
     /// Whether a writer may reuse the stored blob `id` instead of storing it: it is
@@ -229,9 +241,12 @@ impl Index {
                     .get(&id.0[..])?
                     .and_then(|v| Location::decode(v.value()));
                 let replace = match (mode, current) {
-                    (_, None) => true,
+                    (Commit::Store, None) => true,
                     (Commit::Store, Some(_)) => condemned.remove(&id.0[..])?.is_some(),
+                    // A repack only moves rows still pointing into the old pack; it
+                    // never brings back a row deleted meanwhile.
                     (Commit::Repack { from }, Some(cur)) => cur.pack == from,
+                    (Commit::Repack { .. }, None) => false,
                 };
                 if replace {
                     chunks.insert(&id.0[..], &loc.encode()[..])?;

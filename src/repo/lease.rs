@@ -76,6 +76,9 @@ impl Repository {
         let id = self
             .index
             .insert_lease(&postcard::to_stdvec(&row).expect("lease rows encode"))?;
+        // Every lookup under this lease must see the index as of now or later (a gc
+        // condemnation committed before the lease must not be missed).
+        self.index.refresh();
         Ok(Lease {
             repo: self,
             id,

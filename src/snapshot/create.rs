@@ -276,6 +276,7 @@ pub fn create(
         unreadable,
         notes,
     };
+    crate::crash::pause("snapshot before commit");
     let listed = record::commit(repo, snapshot)?;
     cache::store(repo, &cache_rows)?;
     Ok(Outcome {

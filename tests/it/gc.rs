@@ -1,0 +1,353 @@
+//! Retention and garbage collection: space comes back, and nothing a snapshot, a
+//! running snapshot, or a crash needs is ever lost.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn packs_bytes(repo: &Path) -> u64 {
+    let mut total = 0;
+    for shard in fs::read_dir(repo.join("packs")).unwrap() {
+        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+            total += f.unwrap().metadata().unwrap().len();
+        }
+    }
+    total
+}
+
+/// Every listed snapshot restores to exactly `expected[id]`, and check reads clean.
+fn assert_all_restore(repo: &Repo, expected: &BTreeMap<String, PathBuf>) {
+    let check = repo.ok(["check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+    for snap in repo.list(&[]) {
+        let sid = id(&snap);
+        let Some(want) = expected.get(&sid) else {
+            continue;
+        };
+        let out = repo.scratch(&format!("verify-{}-{}", &sid[..12], rand_suffix()));
+        repo.restore(&sid, &out);
+        assert_same_tree(want, &out);
+        fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Takes a snapshot of `data` and keeps a copy of what it held.
+fn snapshot_and_keep(
+    repo: &Repo,
+    data: &Path,
+    series: &str,
+    expected: &mut BTreeMap<String, PathBuf>,
+) -> String {
+    let snap = repo.snapshot(&[data], &["--name", series]);
+    let sid = id(&snap);
+    let copy = repo.scratch(&format!("expected-{}", &sid[..16]));
+    repo.restore(&sid, &copy);
+    assert_same_tree(data, &copy);
+    expected.insert(sid.clone(), copy);
+    sid
+}
+
+#[test]
+fn forget_and_gc_give_back_exactly_what_only_the_forgotten_snapshots_held() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("shared"), random_bytes("shared", 4_000_000));
+    let mut expected = BTreeMap::new();
+    for round in 0..4 {
+        write(
+            data.join("round"),
+            random_bytes(&format!("round {round}"), 8_000_000),
+        );
+        snapshot_and_keep(&repo, &data, "s", &mut expected);
+    }
+    let before = packs_bytes(&repo.path);
+    let dry = repo.ok(["forget", "--keep-last", "2", "--dry-run"]);
+    assert_eq!(dry["removed"].as_array().unwrap().len(), 2, "{dry}");
+    assert_eq!(repo.list(&[]).len(), 4, "a dry run removed something");
+    let forgot = repo.ok(["forget", "--keep-last", "2"]);
+    assert_eq!(forgot["kept"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        packs_bytes(&repo.path),
+        before,
+        "forget alone must not remove data"
+    );
+
+    let dry_gc = repo.ok(["gc", "--dry-run"]);
+    assert_eq!(packs_bytes(&repo.path), before, "gc --dry-run removed data");
+    let report = repo.ok(["gc"]);
+    let after = packs_bytes(&repo.path);
+    // The two forgotten rounds held 16 MB of incompressible data nothing else shares.
+    let freed = before - after;
+    assert!(
+        (15_900_000..17_000_000).contains(&freed),
+        "freed {freed} bytes; report {report}; dry run {dry_gc}"
+    );
+    assert!(
+        dry_gc["unreachable_bytes"].as_u64().unwrap() >= 16_000_000,
+        "{dry_gc}"
+    );
+    let kept: BTreeMap<String, PathBuf> = expected
+        .into_iter()
+        .filter(|(k, _)| repo.list(&[]).iter().any(|s| &id(s) == k))
+        .collect();
+    assert_eq!(kept.len(), 2);
+    assert_all_restore(&repo, &kept);
+    // A second gc finds nothing more.
+    let again = repo.ok(["gc"]);
+    assert_eq!(again["unreachable_blobs"], 0, "{again}");
+}
+
+#[test]
+fn a_snapshot_reusing_chunks_of_a_parent_collected_meanwhile_stays_whole() {
+    // The race of PBS advisory PSA-2025-00019-1: an incremental snapshot reuses the
+    // chunks of its parent while the parent is forgotten and gc runs.
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("big"), random_bytes("big", 6_000_000));
+    write(data.join("small"), "v1");
+    set_tree_mtimes(&data, Y2020);
+    std::thread::sleep(Duration::from_millis(1200));
+    let parent = repo.snapshot(&[&data], &["--name", "s"]);
+    // Only "small" changes; touching the others' times would change their ctimes.
+    write(data.join("small"), "v2");
+
+    let pause = repo.scratch("pause");
+    write(&pause, "hold");
+    let mut cmd = repo.command();
+    cmd.args(["--json", "snapshot", data.to_str().unwrap(), "--name", "s"])
+        .env("VOLSNAP_PAUSE_AT", "snapshot before commit")
+        .env("VOLSNAP_PAUSE_FILE", &pause)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let reached = PathBuf::from(format!("{}.reached", pause.display()));
+    wait_for(|| reached.exists(), "the snapshot to reach its pause");
+
+    // The parent is forgotten and gc runs while the child holds reused chunks.
+    repo.ok(["forget", &id(&parent)]);
+    let mut gc = repo.command();
+    gc.args(["gc"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let gc_child = gc.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        stat_u64(&snap, "bytes_read"),
+        2,
+        "the big file was reused, not read: {snap}"
+    );
+    let gc_out = gc_child.wait_with_output().unwrap();
+    assert!(
+        gc_out.status.success(),
+        "gc failed: {}",
+        String::from_utf8_lossy(&gc_out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&gc_out.stderr).contains("waiting for"),
+        "gc did not wait for the snapshot: {}",
+        String::from_utf8_lossy(&gc_out.stderr)
+    );
+
+    let check = repo.ok(["check", "--read-data"]);
+    assert_eq!(check["ok"], true, "{check}");
+    let restored = repo.scratch("restored");
+    repo.restore(&id(&snap), &restored);
+    assert_same_tree(&data, &restored);
+    // And the next gc, with nothing running, keeps it too.
+    repo.ok(["gc"]);
+    let again = repo.scratch("restored-again");
+    repo.restore(&id(&snap), &again);
+    assert_same_tree(&data, &again);
+}
+
+fn wait_for(cond: impl Fn() -> bool, what: &str) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    let mut expected = BTreeMap::new();
+    for round in 0..5 {
+        // Many small files per round so packs mix live and dead blobs (repack work).
+        for f in 0..30 {
+            let name = format!("f{f}");
+            if (f + round) % 3 == 0 || round == 0 {
+                write(
+                    data.join(&name),
+                    random_bytes(&format!("{name} {round}"), 40_000),
+                );
+            }
+        }
+        write(
+            data.join("big"),
+            random_bytes(&format!("big {round}"), 3_000_000),
+        );
+        snapshot_and_keep(&repo, &data, "s", &mut expected);
+    }
+    repo.ok(["forget", "--keep-last", "2"]);
+    expected.retain(|k, _| repo.list(&[]).iter().any(|s| &id(s) == k));
+
+    let mut n = 1;
+    loop {
+        let mut cmd = repo.command();
+        cmd.env("VOLSNAP_CRASH_AT", n.to_string())
+            .args(["--json", "gc", "--max-unused", "1"]);
+        let run = Run::from_command(cmd);
+        let crashed = run.status != 0;
+        if crashed {
+            assert!(
+                run.all_output().contains("crash point"),
+                "not a crash point abort\n{}",
+                run.describe()
+            );
+        }
+        assert_all_restore(&repo, &expected);
+        if !crashed {
+            break;
+        }
+        n += 1;
+        assert!(n < 200, "gc never completed");
+    }
+    assert!(n > 3, "expected several crash points, got {n}");
+    let final_gc = repo.ok(["gc", "--max-unused", "1"]);
+    assert_eq!(final_gc["unreachable_blobs"], 0, "{final_gc}");
+    assert_eq!(final_gc["packs_deleted"], 0, "{final_gc}");
+    assert_all_restore(&repo, &expected);
+}
+
+#[test]
+fn snapshots_keep_running_while_forget_and_gc_loop() {
+    let repo = Repo::new();
+    repo.ok(["init"]);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let repo_path = repo.path.clone();
+        let data = repo.mkdir(&format!("data{w}"));
+        let keep_dir = repo.scratch(&format!("kept{w}"));
+        writers.push(std::thread::spawn(move || {
+            let mut expected = BTreeMap::new();
+            let mut round = 0;
+            fs::create_dir_all(&keep_dir).unwrap();
+            while Instant::now() < deadline {
+                // Mutate: rewrite a few files, keep the rest (so chunks are reused).
+                for f in 0..6 {
+                    if round == 0 || (f + round) % 3 == 0 {
+                        write(
+                            data.join(format!("f{f}")),
+                            random_bytes(&format!("w{w} f{f} r{round}"), 300_000),
+                        );
+                    }
+                }
+                let out = Command::new(bin())
+                    .args([
+                        "--repo",
+                        repo_path.to_str().unwrap(),
+                        "--json",
+                        "snapshot",
+                        data.to_str().unwrap(),
+                        "--name",
+                        &format!("w{w}"),
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "snapshot failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let snap: Value = serde_json::from_slice(&out.stdout).unwrap();
+                let copy = keep_dir.join(format!("r{round}"));
+                copy_tree(&data, &copy);
+                expected.insert(id(&snap), copy);
+                round += 1;
+            }
+            expected
+        }));
+    }
+    let repo_path = repo.path.clone();
+    let collector = std::thread::spawn(move || {
+        let mut runs = 0;
+        while Instant::now() < deadline {
+            for args in [
+                vec!["forget", "--keep-last", "2"],
+                vec!["gc", "--max-unused", "5"],
+            ] {
+                let out = Command::new(bin())
+                    .arg("--repo")
+                    .arg(&repo_path)
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{args:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            runs += 1;
+        }
+        runs
+    });
+    let mut expected = BTreeMap::new();
+    for w in writers {
+        expected.extend(w.join().unwrap());
+    }
+    let gcs = collector.join().unwrap();
+    assert!(gcs >= 2, "gc ran only {gcs} times");
+    assert!(
+        expected.len() >= 4,
+        "only {} snapshots were taken",
+        expected.len()
+    );
+    let listed = repo.list(&[]);
+    assert!(listed.len() >= 2);
+    for s in &listed {
+        assert!(
+            expected.contains_key(&id(s)),
+            "listed snapshot {} was never taken",
+            id(s)
+        );
+    }
+    assert_all_restore(&repo, &expected);
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
