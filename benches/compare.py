@@ -225,7 +225,9 @@ class Volsnap:
         return m, out
 
     def prune(self):
-        return None  # forget + gc arrive with the gc issue
+        a = run([self.bin, "--repo", self.repo, "forget", "--keep-last", "1"])
+        b = run([self.bin, "--repo", self.repo, "gc"])
+        return a[0] + b[0], a[1] + b[1], max(a[2], b[2])
 
     def export(self, out):
         return run([self.bin, "--repo", self.repo, "export", "bench@latest", "-o", out])
