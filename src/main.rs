@@ -208,17 +208,22 @@ fn main() -> ExitCode {
                 _ => exit::ERROR,
             };
             if json {
-                let _ = writeln!(
-                    std::io::stdout(),
-                    "{}",
-                    json!({"error": format!("{e:#}"), "exit_code": code})
-                );
+                let doc = json!({"error": format!("{e:#}"), "exit_code": code});
+                if STDOUT_IS_ARCHIVE.load(std::sync::atomic::Ordering::SeqCst) {
+                    eprintln!("{doc}");
+                } else {
+                    let _ = writeln!(std::io::stdout(), "{doc}");
+                }
             }
             eprintln!("error: {e:#}");
             ExitCode::from(code)
         }
     }
 }
+
+/// Set while stdout carries an archive: then nothing else, not even an error document,
+/// may be written to it.
+static STDOUT_IS_ARCHIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     let broken = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
@@ -425,6 +430,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 ))
             })?;
             let to_stdout = output.as_os_str() == "-";
+            STDOUT_IS_ARCHIVE.store(to_stdout, std::sync::atomic::Ordering::SeqCst);
             if to_stdout && std::io::stdout().is_terminal() {
                 return Err(Error::Usage(
                     "refusing to write an archive to a terminal: use -o FILE or a pipe".into(),

@@ -75,9 +75,9 @@ impl<W: Write + Send + 'static> Compressor<W> {
                 }
                 let mut z =
                     zstd::stream::write::Encoder::new(out, level as i32).map_err(write_err)?;
-                if threads > 1 {
-                    z.multithread(threads as u32).map_err(write_err)?;
-                }
+                // Always the multithreaded format, even with one worker: its output does
+                // not depend on the number of workers, so exports match on every machine.
+                z.multithread(threads.max(1) as u32).map_err(write_err)?;
                 Stream::Zstd(Some(z))
             }
         };
@@ -188,29 +188,84 @@ impl<'w> TarWriter<'w> {
         TarWriter { builder }
     }
 
-    /// Header fields shared by every entry, after the pax header with what they cannot hold.
-    fn header(&mut self, entry: &Entry, kind: EntryType, size: u64) -> Result<Header> {
-        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-        let secs = entry.mtime_ns.div_euclid(1_000_000_000);
-        let nanos = entry.mtime_ns.rem_euclid(1_000_000_000);
-        pax.push(("mtime".into(), format!("{secs}.{nanos:09}").into_bytes()));
-        for x in &entry.xattrs {
-            pax.push((
-                format!("SCHILY.xattr.{}", String::from_utf8_lossy(&x.name)),
-                x.value.clone(),
-            ));
+    /// Writes a pax extended header ('x') from raw records: keys and values are bytes,
+    /// so nothing is re-encoded.
+    fn pax(&mut self, records: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let mut data = Vec::new();
+        for (k, v) in records {
+            // "LEN KEY=VALUE\n", where LEN counts the whole record including itself.
+            let rest = k.len() + v.len() + 3;
+            let mut len = rest + rest.to_string().len();
+            if len.to_string().len() + rest != len {
+                len += 1;
+            }
+            data.extend_from_slice(len.to_string().as_bytes());
+            data.push(b' ');
+            data.extend_from_slice(k);
+            data.push(b'=');
+            data.extend_from_slice(v);
+            data.push(b'\n');
         }
-        self.builder
-            .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-            .map_err(write_err)?;
+        let mut h = Header::new_ustar();
+        h.set_entry_type(EntryType::XHeader);
+        h.set_path("././@PaxHeader").map_err(write_err)?;
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        self.builder.append(&h, &data[..]).map_err(write_err)
+    }
+
+    /// Header fields shared by every entry, after the pax header with what they cannot
+    /// hold: the exact mtime (decimal seconds, negative before 1970) and xattrs.
+    fn header(&mut self, entry: &Entry, kind: EntryType, size: u64) -> Result<Header> {
+        let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let abs = entry.mtime_ns.unsigned_abs();
+        let sign = if entry.mtime_ns < 0 { "-" } else { "" };
+        let mtime = format!("{sign}{}.{:09}", abs / 1_000_000_000, abs % 1_000_000_000);
+        pax.push((b"mtime".to_vec(), mtime.into_bytes()));
+        for x in &entry.xattrs {
+            // GNU tar's escaping of the attribute name inside the keyword.
+            let mut key = b"SCHILY.xattr.".to_vec();
+            for &b in &x.name {
+                match b {
+                    b'%' => key.extend_from_slice(b"%25"),
+                    b'=' => key.extend_from_slice(b"%3D"),
+                    _ => key.push(b),
+                }
+            }
+            pax.push((key, x.value.clone()));
+        }
+        self.pax(&pax)?;
         let mut h = Header::new_gnu();
         h.set_entry_type(kind);
         h.set_mode(entry.mode);
         h.set_uid(u64::from(entry.uid));
         h.set_gid(u64::from(entry.gid));
-        h.set_mtime(secs.max(0) as u64);
+        h.set_mtime(entry.mtime_ns.div_euclid(1_000_000_000).max(0) as u64);
         h.set_size(size);
         Ok(h)
+    }
+
+    /// Appends an entry whose link name is written byte for byte (a GNU long-link entry
+    /// carries names over 100 bytes).
+    fn append_link_literal(&mut self, mut h: Header, path: &[u8], link: &[u8]) -> Result<()> {
+        if link.len() > 100 {
+            let mut long = Header::new_gnu();
+            long.set_entry_type(EntryType::GNULongLink);
+            long.set_path("././@LongLink").map_err(write_err)?;
+            long.set_mode(0o644);
+            long.set_size(link.len() as u64 + 1);
+            long.set_cksum();
+            let mut data = link.to_vec();
+            data.push(0);
+            self.builder.append(&long, &data[..]).map_err(write_err)?;
+            h.set_link_name_literal(&link[..100]).map_err(write_err)?;
+        } else {
+            h.set_link_name_literal(link).map_err(write_err)?;
+        }
+        self.builder
+            .append_data(&mut h, path_of(path), io::empty())
+            .map_err(write_err)
     }
 
     pub fn dir(&mut self, path: &[u8], entry: &Entry) -> Result<()> {
@@ -256,17 +311,13 @@ impl<'w> TarWriter<'w> {
     }
 
     pub fn hardlink(&mut self, path: &[u8], entry: &Entry, first: &[u8]) -> Result<()> {
-        let mut h = self.header(entry, EntryType::Link, 0)?;
-        self.builder
-            .append_link(&mut h, path_of(path), path_of(first))
-            .map_err(write_err)
+        let h = self.header(entry, EntryType::Link, 0)?;
+        self.append_link_literal(h, path, first)
     }
 
     pub fn symlink(&mut self, path: &[u8], entry: &Entry, target: &[u8]) -> Result<()> {
-        let mut h = self.header(entry, EntryType::Symlink, 0)?;
-        self.builder
-            .append_link(&mut h, path_of(path), path_of(target))
-            .map_err(write_err)
+        let h = self.header(entry, EntryType::Symlink, 0)?;
+        self.append_link_literal(h, path, target)
     }
 
     pub fn node(&mut self, path: &[u8], entry: &Entry) -> Result<()> {

@@ -158,8 +158,8 @@ pub fn export<W: Write + Send + 'static>(
 struct Ctx<'a> {
     repo: &'a Repository,
     progress: &'a Progress,
-    /// Files already in the archive: (volume root, source path) → archive path.
-    written: HashMap<(Id, Vec<u8>), Vec<u8>>,
+    /// Files already in the archive: (volume label, source path) → archive path.
+    written: HashMap<(String, Vec<u8>), Vec<u8>>,
     bytes_in: u64,
     entries: u64,
 }
@@ -219,11 +219,11 @@ impl Ctx<'_> {
             Kind::File { size, chunks } => {
                 self.file(tar, dest, entry, *size, chunks)?;
                 self.written
-                    .insert((s.volume_root, src.to_vec()), dest.to_vec());
+                    .insert((s.volume.clone(), src.to_vec()), dest.to_vec());
                 Ok(())
             }
             Kind::Hardlink { target } => {
-                let key = (s.volume_root, target.clone());
+                let key = (s.volume.clone(), target.clone());
                 if let Some(first) = self.written.get(&key) {
                     return tar.hardlink(dest, entry, first);
                 }

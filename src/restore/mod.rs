@@ -61,8 +61,8 @@ pub struct Report {
     pub warnings: Vec<String>,
 }
 
-/// Files a restore wrote: (volume root, source path) → destination path.
-type WrittenFiles = HashMap<(Id, Vec<u8>), Vec<u8>>;
+/// Files a restore wrote: (volume label, source path) → destination path.
+type WrittenFiles = HashMap<(String, Vec<u8>), Vec<u8>>;
 
 /// A hardlink to create once every file exists.
 struct PendingLink {
@@ -71,6 +71,7 @@ struct PendingLink {
     /// The first name's path from the volume root.
     target: Vec<u8>,
     volume_root: Id,
+    volume: String,
 }
 
 struct Ctx<'a> {
@@ -309,7 +310,7 @@ fn restore_entry(
             ctx.written
                 .lock()
                 .expect("lock")
-                .insert((job.volume_root, src.to_vec()), dest.to_vec());
+                .insert((job.volume.clone(), src.to_vec()), dest.to_vec());
             Ok(())
         }
         Kind::Hardlink {
@@ -320,6 +321,7 @@ fn restore_entry(
                 entry: entry.clone(),
                 target: link_target.clone(),
                 volume_root: job.volume_root,
+                volume: job.volume.clone(),
             });
             Ok(())
         }
@@ -562,7 +564,7 @@ fn make_hardlink(
     let (link_dir, link_name) = open_parent(root, dest, target)?;
     let link_name = link_name.expect("a hardlink is never the target itself");
     remove_existing(ctx, link_dir.as_fd(), &link_name, false, dest, target)?;
-    let key = (link.volume_root, link_target.to_vec());
+    let key = (link.volume.clone(), link_target.to_vec());
     let first = written.get(&key).cloned();
     if let Some(rel) = first {
         let (tdir, tname) = open_parent(root, &rel, target)?;

@@ -210,7 +210,7 @@ pub fn create(
             bytes_read: AtomicU64::new(0),
         };
         let mut children = walk_dir(&ctx, root_fd.as_fd(), b"")?;
-        resolve_hardlinks(&mut children, &mut Vec::new(), &mut HashMap::new());
+        let linked_bytes = resolve_hardlinks(&mut children, &mut Vec::new(), &mut HashMap::new());
         let tree = build_tree(&trees, &children)?;
         let root_xattrs = walk::xattrs_fd(root_fd.as_fd()).unwrap_or_else(|e| {
             ctx.unreadable(b"", format!("extended attributes: {}", errno(e)));
@@ -231,7 +231,7 @@ pub fn create(
         });
         stats.files += ctx.files.into_inner();
         stats.dirs += ctx.dirs.into_inner() + 1;
-        stats.bytes += ctx.bytes.into_inner();
+        stats.bytes += ctx.bytes.into_inner() - linked_bytes;
         stats.bytes_read += ctx.bytes_read.into_inner();
         unreadable.extend(ctx.unreadable.into_inner().expect("lock"));
         notes.extend(ctx.notes.into_inner().expect("lock"));
@@ -566,7 +566,10 @@ fn resolve_hardlinks(
     nodes: &mut [Node],
     path: &mut Vec<u8>,
     first: &mut HashMap<(u64, u64), Vec<u8>>,
-) {
+) -> u64 {
+    // Returns the content bytes of the names turned into hardlinks: content is counted
+    // once per file, not once per name.
+    let mut linked_bytes = 0;
     for node in nodes {
         let len = path.len();
         if !path.is_empty() {
@@ -574,16 +577,18 @@ fn resolve_hardlinks(
         }
         path.extend_from_slice(&node.name);
         match &mut node.what {
-            What::Dir { children } => resolve_hardlinks(children, path, first),
-            What::File { .. } if node.stat.nlink > 1 => {
-                match first.get(&(node.stat.dev, node.stat.ino)) {
+            What::Dir { children } => linked_bytes += resolve_hardlinks(children, path, first),
+            What::File { size, .. } if node.stat.nlink > 1 => {
+                let key = (node.stat.dev, node.stat.ino);
+                match first.get(&key) {
                     Some(target) => {
+                        linked_bytes += *size;
                         node.what = What::Hardlink {
                             target: target.clone(),
-                        }
+                        };
                     }
                     None => {
-                        first.insert((node.stat.dev, node.stat.ino), path.clone());
+                        first.insert(key, path.clone());
                     }
                 }
             }
@@ -591,6 +596,7 @@ fn resolve_hardlinks(
         }
         path.truncate(len);
     }
+    linked_bytes
 }
 
 /// Builds and stores the trees of a directory's children, bottom-up; returns the

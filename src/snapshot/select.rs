@@ -20,6 +20,9 @@ pub struct Selection {
     pub entry: Entry,
     /// Tree of the volume root, for hardlinks whose first name is not selected.
     pub volume_root: Id,
+    /// Which volume (its label): keys hardlink bookkeeping, since two volumes with
+    /// the same content share a root tree id.
+    pub volume: String,
     /// Path of `entry` from its volume root ("" for the root), to match hardlink targets.
     pub source_path: Vec<u8>,
 }
@@ -61,6 +64,7 @@ pub fn select(
                 dest: v.label.as_bytes().to_vec(),
                 entry: v.root_entry(),
                 volume_root: v.tree,
+                volume: v.label.clone(),
                 source_path: Vec::new(),
             })
             .collect());
@@ -79,6 +83,7 @@ pub fn select(
             dest: Vec::new(),
             entry: volume.root_entry(),
             volume_root: volume.tree,
+            volume: volume.label.clone(),
             source_path: Vec::new(),
         }]);
     }
@@ -97,6 +102,7 @@ pub fn select(
         dest,
         entry,
         volume_root: volume.tree,
+        volume: volume.label.clone(),
         source_path,
     }])
 }

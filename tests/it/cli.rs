@@ -710,3 +710,30 @@ fn forced_restores_never_join_hardlinks_to_files_already_in_the_target() {
     repo.ok(["restore", &snap, "--to", twice.to_str().unwrap(), "--force"]);
     assert_same_tree(&data, &twice);
 }
+
+#[test]
+fn hardlinks_stay_within_their_volume_when_volumes_are_identical() {
+    let repo = Repo::new();
+    let mut dirs = Vec::new();
+    for label in ["alpha", "beta"] {
+        let d = repo.mkdir(label);
+        write(d.join("hl-a"), "same content");
+        fs::hard_link(d.join("hl-a"), d.join("hl-b")).unwrap();
+        dirs.push(d);
+    }
+    set_tree_mtimes(&dirs[0], Y2020);
+    set_tree_mtimes(&dirs[1], Y2020);
+    let snap = repo.snapshot(&[&dirs[0], &dirs[1]], &[]);
+    let out = repo.scratch("out");
+    repo.restore(&id(&snap), &out);
+    for label in ["alpha", "beta"] {
+        let a = fs::metadata(out.join(label).join("hl-a")).unwrap();
+        let b = fs::metadata(out.join(label).join("hl-b")).unwrap();
+        assert_eq!(
+            a.ino(),
+            b.ino(),
+            "{label}: the two names must stay one file"
+        );
+        assert_eq!(a.nlink(), 2, "{label}: linked across volumes");
+    }
+}

@@ -11,6 +11,8 @@ mod cli;
 mod concurrency;
 mod corruption;
 mod crash;
+mod export;
+mod gc;
 mod hostile;
 mod incremental;
 mod roundtrip;
