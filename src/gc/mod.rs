@@ -91,7 +91,7 @@ pub fn gc(
         ..Report::default()
     };
     // What was on disk before any wait: only these can be stale leftovers.
-    let packs_on_disk = list_pack_files(repo)?;
+    let packs_on_disk = repo.pack_files()?;
     let tmp_files = list_dir(&repo.tmp_dir())?;
 
     let (reach1, snapshots) = mark(repo, progress)?;
@@ -323,26 +323,6 @@ fn list_dir(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(Error::io("read directory", dir))? {
         out.push(e.map_err(Error::io("read directory", dir))?.path());
-    }
-    Ok(out)
-}
-
-fn list_pack_files(repo: &Repository) -> Result<Vec<(Id, PathBuf)>> {
-    let mut out = Vec::new();
-    for shard in list_dir(&repo.root.join("packs"))? {
-        if !shard.is_dir() {
-            continue;
-        }
-        for f in list_dir(&shard)? {
-            let id = f
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".pack"))
-                .and_then(Id::from_hex);
-            if let Some(id) = id {
-                out.push((id, f));
-            }
-        }
     }
     Ok(out)
 }

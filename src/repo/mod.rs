@@ -242,6 +242,29 @@ impl Repository {
             .join(format!("{hex}.pack"))
     }
 
+    /// Every pack file on disk (indexed or not), by the id in its name.
+    pub fn pack_files(&self) -> Result<Vec<(Id, PathBuf)>> {
+        let dir = self.root.join("packs");
+        let mut out = Vec::new();
+        for shard in std::fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
+            let shard = shard.map_err(Error::io("read directory", &dir))?.path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&shard).map_err(Error::io("read directory", &shard))? {
+                let f = f.map_err(Error::io("read directory", &shard))?.path();
+                let name = f.file_name().and_then(|n| n.to_str());
+                if let Some(id) = name
+                    .and_then(|n| n.strip_suffix(".pack"))
+                    .and_then(Id::from_hex)
+                {
+                    out.push((id, f));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }

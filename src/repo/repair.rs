@@ -6,8 +6,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
-use crate::id::Id;
+use crate::error::Result;
 use crate::index::{Commit, Location, PackRow};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -29,25 +28,7 @@ pub struct Report {
 pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
     let repo = Repository::open_with_new_index(root)?;
     let mut report = Report::default();
-    let packs_dir = root.join("packs");
-    let mut files = Vec::new();
-    for sub in std::fs::read_dir(&packs_dir).map_err(Error::io("read directory", &packs_dir))? {
-        let sub = sub.map_err(Error::io("read directory", &packs_dir))?.path();
-        if !sub.is_dir() {
-            continue;
-        }
-        for f in std::fs::read_dir(&sub).map_err(Error::io("read directory", &sub))? {
-            let f = f.map_err(Error::io("read directory", &sub))?.path();
-            let id = f
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".pack"))
-                .and_then(Id::from_hex);
-            if let Some(id) = id {
-                files.push((id, f));
-            }
-        }
-    }
+    let mut files = repo.pack_files()?;
     files.sort();
     for (pack, path) in files {
         let bytes = match std::fs::read(&path) {
