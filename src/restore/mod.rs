@@ -305,8 +305,8 @@ fn restore_entry(
             restore_dir(ctx, fd.as_fd(), tree, dest, src, job, target)
         }
         Kind::File { size, chunks } => {
-            write_file(ctx, dir, name, *size, chunks, dest, target)?;
-            apply_meta(ctx, dir, name, entry, dest, target)?;
+            let file = write_file(ctx, dir, name, *size, chunks, dest, target)?;
+            apply_meta_fd(ctx, file.as_fd(), entry, dest, target)?;
             ctx.written
                 .lock()
                 .expect("lock")
@@ -358,6 +358,8 @@ fn restore_entry(
     }
 }
 
+/// Creates and fills a file; returns it open, so its metadata is set through the
+/// descriptor (no path lookups).
 fn write_file(
     ctx: &Ctx<'_>,
     dir: BorrowedFd<'_>,
@@ -366,7 +368,7 @@ fn write_file(
     chunks: &[Id],
     dest: &[u8],
     target: &Path,
-) -> Result<()> {
+) -> Result<File> {
     let fd: OwnedFd = rustix::fs::openat(
         dir,
         name.as_c_str(),
@@ -377,13 +379,19 @@ fn write_file(
     let file = File::from(fd);
     let result = (|| -> Result<()> {
         let mut offset = 0u64;
+        let mut ends_in_hole = false;
         for window in chunks.chunks(CHUNKS_IN_FLIGHT) {
-            let blobs: Vec<Vec<u8>> = window
-                .par_iter()
-                .map(|id| ctx.repo.read_blob(id))
-                .collect::<Result<_>>()?;
+            let blobs: Vec<Vec<u8>> = if window.len() == 1 {
+                vec![ctx.repo.read_blob(&window[0])?]
+            } else {
+                window
+                    .par_iter()
+                    .map(|id| ctx.repo.read_blob(id))
+                    .collect::<Result<_>>()?
+            };
             for data in blobs {
-                if !data.iter().all(|&b| b == 0) {
+                ends_in_hole = data.iter().all(|&b| b == 0);
+                if !ends_in_hole {
                     file.write_all_at(&data, offset)
                         .map_err(Error::io("write", walk::display_path(target, dest)))?;
                 }
@@ -398,8 +406,10 @@ fn write_file(
                 detail: format!("chunks hold {offset} bytes, the tree says {size}"),
             });
         }
-        file.set_len(size)
-            .map_err(Error::io("truncate", walk::display_path(target, dest)))?;
+        if ends_in_hole {
+            file.set_len(size)
+                .map_err(Error::io("truncate", walk::display_path(target, dest)))?;
+        }
         Ok(())
     })();
     if let Err(e) = result {
@@ -417,7 +427,7 @@ fn write_file(
     ctx.files.fetch_add(1, Ordering::Relaxed);
     ctx.bytes.fetch_add(size, Ordering::Relaxed);
     ctx.progress.add(1, 0);
-    Ok(())
+    Ok(file)
 }
 
 fn timestamps(mtime_ns: i64) -> Timestamps {
@@ -484,7 +494,7 @@ fn apply_meta(
     .map_err(io_err("set times of", target, dest))
 }
 
-/// Like `apply_meta`, for a directory known by its own descriptor (the target itself).
+/// Like `apply_meta`, through a descriptor (a file just written, or the target itself).
 fn apply_meta_fd(
     ctx: &Ctx<'_>,
     fd: BorrowedFd<'_>,
@@ -510,7 +520,7 @@ fn apply_meta_fd(
         {
             ctx.warn(format!(
                 "{}: extended attribute {} not restored: {}",
-                target.display(),
+                walk::display_path(target, dest).display(),
                 String::from_utf8_lossy(&x.name),
                 errno(e)
             ));
@@ -594,7 +604,7 @@ fn make_hardlink(
             kind: Kind::File { size, chunks },
             ..
         }) => {
-            write_file(
+            let file = write_file(
                 ctx,
                 link_dir.as_fd(),
                 &link_name,
@@ -603,9 +613,7 @@ fn make_hardlink(
                 dest,
                 target,
             )?;
-            let mut meta = entry.clone();
-            meta.kind = Kind::File { size, chunks };
-            apply_meta(ctx, link_dir.as_fd(), &link_name, &meta, dest, target)
+            apply_meta_fd(ctx, file.as_fd(), entry, dest, target)
         }
         _ => Err(Error::Corrupt {
             what: "hardlink",
