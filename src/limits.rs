@@ -12,7 +12,7 @@ pub const CHUNK_SIZE_MAX_DEFAULT: u32 = 256 * 1024;
 pub const ZSTD_LEVEL_DEFAULT: i32 = 3;
 
 /// A pack is closed once it holds this many bytes.
-pub const PACK_SIZE_TARGET: usize = 16 * 1024 * 1024;
+pub const PACK_SIZE_TARGET: usize = 8 * 1024 * 1024;
 
 /// Largest blob a pack may hold (trees of huge directories are the biggest blobs).
 pub const BLOB_SIZE_MAX: u32 = 256 * 1024 * 1024;

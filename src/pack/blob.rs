@@ -101,6 +101,35 @@ impl BlobHeader {
     }
 }
 
+thread_local! {
+    // zstd contexts are costly to create (about a tenth of a snapshot's CPU when made
+    // per chunk): each worker thread keeps one of each.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        c.as_mut().expect("just set").1.compress(raw)
+    })
+}
+
+fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("just set").decompress(stored, capacity)
+    })
+}
+
 /// A blob ready to append to a pack: header plus stored bytes, already verified.
 #[derive(Debug)]
 pub struct EncodedBlob {
@@ -116,7 +145,7 @@ pub fn encode(kind: BlobKind, id: Id, raw: &[u8], level: i32) -> Result<EncodedB
         raw.len() as u64 <= BLOB_SIZE_MAX as u64,
         "blob over BLOB_SIZE_MAX"
     );
-    let compressed = zstd::bulk::compress(raw, level).map_err(|e| format!("zstd: {e}"))?;
+    let compressed = compress(raw, level).map_err(|e| format!("zstd: {e}"))?;
     let (compression, stored) = if compressed.len() < raw.len() {
         (Compression::Zstd, compressed)
     } else {
@@ -158,8 +187,8 @@ fn decode_body(header: &BlobHeader, stored: &[u8]) -> Result<Vec<u8>, String> {
     match header.compression {
         Compression::Raw => Ok(stored.to_vec()),
         Compression::Zstd => {
-            let raw = zstd::bulk::decompress(stored, header.raw_len as usize)
-                .map_err(|e| format!("zstd: {e}"))?;
+            let raw =
+                decompress(stored, header.raw_len as usize).map_err(|e| format!("zstd: {e}"))?;
             if raw.len() != header.raw_len as usize {
                 return Err(format!(
                     "decompressed {} bytes, header says {}",
