@@ -632,6 +632,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 "packs_repacked": report.packs_repacked,
                 "bytes_reclaimed": report.bytes_reclaimed,
                 "stale_files_removed": report.stale_files_removed,
+                "index_compaction": report.index_compaction,
             });
             emit(json, &value, || {
                 format!(

@@ -74,6 +74,8 @@ pub struct Report {
     /// Bytes of pack files removed minus bytes of packs written.
     pub bytes_reclaimed: u64,
     pub stale_files_removed: u64,
+    /// Whether the index file was compacted ("compacted", or "skipped: why").
+    pub index_compaction: Option<String>,
 }
 
 /// Called while gc waits for older operations, with the leases it waits for.
@@ -191,6 +193,14 @@ pub fn gc(
                 report.packs_repacked += 1;
             }
         }
+    }
+
+    // Give the space of deleted index rows back when they were a large share.
+    if report.unreachable_blobs > 0 && report.unreachable_blobs * 5 >= report.blobs {
+        report.index_compaction = Some(match repo.index.compact() {
+            Ok(_) => "compacted".to_string(),
+            Err(why) => format!("skipped: {why}"),
+        });
     }
 
     // Leftovers of crashed writers: present before the wait, still unindexed now.

@@ -102,7 +102,8 @@ pub enum Commit {
 
 /// The redb database of a repository.
 pub struct Index {
-    db: Database,
+    /// Shared by every operation; taken exclusively only to compact the file.
+    db: std::sync::RwLock<Database>,
     path: PathBuf,
     /// A shared read snapshot of the chunk table: opening a read transaction costs
     /// several microseconds (file locks), more than the lookup itself.
@@ -132,7 +133,7 @@ impl Index {
             detail: e.to_string(),
         })?;
         let index = Index {
-            db,
+            db: std::sync::RwLock::new(db),
             path: path.to_path_buf(),
             chunk_reader: Mutex::new(None),
         };
@@ -164,14 +165,23 @@ impl Index {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<T, redb::Error>,
     ) -> Result<T> {
-        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let txn = self
+            .db
+            .read()
+            .expect("index lock")
+            .begin_write()
+            .map_err(|e| self.err(e))?;
         let out = f(&txn).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))?;
         Ok(out)
     }
 
     fn read(&self) -> Result<redb::ReadTransaction> {
-        self.db.begin_read().map_err(|e| self.err(e))
+        self.db
+            .read()
+            .expect("index lock")
+            .begin_read()
+            .map_err(|e| self.err(e))
     }
 
     fn chunk_tables(&self) -> Result<Arc<ChunkTables>> {
@@ -187,6 +197,14 @@ impl Index {
         let tables = Arc::new((chunks, condemned));
         *cached = Some((tables.clone(), Instant::now()));
         Ok(tables)
+    }
+
+    /// Compacts the file after large deletions. Best effort: another process's open
+    /// transaction makes redb refuse, and that is reported, not an error.
+    pub fn compact(&self) -> std::result::Result<bool, String> {
+        self.refresh();
+        let mut db = self.db.write().expect("index lock");
+        db.compact().map_err(|e| e.to_string())
     }
 
     /// Drops the shared read snapshot, so the next lookup sees every commit made so far.
