@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bloom::Bloom;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -168,19 +169,32 @@ pub fn gc(
     }
     candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
     let mut budget = opts.max_repack_bytes.unwrap_or(u64::MAX);
+    let chosen: Vec<_> = candidates
+        .into_iter()
+        .filter(|(_, _, _, live_bytes, _)| {
+            let fits = *live_bytes <= budget;
+            if fits {
+                budget -= live_bytes;
+            }
+            fits
+        })
+        .collect();
+    // Packs are rewritten in parallel: verifying their live blobs is the work.
+    let written: Vec<u64> = chosen
+        .par_iter()
+        .map(|(_, pack, _, _, kind)| {
+            let w = repack(repo, pack, *kind)?;
+            crate::crash::point("gc repacked a pack");
+            Ok(w)
+        })
+        .collect::<Result<_>>()?;
     let mut repacked = Vec::new();
-    for (_, pack, size, live_bytes, kind) in candidates {
-        if live_bytes > budget {
-            continue;
-        }
-        budget -= live_bytes;
-        let written = repack(repo, &pack, kind)?;
+    for ((_, pack, size, _, _), w) in chosen.into_iter().zip(written) {
         report.bytes_reclaimed = report
             .bytes_reclaimed
             .saturating_add(size)
-            .saturating_sub(written);
+            .saturating_sub(w);
         repacked.push(pack);
-        crate::crash::point("gc repacked a pack");
     }
     if !repacked.is_empty() {
         // Readers that looked up a location in a repacked pack before its rows moved
@@ -297,15 +311,19 @@ fn repack(repo: &Repository, pack: &Id, kind: u8) -> Result<u64> {
     let packer = Packer::for_repack(repo, kind, *pack);
     // Live means indexed at this place now, not as of a cached read snapshot.
     repo.index.refresh();
-    let (blobs, _) = crate::pack::scan(&bytes);
-    for b in blobs {
-        let at = b.offset as usize + HEADER_LEN;
-        let live = matches!(repo.index.lookup(&b.header.id)?, Some(loc) if loc.pack == *pack && loc.offset == b.offset);
-        if live && b.verified.is_ok() {
-            let stored = bytes[at..at + b.header.stored_len as usize].to_vec();
+    let (blobs, _) = crate::pack::headers(&bytes);
+    for (offset, header) in blobs {
+        let live = matches!(repo.index.lookup(&header.id)?, Some(loc) if loc.pack == *pack && loc.offset == offset);
+        if !live {
+            continue;
+        }
+        let at = offset as usize + HEADER_LEN;
+        let stored = &bytes[at..at + header.stored_len as usize];
+        // A damaged live blob is left where it is (check reports it), never copied.
+        if crate::pack::blob::decode_verified(&header, stored).is_ok() {
             packer.add_encoded(EncodedBlob {
-                header: b.header,
-                stored,
+                header,
+                stored: stored.to_vec(),
             })?;
         }
     }

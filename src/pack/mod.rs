@@ -268,6 +268,34 @@ pub struct ScannedBlob {
     pub verified: std::result::Result<(), String>,
 }
 
+/// Decodes the blob headers of a pack without verifying the bodies: (offset, header)
+/// pairs, and why the walk stopped early if it did.
+pub fn headers(bytes: &[u8]) -> (Vec<(u64, BlobHeader)>, Option<String>) {
+    let mut out = Vec::new();
+    if bytes.len() < PACK_HEADER_LEN || &bytes[0..8] != PACK_MAGIC {
+        return (out, Some("bad pack header".into()));
+    }
+    let mut at = PACK_HEADER_LEN;
+    while at < bytes.len() {
+        let header = match BlobHeader::decode(&bytes[at..]) {
+            Ok(h) => h,
+            Err(e) => return (out, Some(format!("at offset {at}: {e}"))),
+        };
+        let end = at + HEADER_LEN + header.stored_len as usize;
+        if end > bytes.len() {
+            return (
+                out,
+                Some(format!(
+                    "at offset {at}: blob runs past the end of the pack (truncated)"
+                )),
+            );
+        }
+        out.push((at as u64, header));
+        at = end;
+    }
+    (out, None)
+}
+
 /// Scans a whole pack, decoding and verifying every blob. Returns the blobs found and,
 /// if the pack is damaged past some point, the reason the scan stopped.
 pub fn scan(bytes: &[u8]) -> (Vec<ScannedBlob>, Option<String>) {
