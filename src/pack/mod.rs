@@ -190,10 +190,7 @@ impl<'r> Packer<'r> {
         let pack_id = Id::of(&pack.bytes);
         let path = self.repo.pack_path(&pack_id);
         let dir = path.parent().expect("pack path has a parent");
-        if !dir.exists() {
-            fsutil::create_dir_private(dir)?;
-            fsutil::fsync_dir(dir.parent().expect("packs dir"))?;
-        }
+        self.repo.ensure_shard(dir)?;
         // A unique temporary name: another process may be writing the same pack, and a
         // crashed one may have left a partial file behind.
         let tmp = fsutil::write_temp_durable(&self.repo.tmp_dir(), &pack.bytes)?;

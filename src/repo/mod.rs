@@ -113,6 +113,8 @@ pub struct Repository {
     pub config: Config,
     pub index: Index,
     reader: PackReader,
+    /// Pack shards this process has made durable (see `ensure_shard`).
+    shards: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 /// Names a repository directory may hold; anything else means `root` is some other
@@ -171,12 +173,6 @@ impl Repository {
         for dir in ["packs", "snapshots", "tmp", "locks"] {
             fsutil::create_dir_private(&root.join(dir))?;
         }
-        // Every pack shard exists from the start, durably, so no writer depends on
-        // another process having fsynced a shard it created.
-        for shard in 0..=255u8 {
-            fsutil::create_dir_private(&root.join("packs").join(format!("{shard:02x}")))?;
-        }
-        fsutil::fsync_dir(&root.join("packs"))?;
         Index::open(&root.join("index.redb"), true)?;
         fsutil::fsync_dir(root)?;
         // The config is the last thing written: a repository without it does not exist.
@@ -209,6 +205,7 @@ impl Repository {
             config,
             index,
             reader: PackReader::default(),
+            shards: Default::default(),
         })
     }
 
@@ -231,6 +228,7 @@ impl Repository {
             config,
             index,
             reader: PackReader::default(),
+            shards: Default::default(),
         })
     }
 
@@ -240,6 +238,21 @@ impl Repository {
             .join("packs")
             .join(&hex[..2])
             .join(format!("{hex}.pack"))
+    }
+
+    /// Makes sure the shard directory `dir` of `packs/` exists durably before a pack is
+    /// renamed into it. Shards are created on first use; every process fsyncs `packs/`
+    /// the first time it uses a shard, whoever created it, so no committed pack depends
+    /// on another (possibly killed) process having made the shard's entry durable.
+    pub fn ensure_shard(&self, dir: &Path) -> Result<()> {
+        let mut known = self.shards.lock().expect("shard lock");
+        if known.contains(dir) {
+            return Ok(());
+        }
+        fsutil::create_dir_private(dir)?;
+        fsutil::fsync_dir(dir.parent().expect("shards live in packs/"))?;
+        known.insert(dir.to_path_buf());
+        Ok(())
     }
 
     /// Every pack file on disk (indexed or not), by the id in its name.

@@ -279,6 +279,13 @@ pub fn create(
     crate::crash::pause("snapshot before commit");
     let listed = record::commit(repo, snapshot)?;
     cache::store(repo, &cache_rows)?;
+    // A snapshot that added a large share of the index (a first snapshot, a big change)
+    // leaves redb's file full of pages freed by its many small transactions: give them
+    // back. Best effort, and proportional to the work just done; skipped (by redb) while
+    // another process holds a transaction.
+    if listed.snapshot.stats.new_chunks * 4 >= repo.index.chunk_count()? {
+        let _ = repo.index.compact();
+    }
     Ok(Outcome {
         listed,
         skipped: false,
