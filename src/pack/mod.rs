@@ -296,35 +296,22 @@ pub fn headers(bytes: &[u8]) -> (Vec<(u64, BlobHeader)>, Option<String>) {
 /// Scans a whole pack, decoding and verifying every blob. Returns the blobs found and,
 /// if the pack is damaged past some point, the reason the scan stopped.
 pub fn scan(bytes: &[u8]) -> (Vec<ScannedBlob>, Option<String>) {
-    let mut blobs = Vec::new();
-    if bytes.len() < PACK_HEADER_LEN || &bytes[0..8] != PACK_MAGIC {
-        return (blobs, Some("bad pack header".into()));
-    }
-    let mut at = PACK_HEADER_LEN;
-    while at < bytes.len() {
-        let header = match BlobHeader::decode(&bytes[at..]) {
-            Ok(h) => h,
-            Err(e) => return (blobs, Some(format!("at offset {at}: {e}"))),
-        };
-        let body_end = at + HEADER_LEN + header.stored_len as usize;
-        if body_end > bytes.len() {
-            return (
-                blobs,
-                Some(format!(
-                    "at offset {at}: blob runs past the end of the pack (truncated)"
-                )),
-            );
-        }
-        let verified =
-            blob::decode_verified(&header, &bytes[at + HEADER_LEN..body_end]).map(|_| ());
-        blobs.push(ScannedBlob {
-            offset: at as u64,
-            header,
-            verified,
-        });
-        at = body_end;
-    }
-    (blobs, None)
+    let (headers, stopped) = headers(bytes);
+    let blobs = headers
+        .into_iter()
+        .map(|(offset, header)| {
+            let at = offset as usize + HEADER_LEN;
+            let verified =
+                blob::decode_verified(&header, &bytes[at..at + header.stored_len as usize])
+                    .map(|_| ());
+            ScannedBlob {
+                offset,
+                header,
+                verified,
+            }
+        })
+        .collect();
+    (blobs, stopped)
 }
 
 #[cfg(test)]

@@ -200,13 +200,17 @@ impl Repository {
             fsutil::rename_durable(&path, &root.join("index.redb.old"))?;
         }
         let index = Index::open(&path, true)?;
-        Ok(Repository {
+        Ok(Repository::assemble(root, config, index))
+    }
+
+    fn assemble(root: &Path, config: Config, index: Index) -> Repository {
+        Repository {
             root: root.to_path_buf(),
             config,
             index,
             reader: PackReader::default(),
             shards: Default::default(),
-        })
+        }
     }
 
     /// Opens an existing repository.
@@ -223,13 +227,7 @@ impl Repository {
         };
         let config = Config::decode(&config_path, &bytes)?;
         let index = Index::open(&root.join("index.redb"), false)?;
-        Ok(Repository {
-            root: root.to_path_buf(),
-            config,
-            index,
-            reader: PackReader::default(),
-            shards: Default::default(),
-        })
+        Ok(Repository::assemble(root, config, index))
     }
 
     pub fn pack_path(&self, id: &Id) -> PathBuf {
