@@ -106,6 +106,27 @@ impl Repository {
     }
 }
 
+impl Repository {
+    /// Whether any lease lock (or the gc lock) in `locks/` is held, read from the lock
+    /// files alone (the index may be missing, as when it is being rebuilt).
+    pub fn any_live_lock(root: &Path) -> Result<bool> {
+        let dir = locks_dir(root);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io("read directory", &dir)(e)),
+        };
+        for e in entries {
+            let path = e.map_err(Error::io("read directory", &dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if (name.starts_with("lease-") || name == "gc.lock") && lock_is_held(&path)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
 /// Whether some process holds the lock on `path`.
 fn lock_is_held(path: &Path) -> Result<bool> {
     let file = match File::open(path) {

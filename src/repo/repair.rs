@@ -26,6 +26,13 @@ pub struct Report {
 /// Rebuilds the index of the repository at `root`; the old index, if any, is kept as
 /// `index.redb.old`.
 pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
+    // Rebuilding under a running snapshot, restore or export would drop what they are
+    // writing into the old index: refuse while any of them holds its lease.
+    if Repository::any_live_lock(root)? {
+        return Err(crate::error::Error::Busy(
+            "another volsnap operation is running on this repository; repair the index when it has finished".into(),
+        ));
+    }
     let repo = Repository::open_with_new_index(root)?;
     let mut report = Report::default();
     let mut files = repo.pack_files()?;

@@ -272,3 +272,42 @@ fn repair_index_rebuilds_everything_from_packs_and_records() {
     assert_eq!(s3["version"], 3);
     assert_eq!(s3["parent"], s2["id"]);
 }
+
+#[test]
+fn repair_index_refuses_while_another_operation_runs() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("f"), random_bytes("f", 100_000));
+    repo.snapshot(&[&data], &["--name", "s"]);
+    write(data.join("g"), "more");
+    let pause = repo.scratch("pause");
+    write(&pause, "hold");
+    let mut cmd = repo.command();
+    cmd.args(["snapshot", data.to_str().unwrap(), "--name", "s"])
+        .env("VOLSNAP_PAUSE_AT", "snapshot before commit")
+        .env("VOLSNAP_PAUSE_FILE", &pause)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let reached = PathBuf::from(format!("{}.reached", pause.display()));
+    let start = std::time::Instant::now();
+    while !reached.exists() {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the snapshot never reached its pause"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let run = repo.run(["repair", "index"]);
+    assert_eq!(run.status, 11, "{}", run.describe());
+    assert!(
+        repo.path.join("index.redb").exists(),
+        "the index was moved away anyway"
+    );
+    fs::remove_file(&pause).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(repo.list(&[]).len(), 2);
+    // With nothing running it goes ahead.
+    let report = repo.ok(["repair", "index"]);
+    assert_eq!(report["snapshots"], 2, "{report}");
+}
