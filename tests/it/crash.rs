@@ -26,23 +26,7 @@ fn a_snapshot_aborted_at_every_step_leaves_a_sound_repository() {
             data.join("changing"),
             random_bytes(&format!("round {n}"), 3_000_000),
         );
-        let mut cmd = repo.command();
-        cmd.env("VOLSNAP_CRASH_AT", n.to_string()).args([
-            "--json",
-            "snapshot",
-            data.to_str().unwrap(),
-            "--name",
-            "s",
-        ]);
-        let run = Run::from_command(cmd);
-        let crashed = run.status != 0;
-        if crashed {
-            assert!(
-                run.all_output().contains("crash point"),
-                "not a crash point abort\n{}",
-                run.describe()
-            );
-        }
+        let crashed = repo.run_crashing_at(n, &["snapshot", data.to_str().unwrap(), "--name", "s"]);
         // Invariants after every abort.
         let listed = repo.list(&["--name", "s"]);
         let versions: BTreeSet<u64> = listed

@@ -219,18 +219,7 @@ fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() 
 
     let mut n = 1;
     loop {
-        let mut cmd = repo.command();
-        cmd.env("VOLSNAP_CRASH_AT", n.to_string())
-            .args(["--json", "gc", "--max-unused", "1"]);
-        let run = Run::from_command(cmd);
-        let crashed = run.status != 0;
-        if crashed {
-            assert!(
-                run.all_output().contains("crash point"),
-                "not a crash point abort\n{}",
-                run.describe()
-            );
-        }
+        let crashed = repo.run_crashing_at(n, &["gc", "--max-unused", "1"]);
         assert_all_restore(&repo, &expected);
         if !crashed {
             break;

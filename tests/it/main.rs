@@ -10,6 +10,7 @@ mod support;
 mod cli;
 mod concurrency;
 mod corruption;
+mod crafted;
 mod crash;
 mod export;
 mod gc;

@@ -785,3 +785,24 @@ pub fn assert_same_tree_except(expected: &Path, actual: &Path, absent: &[&[u8]])
         );
     }
 }
+
+impl Repo {
+    /// Runs `volsnap --json ARGS...` set to abort at its `n`-th crash point. Returns
+    /// whether it aborted there (any other failure fails the test).
+    pub fn run_crashing_at(&self, n: u32, args: &[&str]) -> bool {
+        let mut cmd = self.command();
+        cmd.env("VOLSNAP_CRASH_AT", n.to_string())
+            .arg("--json")
+            .args(args);
+        let run = Run::from_command(cmd);
+        let crashed = run.status != 0;
+        if crashed {
+            assert!(
+                run.all_output().contains("crash point"),
+                "not a crash point abort\n{}",
+                run.describe()
+            );
+        }
+        crashed
+    }
+}
