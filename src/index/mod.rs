@@ -374,15 +374,6 @@ impl Index {
         Ok(!table.is_empty().map_err(|e| self.err(e))?)
     }
 
-    /// Lifts every condemnation (a gc that stops early, or a new one starting).
-    pub fn clear_condemned(&self) -> Result<()> {
-        self.write(|txn| {
-            txn.delete_table(CONDEMNED)?;
-            txn.open_table(CONDEMNED)?;
-            Ok(())
-        })
-    }
-
     /// Live stored bytes (headers included) per pack, from the chunk rows.
     pub fn pack_live_bytes(&self) -> Result<std::collections::HashMap<Id, u64>> {
         let mut live = std::collections::HashMap::new();

@@ -9,7 +9,7 @@
 //! live files.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -212,9 +212,4 @@ pub fn raise_fd_limit() {
             },
         );
     }
-}
-
-/// Keeps `fd` borrowed as a `BorrowedFd` for callers holding an `OwnedFd`.
-pub fn borrow(fd: &OwnedFd) -> BorrowedFd<'_> {
-    fd.as_fd()
 }
