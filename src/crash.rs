@@ -1,26 +1,36 @@
 //! Test-only crash points: `VOLSNAP_CRASH_AT=N` aborts the process at the N-th point
-//! reached, so tests can kill a write path after every step and check recovery.
+//! reached, and `VOLSNAP_CRASH_AT=NAME` at the first point of that name, so tests can
+//! kill a write path after every step and check recovery.
 //! Without the variable a point costs one relaxed atomic load.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
-static TARGET: OnceLock<Option<u64>> = OnceLock::new();
+static TARGET: OnceLock<Option<Target>> = OnceLock::new();
+
+enum Target {
+    Nth(u64),
+    Named(String),
+}
 
 /// Marks a step after which a crash must leave the repository recoverable.
 pub fn point(name: &str) {
-    let target = *TARGET.get_or_init(|| {
-        std::env::var("VOLSNAP_CRASH_AT")
-            .ok()
-            .and_then(|v| v.parse().ok())
+    let target = TARGET.get_or_init(|| {
+        let v = std::env::var("VOLSNAP_CRASH_AT").ok()?;
+        Some(v.parse().map_or(Target::Named(v), Target::Nth))
     });
-    if let Some(target) = target {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
-        if n == target {
-            eprintln!("volsnap: crash point {n} ({name}) reached, aborting");
-            std::process::abort();
-        }
+    let Some(target) = target else {
+        return;
+    };
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;
+    let hit = match target {
+        Target::Nth(t) => n == *t,
+        Target::Named(t) => t == name,
+    };
+    if hit {
+        eprintln!("volsnap: crash point {n} ({name}) reached, aborting");
+        std::process::abort();
     }
 }
 

@@ -629,6 +629,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 "unreachable_blobs": report.unreachable_blobs,
                 "unreachable_bytes": report.unreachable_bytes,
                 "packs_deleted": report.packs_deleted,
+                "packs_punched": report.packs_punched,
                 "packs_repacked": report.packs_repacked,
                 "bytes_reclaimed": report.bytes_reclaimed,
                 "stale_files_removed": report.stale_files_removed,
@@ -636,7 +637,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             });
             emit(json, &value, || {
                 format!(
-                    "{} {} unreferenced blobs ({}); {} packs deleted, {} repacked; {} {}\n",
+                    "{} {} unreferenced blobs ({}); {} packs deleted, {} punched, {} repacked; {} {}\n",
                     if report.dry_run {
                         "would delete"
                     } else {
@@ -645,6 +646,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     report.unreachable_blobs,
                     render::bytes(report.unreachable_bytes),
                     report.packs_deleted,
+                    report.packs_punched,
                     report.packs_repacked,
                     render::bytes(report.bytes_reclaimed),
                     if report.dry_run {

@@ -13,10 +13,11 @@
 //!    decided to reuse a blob before it was condemned has committed or died);
 //! 4. mark again, then sweep (one transaction): delete the rows of condemned blobs
 //!    still unreachable, lift the rest, drop cache rows naming deleted blobs;
-//! 5. delete packs with nothing live; rewrite packs with too much dead weight, and
-//!    delete the old ones after another wait for older leases (readers may hold their
-//!    old locations); delete stale temporary files and unindexed packs that were
-//!    there before the wait.
+//! 5. delete packs with nothing live; in the others, punch holes in the bodies of the
+//!    blobs just deleted (the space comes back without rewriting live data); rewrite
+//!    packs still holding too much dead weight, and delete the old ones after another
+//!    wait for older leases (readers may hold their old locations); delete stale
+//!    temporary files and unindexed packs that were there before the wait.
 //!
 //! Memory: a Bloom filter (10 bits per indexed blob, capped), the set of tree ids
 //! visited while marking, and the ids deleted by the sweep.
@@ -71,6 +72,8 @@ pub struct Report {
     pub unreachable_blobs: u64,
     pub unreachable_bytes: u64,
     pub packs_deleted: u64,
+    /// Packs that keep live blobs and gave back the space of dead ones in place.
+    pub packs_punched: u64,
     pub packs_repacked: u64,
     /// Bytes of pack files removed minus bytes of packs written.
     pub bytes_reclaimed: u64,
@@ -101,26 +104,39 @@ pub fn gc(
     report.snapshots = snapshots;
     report.blobs = repo.index.chunk_count()?;
     if opts.dry_run {
-        let mut dead_per_pack: HashMap<Id, u64> = HashMap::new();
+        let mut dead_in: HashMap<Id, Vec<(u64, u32)>> = HashMap::new();
         repo.index.for_each_chunk(|id, loc| {
             if !reach1.contains(&id) {
                 report.unreachable_blobs += 1;
                 report.unreachable_bytes += u64::from(loc.stored_len);
-                *dead_per_pack.entry(loc.pack).or_insert(0) +=
-                    HEADER_LEN as u64 + u64::from(loc.stored_len);
+                dead_in
+                    .entry(loc.pack)
+                    .or_default()
+                    .push((loc.offset, loc.stored_len));
             }
         })?;
         let live = repo.index.pack_live_bytes()?;
         for (pack, row) in repo.index.packs()? {
-            let dead = dead_per_pack.get(&pack).copied().unwrap_or(0);
+            let runs = crate::pack::dead_runs(dead_in.remove(&pack).unwrap_or_default());
+            let dead: u64 = runs.iter().map(|(a, b)| b - a).sum();
+            let punchable: u64 = runs
+                .iter()
+                .filter_map(|&r| crate::pack::punchable(r, 4096))
+                .map(|(a, b)| b - a)
+                .sum();
             let still_live = live.get(&pack).copied().unwrap_or(0).saturating_sub(dead);
-            let unused = row
-                .size_bytes
-                .saturating_sub(PACK_HEADER_LEN as u64 + still_live);
             if still_live == 0 {
                 report.packs_deleted += 1;
-                report.bytes_reclaimed += row.size_bytes;
-            } else if unused as f64 > row.size_bytes as f64 * opts.max_unused_percent / 100.0 {
+                report.bytes_reclaimed += allocated(repo, &pack, row.size_bytes);
+                continue;
+            }
+            if punchable > 0 {
+                report.packs_punched += 1;
+                report.bytes_reclaimed += punchable;
+            }
+            let unused = allocated(repo, &pack, row.size_bytes)
+                .saturating_sub(punchable + PACK_HEADER_LEN as u64 + still_live);
+            if unused as f64 > row.size_bytes as f64 * opts.max_unused_percent / 100.0 {
                 report.packs_repacked += 1;
                 report.bytes_reclaimed += unused;
             }
@@ -149,22 +165,55 @@ pub fn gc(
     report.unreachable_blobs = deleted.len() as u64;
     report.unreachable_bytes = deleted.iter().map(|(_, l)| u64::from(l.stored_len)).sum();
 
-    // Packs: delete the empty, choose the wasteful for repacking.
+    // Packs: delete the empty; give back the dead bodies in the others in place; choose
+    // for repacking those still holding too much dead weight (small blobs, crash
+    // leftovers, filesystems that cannot punch holes).
+    let mut dead_in: HashMap<Id, Vec<(u64, u32)>> = HashMap::new();
+    for (_, loc) in &deleted {
+        dead_in
+            .entry(loc.pack)
+            .or_default()
+            .push((loc.offset, loc.stored_len));
+    }
+    drop(deleted);
     let live = repo.index.pack_live_bytes()?;
+    let packs = repo.index.packs()?;
+    let mut to_punch = Vec::new();
+    for (pack, row) in &packs {
+        if live.get(pack).copied().unwrap_or(0) == 0 {
+            let held = allocated(repo, pack, row.size_bytes);
+            delete_pack(repo, pack)?;
+            report.packs_deleted += 1;
+            report.bytes_reclaimed += held;
+        } else if let Some(dead) = dead_in.remove(pack) {
+            to_punch.push((*pack, crate::pack::dead_runs(dead)));
+        }
+    }
+    // In parallel: with online discard each punch waits for the device.
+    let punched: Vec<Option<u64>> = to_punch
+        .par_iter()
+        .map(|(pack, dead)| {
+            let path = repo.pack_path(pack);
+            let freed =
+                crate::pack::punch(&path, dead).map_err(Error::io("punch holes in pack", &path))?;
+            crate::crash::point("gc punched a pack");
+            Ok(freed)
+        })
+        .collect::<Result<_>>()?;
+    for freed in punched.into_iter().flatten() {
+        report.packs_punched += 1;
+        report.bytes_reclaimed += freed;
+    }
     let mut candidates = Vec::new();
-    for (pack, row) in repo.index.packs()? {
+    for (pack, row) in packs {
         let live_bytes = live.get(&pack).copied().unwrap_or(0);
         if live_bytes == 0 {
-            delete_pack(repo, &pack)?;
-            report.packs_deleted += 1;
-            report.bytes_reclaimed += row.size_bytes;
             continue;
         }
-        let dead = row
-            .size_bytes
-            .saturating_sub(PACK_HEADER_LEN as u64 + live_bytes);
+        let held = allocated(repo, &pack, row.size_bytes);
+        let dead = held.saturating_sub(PACK_HEADER_LEN as u64 + live_bytes);
         if dead as f64 > row.size_bytes as f64 * opts.max_unused_percent / 100.0 {
-            candidates.push((dead, pack, row.size_bytes, live_bytes, row.kind));
+            candidates.push((dead, pack, held, live_bytes, row.kind));
         }
     }
     candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
@@ -302,7 +351,7 @@ fn wait_for_older_leases(repo: &Repository, on_wait: OnWait<'_>) -> Result<()> {
 /// Moves the live blobs of `pack` into new packs. Returns the bytes written.
 fn repack(repo: &Repository, pack: &Id, kind: u8) -> Result<u64> {
     let path = repo.pack_path(pack);
-    let bytes = std::fs::read(&path).map_err(Error::io("read pack", &path))?;
+    let (bytes, holes) = crate::pack::read_pack(&path).map_err(Error::io("read pack", &path))?;
     let kind = if kind == BlobKind::Tree as u8 {
         BlobKind::Tree
     } else {
@@ -311,7 +360,7 @@ fn repack(repo: &Repository, pack: &Id, kind: u8) -> Result<u64> {
     let packer = Packer::for_repack(repo, kind, *pack);
     // Live means indexed at this place now, not as of a cached read snapshot.
     repo.index.refresh();
-    let (blobs, _) = crate::pack::headers(&bytes);
+    let (blobs, _) = crate::pack::headers(&bytes, &holes);
     for (offset, header) in blobs {
         let live = matches!(repo.index.lookup(&header.id)?, Some(loc) if loc.pack == *pack && loc.offset == offset);
         if !live {
@@ -329,6 +378,13 @@ fn repack(repo: &Repository, pack: &Id, kind: u8) -> Result<u64> {
     }
     packer.flush()?;
     Ok(packer.new_bytes_stored())
+}
+
+/// Bytes the pack's file takes on disk: its size, less any holes gc punched in it.
+/// A file that cannot be examined counts at its indexed `size`.
+fn allocated(repo: &Repository, pack: &Id, size: u64) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(repo.pack_path(pack)).map_or(size, |m| size.min(m.blocks() * 512))
 }
 
 fn delete_pack(repo: &Repository, pack: &Id) -> Result<()> {

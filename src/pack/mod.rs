@@ -11,14 +11,19 @@
 //! A pack is named by the BLAKE3 of its whole contents: `packs/<2 hex>/<64 hex>.pack`.
 //! Invariant 1: a pack is fsynced and renamed into place, and its directory fsynced,
 //! before any index row refers to it.
-//! Invariant 2: a pack is never modified; only garbage collection deletes or rewrites.
+//! Invariant 2: a pack's live blobs are never modified; only garbage collection deletes
+//! or rewrites packs, or punches holes in runs of blobs no index row names (a scan
+//! resumes at the first header after a hole, and tells a blob given back this way from
+//! a damaged one; a punched pack's name no longer hashes its bytes).
 //! Deliberately absent: mmap (a truncated pack must be an error, not a SIGBUS).
 
 pub mod blob;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -256,6 +261,9 @@ impl PackReader {
     }
 }
 
+/// A byte range `[start, end)` of a pack file.
+pub type Span = (u64, u64);
+
 /// One blob found by scanning a pack's bytes.
 #[derive(Debug)]
 pub struct ScannedBlob {
@@ -263,40 +271,62 @@ pub struct ScannedBlob {
     pub header: BlobHeader,
     /// `Err` names why the blob's bytes do not verify.
     pub verified: std::result::Result<(), String>,
+    /// The body does not verify because part of it is a hole: gc gave back the space
+    /// of this blob when nothing referenced it. Damage only if an index row names it.
+    pub collected: bool,
 }
 
 /// Decodes the blob headers of a pack without verifying the bodies: (offset, header)
-/// pairs, and why the walk stopped early if it did.
-pub fn headers(bytes: &[u8]) -> (Vec<(u64, BlobHeader)>, Option<String>) {
+/// pairs, and why the walk stopped early if it did. `holes` are the byte ranges the
+/// file holds no data for (see `read_pack`): where a header lies in a hole gc punched,
+/// the walk resumes at the first header found after the hole.
+pub fn headers(bytes: &[u8], holes: &[(u64, u64)]) -> (Vec<(u64, BlobHeader)>, Option<String>) {
     let mut out = Vec::new();
     if bytes.len() < PACK_HEADER_LEN || &bytes[0..8] != PACK_MAGIC {
         return (out, Some("bad pack header".into()));
     }
     let mut at = PACK_HEADER_LEN;
     while at < bytes.len() {
-        let header = match BlobHeader::decode(&bytes[at..]) {
-            Ok(h) => h,
-            Err(e) => return (out, Some(format!("at offset {at}: {e}"))),
-        };
-        let end = at + HEADER_LEN + header.stored_len as usize;
-        if end > bytes.len() {
-            return (
-                out,
-                Some(format!(
-                    "at offset {at}: blob runs past the end of the pack (truncated)"
-                )),
-            );
+        match header_at(bytes, at) {
+            Ok(header) => {
+                out.push((at as u64, header));
+                at += HEADER_LEN + header.stored_len as usize;
+            }
+            Err(why) => {
+                let span = (at as u64, (at + HEADER_LEN) as u64);
+                let Some(&(_, hole_end)) = holes.iter().find(|h| h.0 < span.1 && span.0 < h.1)
+                else {
+                    return (out, Some(format!("at offset {at}: {why}")));
+                };
+                // Resume at the next header after the hole; none means the hole and
+                // the dead bytes after it run to the end of the pack.
+                let from = hole_end as usize;
+                match (from..bytes.len().saturating_sub(HEADER_LEN - 1))
+                    .find(|&p| bytes[p..p + 4] == *blob::BLOB_MAGIC && header_at(bytes, p).is_ok())
+                {
+                    Some(p) => at = p,
+                    None => break,
+                }
+            }
         }
-        out.push((at as u64, header));
-        at = end;
     }
     (out, None)
 }
 
-/// Scans a whole pack, decoding and verifying every blob. Returns the blobs found and,
-/// if the pack is damaged past some point, the reason the scan stopped.
-pub fn scan(bytes: &[u8]) -> (Vec<ScannedBlob>, Option<String>) {
-    let (headers, stopped) = headers(bytes);
+/// The blob header at `at`, if it decodes and its body fits in the pack.
+fn header_at(bytes: &[u8], at: usize) -> std::result::Result<BlobHeader, String> {
+    let header = BlobHeader::decode(&bytes[at..])?;
+    if at + HEADER_LEN + header.stored_len as usize > bytes.len() {
+        return Err("blob runs past the end of the pack (truncated)".into());
+    }
+    Ok(header)
+}
+
+/// Scans a whole pack, decoding and verifying every blob. `holes` are the byte ranges
+/// the file holds no data for (see `read_pack`). Returns the blobs found and, if the
+/// pack is damaged past some point, the reason the scan stopped.
+pub fn scan(bytes: &[u8], holes: &[(u64, u64)]) -> (Vec<ScannedBlob>, Option<String>) {
+    let (headers, stopped) = headers(bytes, holes);
     let blobs = headers
         .into_iter()
         .map(|(offset, header)| {
@@ -304,14 +334,89 @@ pub fn scan(bytes: &[u8]) -> (Vec<ScannedBlob>, Option<String>) {
             let verified =
                 blob::decode_verified(&header, &bytes[at..at + header.stored_len as usize])
                     .map(|_| ());
+            let (start, end) = (at as u64, at as u64 + u64::from(header.stored_len));
+            let collected =
+                verified.is_err() && holes.iter().any(|&(h0, h1)| h0 < end && start < h1);
             ScannedBlob {
                 offset,
                 header,
                 verified,
+                collected,
             }
         })
         .collect();
     (blobs, stopped)
+}
+
+/// Reads a whole pack file, and the byte ranges of it that are holes (space gc gave
+/// back). A filesystem that cannot report holes reports none.
+pub fn read_pack(path: &Path) -> std::io::Result<(Vec<u8>, Vec<Span>)> {
+    let mut file = File::open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let len = bytes.len() as u64;
+    let mut holes = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let Ok(hole) = rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(at)) else {
+            break;
+        };
+        if hole >= len {
+            break;
+        }
+        let data = rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(hole)).unwrap_or(len);
+        holes.push((hole, data.min(len)));
+        at = data;
+    }
+    Ok((bytes, holes))
+}
+
+/// Merges dead blobs (`(offset, stored_len)`, any order) into the byte ranges of runs
+/// of consecutive dead blobs, headers included.
+pub fn dead_runs(mut dead: Vec<(u64, u32)>) -> Vec<(u64, u64)> {
+    dead.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (offset, stored_len) in dead {
+        let end = offset + HEADER_LEN as u64 + u64::from(stored_len);
+        match runs.last_mut() {
+            Some(last) if last.1 == offset => last.1 = end,
+            _ => runs.push((offset, end)),
+        }
+    }
+    runs
+}
+
+/// The part of a run of dead blobs that punching can give back: the whole `block`s
+/// inside it, so live neighbours are never touched.
+pub fn punchable((start, end): (u64, u64), block: u64) -> Option<(u64, u64)> {
+    let (start, end) = (start.div_ceil(block) * block, end / block * block);
+    (end > start).then_some((start, end))
+}
+
+/// Gives back the disk space of runs of dead blobs (see `dead_runs`) in the pack at
+/// `path` by punching holes in them. Returns the bytes the file's allocation shrank
+/// by, or `None` when the filesystem cannot punch holes.
+pub fn punch(path: &Path, runs: &[(u64, u64)]) -> std::io::Result<Option<u64>> {
+    use rustix::fs::FallocateFlags;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let meta = file.metadata()?;
+    let block = meta.blksize().max(512);
+    let before = meta.blocks() * 512;
+    for &run in runs {
+        let Some((start, end)) = punchable(run, block) else {
+            continue;
+        };
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&file, flags, start, end - start) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let after = file.metadata()?.blocks() * 512;
+    Ok(Some(before.saturating_sub(after)))
 }
 
 #[cfg(test)]
@@ -331,7 +436,7 @@ mod tests {
 
     #[test]
     fn scan_finds_every_blob_of_a_sound_pack() {
-        let (blobs, stopped) = scan(&sample_pack());
+        let (blobs, stopped) = scan(&sample_pack(), &[]);
         assert_eq!(stopped, None);
         assert_eq!(blobs.len(), 2);
         assert!(blobs.iter().all(|b| b.verified.is_ok()));
@@ -344,7 +449,7 @@ mod tests {
             for bit in [0, 3, 7] {
                 let mut bytes = pack.clone();
                 bytes[at] ^= 1 << bit;
-                let (blobs, stopped) = scan(&bytes);
+                let (blobs, stopped) = scan(&bytes, &[]);
                 let damaged = stopped.is_some() || blobs.iter().any(|b| b.verified.is_err());
                 assert!(damaged, "flip of bit {bit} at {at} went unnoticed");
             }
@@ -355,8 +460,77 @@ mod tests {
     fn truncated_packs_never_panic() {
         let pack = sample_pack();
         for len in 0..pack.len() {
-            let (blobs, _) = scan(&pack[..len]);
+            let (blobs, _) = scan(&pack[..len], &[]);
             assert!(blobs.len() <= 2);
         }
+    }
+
+    #[test]
+    fn punching_dead_runs_gives_space_back_and_every_live_blob_still_scans() {
+        // Five incompressible blobs; 1 and 2 (consecutive) and 4 (the last) die.
+        let mut bytes = pack_header(BlobKind::Data).to_vec();
+        let mut at = Vec::new();
+        for n in 0..5u32 {
+            let mut raw = vec![0u8; 30_000 + n as usize * 7_001];
+            blake3::Hasher::new()
+                .update(&n.to_le_bytes())
+                .finalize_xof()
+                .fill(&mut raw);
+            let blob = blob::encode(BlobKind::Data, Id::of(&raw), &raw, 3).unwrap();
+            at.push((bytes.len() as u64, blob.header.stored_len));
+            bytes.extend_from_slice(&blob.header.encode());
+            bytes.extend_from_slice(&blob.stored);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.pack");
+        #[allow(clippy::disallowed_methods)] // a test fixture, not repository data
+        std::fs::write(&path, &bytes).unwrap();
+        let runs = dead_runs(vec![at[4], at[1], at[2]]);
+        assert_eq!(runs.len(), 2, "blobs 1 and 2 make one run");
+        let freed = punch(&path, &runs)
+            .unwrap()
+            .expect("this filesystem punches holes");
+        let want: u64 = runs
+            .iter()
+            .filter_map(|&r| punchable(r, 4096))
+            .map(|(a, b)| b - a)
+            .sum();
+        assert!(
+            freed >= want && want > 60_000,
+            "freed {freed}, punchable {want}"
+        );
+        let (read, holes) = read_pack(&path).unwrap();
+        assert_eq!(read.len(), bytes.len(), "punching changed the file's size");
+        assert!(!holes.is_empty());
+        let (blobs, stopped) = scan(&read, &holes);
+        assert_eq!(stopped, None, "{blobs:?}");
+        for live in [0, 3] {
+            let b = blobs
+                .iter()
+                .find(|b| b.offset == at[live].0)
+                .expect("live blob found");
+            assert!(b.verified.is_ok());
+        }
+        assert!(
+            blobs
+                .iter()
+                .filter(|b| b.verified.is_err())
+                .all(|b| b.collected)
+        );
+        // Bytes outside the punched ranges are untouched.
+        let mut expect = bytes.clone();
+        for (a, b) in runs.iter().filter_map(|&r| punchable(r, 4096)) {
+            expect[a as usize..b as usize].fill(0);
+        }
+        assert!(read == expect);
+    }
+
+    #[test]
+    fn damage_outside_a_hole_is_never_called_collected() {
+        let mut bytes = sample_pack();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let (blobs, _) = scan(&bytes, &[(0, 8)]);
+        assert!(blobs[1].verified.is_err() && !blobs[1].collected);
     }
 }

@@ -38,7 +38,7 @@ pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
     let mut files = repo.pack_files()?;
     files.sort();
     for (pack, path) in files {
-        let bytes = match std::fs::read(&path) {
+        let (bytes, holes) = match crate::pack::read_pack(&path) {
             Ok(b) => b,
             Err(e) => {
                 report
@@ -48,7 +48,7 @@ pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
             }
         };
         progress.add(1, bytes.len() as u64);
-        let (blobs, stopped) = crate::pack::scan(&bytes);
+        let (blobs, stopped) = crate::pack::scan(&bytes, &holes);
         if let Some(why) = stopped {
             report
                 .problems
@@ -70,6 +70,8 @@ pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
                         },
                     ));
                 }
+                // Given back by gc: nothing referenced it.
+                Err(_) if b.collected => {}
                 Err(why) => {
                     report.damaged_blobs += 1;
                     report.problems.push(format!(

@@ -789,20 +789,28 @@ pub fn assert_same_tree_except(expected: &Path, actual: &Path, absent: &[&[u8]])
 impl Repo {
     /// Runs `volsnap --json ARGS...` set to abort at its `n`-th crash point. Returns
     /// whether it aborted there (any other failure fails the test).
-    pub fn run_crashing_at(&self, n: u32, args: &[&str]) -> bool {
+    /// Runs volsnap with `args`, aborting at its `at`-th crash point (a number) or its
+    /// first crash point named `at`. Returns the name of the point it aborted at, or
+    /// `None` when the run finished first.
+    pub fn run_crashing_at(&self, at: impl ToString, args: &[&str]) -> Option<String> {
         let mut cmd = self.command();
-        cmd.env("VOLSNAP_CRASH_AT", n.to_string())
+        cmd.env("VOLSNAP_CRASH_AT", at.to_string())
             .arg("--json")
             .args(args);
         let run = Run::from_command(cmd);
-        let crashed = run.status != 0;
-        if crashed {
-            assert!(
-                run.all_output().contains("crash point"),
-                "not a crash point abort\n{}",
-                run.describe()
-            );
+        if run.status == 0 {
+            return None;
         }
-        crashed
+        let out = run.all_output();
+        let point = out
+            .split_once("crash point ")
+            .and_then(|(_, rest)| rest.split_once('(')?.1.split_once(')'))
+            .map(|(name, _)| name.to_string());
+        assert!(
+            point.is_some(),
+            "not a crash point abort\n{}",
+            run.describe()
+        );
+        point
     }
 }
