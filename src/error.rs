@@ -71,6 +71,13 @@ pub enum Error {
     /// The user asked for something that cannot be done as asked.
     #[error("{0}")]
     Usage(String),
+
+    /// A live restore that pre-flight refused: nothing was changed.
+    #[error("{0}")]
+    Refused(String),
+
+    #[error("{phase} command failed: {detail}")]
+    Hook { phase: &'static str, detail: String },
     /// An invalid exclude pattern.
     #[error("exclude pattern {pattern:?}: {detail}")]
     Pattern { pattern: String, detail: String },

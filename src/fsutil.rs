@@ -1,4 +1,5 @@
-//! The only module that renames, fsyncs directories or replaces files atomically.
+//! The only module that renames (including the live restore's atomic exchange), fsyncs
+//! directories or replaces files atomically.
 //!
 //! Assumptions about the media (see ARCHITECTURE.md): a rename within one filesystem is
 //! atomic; an fsync of the directory makes a rename in it durable; an fsync error is
@@ -90,6 +91,32 @@ pub fn rename_durable(from: &Path, to: &Path) -> Result<()> {
     #[allow(clippy::disallowed_methods)] // the one place a raw rename is allowed
     fs::rename(from, to).map_err(Error::io("rename into place", to))?;
     fsync_dir(to.parent().expect("repository files have a parent"))
+}
+
+/// Swaps two directory entries atomically (`renameat2(RENAME_EXCHANGE)`): at no
+/// instant is either path missing. The caller fsyncs the parent(s).
+pub fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        a,
+        rustix::fs::CWD,
+        b,
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Renames `from` to `to` unless `to` exists (`RENAME_NOREPLACE`). The caller fsyncs
+/// the parent(s).
+pub fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(std::io::Error::from)
 }
 
 #[cfg(test)]

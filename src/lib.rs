@@ -32,6 +32,7 @@ pub mod id;
 pub mod index;
 pub mod inspect;
 pub mod limits;
+pub mod live;
 pub mod pack;
 pub mod progress;
 pub mod repo;

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use volsnap::progress::Progress;
 use volsnap::repo::{self, Config, Repository};
-use volsnap::{Error, check, inspect, restore, snapshot};
+use volsnap::{Error, check, inspect, live, restore, snapshot};
 
 /// Exit codes (stable; documented in README.md).
 mod exit {
@@ -96,19 +96,49 @@ enum Command {
     },
     /// Show what changed between two snapshots
     Diff { old: String, new: String },
-    /// Restore a snapshot, or SNAP:path, into a new or empty directory
+    /// Restore a snapshot, or SNAP:path, into a new or empty directory (--to), or over
+    /// the live directories of its volumes, all or nothing (--in-place)
     Restore {
-        source: OsString,
+        /// The snapshot (or SNAP:path with --to); with --undo, the live directory whose
+        /// last in-place restore to undo
+        source: Option<OsString>,
         /// Target directory (created if absent)
-        #[arg(long, required = true)]
-        to: PathBuf,
+        #[arg(long, conflicts_with_all = ["in_place", "undo"])]
+        to: Option<PathBuf>,
         /// Restore into a non-empty directory
-        #[arg(long)]
+        #[arg(long, requires = "to")]
         force: bool,
         /// Restore only this volume of a multi-volume snapshot
-        #[arg(long)]
+        #[arg(long, requires = "to")]
         volume: Option<String>,
+        /// Replace the live directories of the snapshot's volumes (the paths it recorded,
+        /// or --map): staged beside them, swapped atomically, journaled, undoable
+        #[arg(long, conflicts_with = "undo")]
+        in_place: bool,
+        /// Restore the pre-restore snapshot of the last in-place restore (of SOURCE, if
+        /// given) the same way
+        #[arg(long)]
+        undo: bool,
+        /// LABEL=DIR: restore volume LABEL onto DIR instead of its recorded path
+        #[arg(long, value_name = "LABEL=DIR")]
+        map: Vec<String>,
+        /// Command run (sh -c) before anything changes, e.g. to stop the application;
+        /// its failure aborts with nothing changed
+        #[arg(long)]
+        pre_cmd: Option<String>,
+        /// Command run once the targets are settled, restored or rolled back, e.g. to
+        /// start the application again
+        #[arg(long)]
+        post_cmd: Option<String>,
+        /// Print what would be added, removed and modified in each volume, and stop
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
+    /// Finish or roll back interrupted in-place restores (also done by every command)
+    Recover,
     /// Write a snapshot, or SNAP:path, as an archive any tar reads
     Export {
         source: OsString,
@@ -159,7 +189,8 @@ enum Command {
         /// Report what would be reclaimed without changing anything
         #[arg(long)]
         dry_run: bool,
-        /// Rewrite packs whose unused share exceeds this percentage
+        /// Rewrite packs whose dead share, after punching holes where the filesystem
+        /// allows, still exceeds this percentage (0: leave no dead byte)
         #[arg(long, default_value_t = 10.0)]
         max_unused: f64,
         /// Rewrite at most this many live bytes in one run
@@ -260,6 +291,109 @@ fn split_ref(arg: &OsString) -> (String, Vec<u8>) {
     }
 }
 
+/// Opens the repository and first recovers any interrupted in-place restore.
+fn open(path: &std::path::Path) -> anyhow::Result<Repository> {
+    let repo = Repository::open(path)?;
+    recover_quietly(&repo);
+    Ok(repo)
+}
+
+/// Recovers interrupted in-place restores, saying so on stderr.
+fn recover_quietly(repo: &Repository) {
+    match live::recover(repo) {
+        Ok(done) => {
+            for r in done {
+                eprintln!("volsnap: {}", render::recovered_text(&r));
+            }
+        }
+        Err(e) => eprintln!(
+            "warning: an interrupted in-place restore could not be recovered: {e:#} \
+             (run `volsnap recover`)"
+        ),
+    }
+}
+
+/// `LABEL=DIR` arguments.
+fn parse_maps(maps: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    maps.iter()
+        .map(|m| match m.split_once('=') {
+            Some((l, d)) if !l.is_empty() && !d.is_empty() => Ok((l.to_string(), PathBuf::from(d))),
+            _ => Err(Error::Usage(format!("--map {m:?}: expected LABEL=DIR")).into()),
+        })
+        .collect()
+}
+
+fn live_restore(
+    path: &std::path::Path,
+    source: Option<OsString>,
+    undo: bool,
+    opts: live::Options,
+    yes: bool,
+    json: bool,
+    show_progress: bool,
+) -> anyhow::Result<u8> {
+    let repo = open(path)?;
+    let snap = if undo {
+        live::undo_snapshot(&repo, source.as_ref().map(std::path::Path::new))?
+    } else {
+        let Some(source) = source else {
+            return Err(Error::Usage("restore --in-place needs a snapshot".into()).into());
+        };
+        let (reference, sub) = split_ref(&source);
+        if !sub.is_empty() {
+            return Err(Error::Usage(
+                "restore --in-place replaces whole volumes: give a snapshot, not SNAP:path".into(),
+            )
+            .into());
+        }
+        snapshot::resolve(&repo, &reference)?
+    };
+    if !yes && !opts.dry_run {
+        confirm(&snap, &opts)?;
+    }
+    let progress = Progress::default();
+    let report = render::with_progress(show_progress, &progress, "restore", || {
+        live::restore_in_place(&repo, &snap, &opts, &progress)
+    })?;
+    emit(json, &render::live_json(&report), || {
+        render::live_text(&report)
+    })?;
+    Ok(exit::OK)
+}
+
+/// Asks before replacing live data; without a terminal, `--yes` is required.
+fn confirm(snap: &snapshot::Listed, opts: &live::Options) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::Usage(
+            "an in-place restore replaces live data: pass --yes to confirm (or --dry-run to see \
+             what would change)"
+                .into(),
+        )
+        .into());
+    }
+    eprintln!(
+        "Replace these live directories with snapshot {}?",
+        snap.id.short()
+    );
+    for v in &snap.snapshot.volumes {
+        let target = opts
+            .maps
+            .iter()
+            .rev()
+            .find(|(l, _)| l == &v.label)
+            .map(|(_, p)| p.display().to_string())
+            .unwrap_or_else(|| String::from_utf8_lossy(&v.source).into_owned());
+        eprintln!("  {} -> {target}", v.label);
+    }
+    eprint!("[y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        return Err(Error::Refused("not confirmed; nothing was changed".into()).into());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<u8> {
     let path = repo_path(&cli);
     let json = cli.json;
@@ -307,12 +441,14 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 std::fs::metadata(d).map_err(Error::io("snapshot source", d))?;
             }
             let (repo, _) = Repository::init(&path, Config::default())?;
+            recover_quietly(&repo);
             let opts = snapshot::Options {
                 series: name,
                 tags: tag,
                 skip_if_unchanged,
                 excludes: exclude,
                 cross_filesystems,
+                ..Default::default()
             };
             let progress = Progress::default();
             let outcome = render::with_progress(show_progress, &progress, "snapshot", || {
@@ -338,7 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::List { name, tag } => {
-            let repo = Repository::open(&path)?;
+            let repo = open(&path)?;
             let all: Vec<_> = snapshot::list_all(&repo)?
                 .into_iter()
                 .filter(|l| name.as_ref().is_none_or(|n| &l.snapshot.series == n))
@@ -354,7 +490,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Show {
             snapshot: reference,
         } => {
-            let repo = Repository::open(&path)?;
+            let repo = open(&path)?;
             let listed = snapshot::resolve(&repo, &reference)?;
             emit(json, &render::snapshot_json(&listed, false), || {
                 render::show_text(&listed)
@@ -365,7 +501,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             long,
             recursive,
         } => {
-            let repo = Repository::open(&path)?;
+            let repo = open(&path)?;
             let (reference, sub) = split_ref(&target);
             let listed = snapshot::resolve(&repo, &reference)?;
             let entries = inspect::ls(&repo, &listed, &sub, recursive)?;
@@ -373,7 +509,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             emit(json, &value, || render::ls_text(&entries, long))?;
         }
         Command::Diff { old, new } => {
-            let repo = Repository::open(&path)?;
+            let repo = open(&path)?;
             let a = snapshot::resolve(&repo, &old)?;
             let b = snapshot::resolve(&repo, &new)?;
             let d = inspect::diff(&repo, &a, &b)?;
@@ -384,8 +520,37 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             to,
             force,
             volume,
+            in_place,
+            undo,
+            map,
+            pre_cmd,
+            post_cmd,
+            dry_run,
+            yes,
         } => {
-            let repo = Repository::open(&path)?;
+            if in_place || undo {
+                let opts = live::Options {
+                    maps: parse_maps(&map)?,
+                    quiesce: pre_cmd.map(live::journal::Hook::Shell),
+                    redeploy: post_cmd.map(live::journal::Hook::Shell),
+                    dry_run,
+                };
+                return live_restore(&path, source, undo, opts, yes, json, show_progress);
+            }
+            if !map.is_empty() || pre_cmd.is_some() || post_cmd.is_some() || dry_run || yes {
+                return Err(Error::Usage(
+                    "--map, --pre-cmd, --post-cmd, --dry-run and --yes go with --in-place or --undo"
+                        .into(),
+                )
+                .into());
+            }
+            let (Some(source), Some(to)) = (source, to) else {
+                return Err(Error::Usage(
+                    "restore needs a snapshot and --to DIR, --in-place or --undo".into(),
+                )
+                .into());
+            };
+            let repo = open(&path)?;
             let (reference, sub) = split_ref(&source);
             let listed = snapshot::resolve(&repo, &reference)?;
             let opts = restore::Options { force, volume };
@@ -437,7 +602,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 )
                 .into());
             }
-            let repo = Repository::open(&path)?;
+            let repo = open(&path)?;
             let (reference, sub) = split_ref(&source);
             let listed = snapshot::resolve(&repo, &reference)?;
             let opts = volsnap::export::Options {
@@ -503,7 +668,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             dry_run,
         } => {
             use volsnap::gc::forget;
-            let repo = Repository::open(&path)?;
+            let repo = open(&path)?;
             let within_ns = match &keep_within {
                 Some(d) => Some(forget::parse_duration(d).ok_or_else(|| {
                     Error::Usage(format!(
@@ -601,7 +766,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             max_unused,
             max_repack,
         } => {
-            let repo = Repository::open(&path)?;
+            let repo = open(&path)?;
             let opts = volsnap::gc::Options {
                 dry_run,
                 max_unused_percent: max_unused,
@@ -657,6 +822,21 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 )
             })?;
         }
+        Command::Recover => {
+            let repo = Repository::open(&path)?;
+            let done = live::recover(&repo)?;
+            let value =
+                json!({"recovered": done.iter().map(render::recovered_json).collect::<Vec<_>>()});
+            emit(json, &value, || {
+                if done.is_empty() {
+                    "nothing to recover\n".to_string()
+                } else {
+                    done.iter()
+                        .map(|r| format!("{}\n", render::recovered_text(r)))
+                        .collect()
+                }
+            })?;
+        }
         Command::Repair {
             what: RepairWhat::Index,
         } => {
@@ -682,7 +862,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })?;
         }
         Command::Check { read_data } => {
-            let repo = Repository::open(&path)?;
+            let repo = open(&path)?;
             let progress = Progress::default();
             let opts = check::Options {
                 read_data_percent: read_data,

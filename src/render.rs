@@ -64,18 +64,7 @@ pub fn with_progress<T>(
 }
 
 pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    volsnap::progress::human_bytes(n)
 }
 
 /// UTC time as RFC 3339 with seconds.
@@ -345,4 +334,83 @@ pub fn check_text(r: &check::Report) -> String {
         }
     );
     out
+}
+
+pub fn live_json(r: &volsnap::live::Report) -> Value {
+    json!({
+        "restore_id": r.restore_id,
+        "snapshot": r.snapshot.hex(),
+        "dry_run": r.dry_run,
+        "undo": r.undo.map(|u| u.hex()),
+        "redeployed": r.redeployed,
+        "duration_ms": r.duration_ms,
+        "volumes": r.volumes.iter().map(|v| {
+            let mut d = diff_json(&v.changes);
+            d["label"] = json!(v.label);
+            d["target"] = json!(v.target);
+            d
+        }).collect::<Vec<_>>(),
+    })
+}
+
+pub fn live_text(r: &volsnap::live::Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} snapshot {} onto {} volume{}{}",
+        if r.dry_run {
+            "would restore"
+        } else {
+            "restored"
+        },
+        r.snapshot.short(),
+        r.volumes.len(),
+        if r.volumes.len() == 1 { "" } else { "s" },
+        if r.dry_run {
+            String::new()
+        } else {
+            format!(" in {:.1}s", r.duration_ms as f64 / 1000.0)
+        }
+    );
+    for v in &r.volumes {
+        let _ = writeln!(out, "volume {} -> {}:", v.label, v.target.display());
+        for line in diff_text(&v.changes).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    if let Some(u) = r.undo {
+        let _ = writeln!(
+            out,
+            "the previous contents are snapshot {}: `volsnap restore --undo` brings them back",
+            u.short()
+        );
+    }
+    out
+}
+
+pub fn recovered_json(r: &volsnap::live::Recovered) -> Value {
+    json!({
+        "restore_id": r.restore_id,
+        "outcome": r.outcome,
+        "redeployed": r.redeployed,
+        "hook_error": r.hook_error,
+        "targets": r.targets,
+    })
+}
+
+pub fn recovered_text(r: &volsnap::live::Recovered) -> String {
+    let targets: Vec<String> = r.targets.iter().map(|t| t.display().to_string()).collect();
+    let mut s = format!(
+        "interrupted in-place restore {} {} ({})",
+        r.restore_id,
+        r.outcome,
+        targets.join(", ")
+    );
+    if r.redeployed {
+        s.push_str("; post-cmd run");
+    }
+    if let Some(e) = &r.hook_error {
+        s.push_str(&format!("; {e}"));
+    }
+    s
 }

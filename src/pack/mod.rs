@@ -79,9 +79,20 @@ pub struct Packer<'r> {
     seen: Mutex<HashSet<Id>>,
     new_blobs: AtomicU64,
     new_bytes_stored: AtomicU64,
+    /// A dry run: blobs are hashed but never written; trees are kept in memory
+    /// (`Repository::unstored`) so the snapshot can be compared with others.
+    dry: bool,
 }
 
 impl<'r> Packer<'r> {
+    /// A packer that writes nothing (see `dry`).
+    pub fn dry(repo: &'r Repository, kind: BlobKind) -> Packer<'r> {
+        Packer {
+            dry: true,
+            ..Packer::new(repo, kind)
+        }
+    }
+
     pub fn new(repo: &'r Repository, kind: BlobKind) -> Packer<'r> {
         Packer::with_mode(repo, kind, Commit::Store)
     }
@@ -100,6 +111,7 @@ impl<'r> Packer<'r> {
             seen: Mutex::new(HashSet::new()),
             new_blobs: AtomicU64::new(0),
             new_bytes_stored: AtomicU64::new(0),
+            dry: false,
         }
     }
 
@@ -116,6 +128,13 @@ impl<'r> Packer<'r> {
     pub fn store(&self, id: Id, raw: &[u8]) -> Result<bool> {
         if self.has(&id)? {
             return Ok(false);
+        }
+        if self.dry {
+            if self.kind == BlobKind::Tree {
+                let mut unstored = self.repo.unstored.lock().expect("unstored lock");
+                unstored.insert(id, raw.to_vec());
+            }
+            return Ok(self.seen.lock().expect("packer lock").insert(id));
         }
         let blob =
             blob::encode(self.kind, id, raw, self.repo.config.zstd_level).map_err(|detail| {

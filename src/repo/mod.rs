@@ -115,14 +115,18 @@ pub struct Repository {
     reader: PackReader,
     /// Pack shards this process has made durable (see `ensure_shard`).
     shards: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    /// Trees built by dry-run snapshots in this process: read like stored blobs, never
+    /// written (see `Packer::dry`).
+    pub(crate) unstored: std::sync::Mutex<std::collections::HashMap<Id, Vec<u8>>>,
 }
 
 /// Names a repository directory may hold; anything else means `root` is some other
 /// directory, which init must not fill with repository files.
-const LAYOUT: [&str; 7] = [
+const LAYOUT: [&str; 8] = [
     "config",
     "index.redb",
     "index.redb.old",
+    "journals",
     "locks",
     "packs",
     "snapshots",
@@ -210,6 +214,7 @@ impl Repository {
             index,
             reader: PackReader::default(),
             shards: Default::default(),
+            unstored: Default::default(),
         }
     }
 
@@ -286,6 +291,9 @@ impl Repository {
 
     /// Reads and verifies the blob `id`.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.unstored.lock().expect("unstored lock").get(id) {
+            return Ok(bytes.clone());
+        }
         let loc = self
             .index
             .lookup(id)?

@@ -45,6 +45,11 @@ pub struct Options {
     pub excludes: Vec<String>,
     /// Descend into other filesystems mounted inside a volume.
     pub cross_filesystems: bool,
+    /// Volume labels, one per directory, instead of the directories' names.
+    pub labels: Option<Vec<String>>,
+    /// Read and hash everything but store nothing: the snapshot is returned unsaved
+    /// (id zero) and its trees are readable in this process only.
+    pub dry_run: bool,
 }
 
 /// The result of `create`.
@@ -152,7 +157,15 @@ pub fn create(
         }
         sources.push(canonical);
     }
-    let labels = labels_for(&sources);
+    let labels = match &opts.labels {
+        Some(l) if l.len() == sources.len() => l.clone(),
+        Some(_) => {
+            return Err(Error::Usage(
+                "one label per snapshot source is needed".into(),
+            ));
+        }
+        None => labels_for(&sources),
+    };
     let series = match &opts.series {
         Some(s) if s.is_empty() || s.contains(['@', ':', '\0', '/']) => {
             return Err(Error::Usage(format!(
@@ -177,8 +190,17 @@ pub fn create(
         avg: repo.config.chunk_size_avg,
         max: repo.config.chunk_size_max,
     };
-    let data = Packer::new(repo, BlobKind::Data);
-    let trees = Packer::new(repo, BlobKind::Tree);
+    let (data, trees) = if opts.dry_run {
+        (
+            Packer::dry(repo, BlobKind::Data),
+            Packer::dry(repo, BlobKind::Tree),
+        )
+    } else {
+        (
+            Packer::new(repo, BlobKind::Data),
+            Packer::new(repo, BlobKind::Tree),
+        )
+    };
     let mut volumes = Vec::new();
     let mut stats = Stats::default();
     let mut unreadable = Vec::new();
@@ -276,6 +298,15 @@ pub fn create(
         unreadable,
         notes,
     };
+    if opts.dry_run {
+        return Ok(Outcome {
+            listed: Listed {
+                id: Id([0; 32]),
+                snapshot,
+            },
+            skipped: false,
+        });
+    }
     crate::crash::pause("snapshot before commit");
     let listed = record::commit(repo, snapshot)?;
     cache::store(repo, &cache_rows)?;

@@ -16,5 +16,6 @@ mod export;
 mod gc;
 mod hostile;
 mod incremental;
+mod live;
 mod roundtrip;
 mod unreadable;

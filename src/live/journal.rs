@@ -1,0 +1,197 @@
+//! The live-restore journal: what a restore in flight is about to do and has done,
+//! written durably (atomic replace, fsynced) before every step that changes live
+//! state, so that `recover` can roll it back or finish it after a crash.
+//!
+//! ```text
+//! <repo>/journals/<id>.journal   magic "VSNPJRNL" | version u32 LE | postcard Journal
+//! <repo>/journals/<id>.lock      flock held by the restoring process
+//! ```
+//! Invariant: a journal whose lock can be taken belongs to a dead process (the kernel
+//! drops the lock with the process); one whose lock is held is in flight and left
+//! alone.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::id::Id;
+use crate::repo::Repository;
+
+const MAGIC: &[u8; 8] = b"VSNPJRNL";
+const VERSION: u32 = 1;
+
+/// How far a restore got. Recovery rolls back anything before `Committed` and
+/// finishes anything from it on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum State {
+    /// Targets checked; nothing touched yet.
+    Prepared,
+    /// The quiesce hook is about to run or has run: the application may be down, so
+    /// recovery runs the redeploy hook.
+    Quiesced,
+    /// Every volume is staged (fsynced) and the undo snapshot taken.
+    Staged,
+    /// Swaps are under way (`Volume::swapped` records which are done).
+    Swapping,
+    /// Every volume is swapped: the restore has happened.
+    Committed,
+    /// The redeploy hook has run.
+    Redeployed,
+}
+
+/// A command the restore runs, recorded so recovery can run it too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hook {
+    /// `sh -c COMMAND`.
+    Shell(String),
+}
+
+/// A file or directory's identity: (device, inode).
+pub type Ino = (u64, u64);
+
+/// One volume of a restore.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Volume {
+    pub label: String,
+    /// The live directory, absolute.
+    pub target: PathBuf,
+    /// The sibling staging directory, absolute.
+    pub stage: PathBuf,
+    /// The live directory's identity when the restore began; `None`: it did not exist.
+    pub old: Option<Ino>,
+    /// The staged directory's identity, once staged.
+    pub new: Option<Ino>,
+    /// Progress record: the swap of this volume has been done.
+    pub swapped: bool,
+}
+
+/// A restore in flight.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Journal {
+    pub id: String,
+    /// The snapshot being restored.
+    pub snapshot: Id,
+    pub pid: u32,
+    pub started_ns: i64,
+    pub state: State,
+    pub quiesce: Option<Hook>,
+    pub redeploy: Option<Hook>,
+    /// The pre-restore snapshot of the live targets (the undo), once taken.
+    pub undo: Option<Id>,
+    pub volumes: Vec<Volume>,
+}
+
+pub fn dir(repo: &Repository) -> PathBuf {
+    repo.root.join("journals")
+}
+
+fn path(repo: &Repository, id: &str) -> PathBuf {
+    dir(repo).join(format!("{id}.journal"))
+}
+
+fn lock_path(repo: &Repository, id: &str) -> PathBuf {
+    dir(repo).join(format!("{id}.lock"))
+}
+
+impl Journal {
+    /// Writes the journal durably, replacing the previous version atomically.
+    pub fn save(&self, repo: &Repository) -> Result<()> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&VERSION.to_le_bytes());
+        postcard::to_io(self, &mut bytes).expect("journals encode");
+        fsutil::atomic_write(&repo.tmp_dir(), &path(repo, &self.id), &bytes)
+    }
+
+    /// Reads a journal; `None` if it is gone.
+    pub fn load(repo: &Repository, id: &str) -> Result<Option<Journal>> {
+        let p = path(repo, id);
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read journal", &p)(e)),
+        };
+        let corrupt = |detail: String| Error::Corrupt {
+            what: "restore journal",
+            path: p.clone(),
+            detail,
+        };
+        if bytes.len() < 12 || &bytes[..8] != MAGIC {
+            return Err(corrupt("not a volsnap journal".into()));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(corrupt(format!(
+                "journal version {version} is not {VERSION}"
+            )));
+        }
+        postcard::from_bytes(&bytes[12..])
+            .map(Some)
+            .map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Removes the journal (durably) and then its lock file.
+    pub fn remove(&self, repo: &Repository) -> Result<()> {
+        let p = path(repo, &self.id);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove journal", &p)(e)),
+        }
+        fsutil::fsync_dir(&dir(repo))?;
+        let _ = std::fs::remove_file(lock_path(repo, &self.id));
+        Ok(())
+    }
+}
+
+/// Takes the lock of journal `id` (creating its file). `None` when another process
+/// holds it: that restore is in flight.
+pub fn lock(repo: &Repository, id: &str) -> Result<Option<File>> {
+    let d = dir(repo);
+    if !d.exists() {
+        fsutil::create_dir_private(&d)?;
+    }
+    let p = lock_path(repo, id);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(Error::io("open journal lock", &p))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &p)(e)),
+    }
+}
+
+/// The ids of every journal in the repository.
+pub fn list(repo: &Repository) -> Result<Vec<String>> {
+    let d = dir(repo);
+    let entries = match std::fs::read_dir(&d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("read directory", &d)(e)),
+    };
+    let mut ids = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(Error::io("read directory", &d))?.file_name();
+        if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".journal")) {
+            ids.push(id.to_string());
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// The identity of whatever is at `path` now (not following a final symlink).
+pub fn ino(path: &Path) -> Result<Option<Ino>> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("stat", path)(e)),
+    }
+}

@@ -1,0 +1,742 @@
+//! Live restore: replace the live directories of a snapshot's volumes with the
+//! snapshot's contents, all or nothing, journaled, crash-safe, with undo.
+//!
+//! The protocol (see ARCHITECTURE.md "Live restore"):
+//! 1. resolve every target now and run the pre-flight checks (space, mount points,
+//!    the exchange probe, the target lock); nothing is touched if one fails;
+//! 2. write the journal (`Prepared`), then (`Quiesced`) run the quiesce hook;
+//! 3. stage every volume into a sibling `.volsnap-stage-<id>-<n>` directory, fsynced;
+//! 4. take the undo snapshot of the live targets (incremental, same series, tagged
+//!    `pre-restore`); journal `Staged`;
+//! 5. journal `Swapping`, then exchange each target with its staging directory
+//!    (`renameat2(RENAME_EXCHANGE)`), fsync the parent, record progress;
+//! 6. journal `Committed`; run the redeploy hook; journal `Redeployed`;
+//! 7. delete the old trees (now at the staging names) and the journal.
+//!
+//! Recovery (`recover`, run at the start of every command that opens the repository)
+//! rolls back a journal not yet committed: every swapped volume is swapped back (which
+//! side a target is on is read from inode numbers, not from the progress record),
+//! staging is removed, and the redeploy hook runs if the quiesce hook may have. A
+//! committed journal is finished. Either way the targets end all old or all new.
+
+pub mod journal;
+mod preflight;
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use journal::{Hook, Ino, Journal, State};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::id::Id;
+use crate::inspect::{self, Diff};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::snapshot::{self, Listed};
+use crate::tree::{self, Kind, Tree};
+
+/// The tag of every undo snapshot.
+pub const UNDO_TAG: &str = "pre-restore";
+
+/// What the user asked for.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Volume label → live directory, instead of the path the snapshot recorded.
+    pub maps: Vec<(String, PathBuf)>,
+    /// Run before anything changes (e.g. stop the application).
+    pub quiesce: Option<Hook>,
+    /// Run once the targets are settled, new or old (e.g. start the application).
+    pub redeploy: Option<Hook>,
+    /// Report what would change and stop.
+    pub dry_run: bool,
+}
+
+/// A volume of a live restore and what the restore changes in it.
+#[derive(Clone, Debug)]
+pub struct VolumeReport {
+    pub label: String,
+    pub target: PathBuf,
+    /// Paths relative to the volume root; "." is the root itself.
+    pub changes: Diff,
+}
+
+/// What a live restore did (or, dry, would do).
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub restore_id: String,
+    pub snapshot: Id,
+    pub dry_run: bool,
+    /// The pre-restore snapshot: `restore --undo` restores it.
+    pub undo: Option<Id>,
+    pub volumes: Vec<VolumeReport>,
+    /// The redeploy hook ran (and succeeded).
+    pub redeployed: bool,
+    pub duration_ms: u64,
+}
+
+/// A target as resolved now.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub label: String,
+    /// Absolute; its parent resolved through symlinks.
+    pub path: PathBuf,
+    pub parent: PathBuf,
+    /// What is there now; `None`: nothing (the restore creates it).
+    pub old: Option<Ino>,
+    /// Disk space and inodes the staged copy needs (estimates from the snapshot).
+    pub bytes: u64,
+    pub inodes: u64,
+}
+
+/// Restores `snap` over the live directories of its volumes.
+pub fn restore_in_place(
+    repo: &Repository,
+    snap: &Listed,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Report> {
+    let started = Instant::now();
+    // Held throughout: gc keeps every blob this restore reads.
+    let _lease = repo.lease("restore")?;
+    let targets = resolve_targets(repo, snap, &opts.maps)?;
+    let id = new_restore_id();
+    if opts.dry_run {
+        let mut volumes = Vec::new();
+        for t in &targets {
+            let live = live_view(repo, snap, t)?;
+            volumes.push(VolumeReport {
+                label: t.label.clone(),
+                target: t.path.clone(),
+                changes: volume_diff(repo, live.as_ref(), snap, &t.label)?,
+            });
+        }
+        return Ok(Report {
+            restore_id: id,
+            snapshot: snap.id,
+            dry_run: true,
+            undo: None,
+            volumes,
+            redeployed: false,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+    let _target_locks = preflight::lock_parents(&targets)?;
+    preflight::space(&targets)?;
+    for t in &targets {
+        preflight::not_a_mount_point(t)?;
+        preflight::exchange_works(t, &id)?;
+    }
+    let mut j = Journal {
+        id: id.clone(),
+        snapshot: snap.id,
+        pid: std::process::id(),
+        started_ns: now_ns(),
+        state: State::Prepared,
+        quiesce: opts.quiesce.clone(),
+        redeploy: opts.redeploy.clone(),
+        undo: None,
+        volumes: targets
+            .iter()
+            .enumerate()
+            .map(|(n, t)| journal::Volume {
+                label: t.label.clone(),
+                target: t.path.clone(),
+                stage: t.parent.join(format!(".volsnap-stage-{id}-{n}")),
+                old: t.old,
+                new: None,
+                swapped: false,
+            })
+            .collect(),
+    };
+    let _journal_lock = journal::lock(repo, &id)?
+        .ok_or_else(|| Error::Busy(format!("restore id {id} is taken; try again")))?;
+    j.save(repo)?;
+    crate::crash::point("live journal written");
+    match swap_in(repo, snap, &mut j, progress) {
+        Ok(()) => {}
+        Err(e) if j.state < State::Committed => {
+            // Failed before the commit: put everything back as it was.
+            return Err(match roll_back(&j) {
+                Ok((_, hook_failed)) => {
+                    j.remove(repo)?;
+                    match hook_failed {
+                        None => e,
+                        Some(h) => Error::Refused(format!("{e}; after rolling back, {h}")),
+                    }
+                }
+                Err(again) => Error::Refused(format!(
+                    "{e}; rolling back failed too ({again}): run `volsnap recover`"
+                )),
+            });
+        }
+        Err(e) => return Err(e),
+    }
+    let volumes = changes(repo, snap, &j)?;
+    let (redeployed, hook_failed) = finish(&mut j, repo)?;
+    cleanup(&j)?;
+    j.remove(repo)?;
+    if let Some(h) = hook_failed {
+        return Err(Error::Refused(format!(
+            "snapshot {} is restored onto the targets, but the {h}",
+            snap.id.short()
+        )));
+    }
+    Ok(Report {
+        restore_id: id,
+        snapshot: snap.id,
+        dry_run: false,
+        undo: j.undo,
+        volumes,
+        redeployed,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// The pre-restore snapshot of the last live restore (of `target`, if given):
+/// restoring it in place undoes that restore.
+pub fn undo_snapshot(repo: &Repository, target: Option<&Path>) -> Result<Listed> {
+    let wanted = target.map(resolve_path).transpose()?;
+    snapshot::list_all(repo)?
+        .into_iter()
+        .filter(|s| s.snapshot.tags.iter().any(|t| t == UNDO_TAG))
+        .filter(|s| {
+            wanted.as_ref().is_none_or(|(_, p)| {
+                s.snapshot
+                    .volumes
+                    .iter()
+                    .any(|v| v.source == p.as_os_str().as_bytes())
+            })
+        })
+        .max_by_key(|s| s.snapshot.time_ns)
+        .ok_or_else(|| {
+            Error::Usage(match &wanted {
+                Some((_, p)) => format!("no in-place restore of {} to undo", p.display()),
+                None => "no in-place restore to undo".into(),
+            })
+        })
+}
+
+/// What `recover` did with one interrupted restore.
+#[derive(Clone, Debug)]
+pub struct Recovered {
+    pub restore_id: String,
+    /// "rolled back" or "finished".
+    pub outcome: &'static str,
+    /// The redeploy hook ran (successfully) during recovery.
+    pub redeployed: bool,
+    /// Why the redeploy hook failed, if it did (it is not run again).
+    pub hook_error: Option<String>,
+    pub targets: Vec<PathBuf>,
+}
+
+/// Rolls back or finishes every interrupted live restore whose process is gone.
+pub fn recover(repo: &Repository) -> Result<Vec<Recovered>> {
+    let mut out = Vec::new();
+    for id in journal::list(repo)? {
+        let Some(_lock) = journal::lock(repo, &id)? else {
+            continue; // in flight
+        };
+        let Some(mut j) = Journal::load(repo, &id)? else {
+            let _ = std::fs::remove_file(journal::dir(repo).join(format!("{id}.lock")));
+            continue;
+        };
+        let targets = j.volumes.iter().map(|v| v.target.clone()).collect();
+        let (outcome, (redeployed, hook_error)) = if j.state < State::Committed {
+            ("rolled back", roll_back(&j)?)
+        } else {
+            let done = finish(&mut j, repo)?;
+            cleanup(&j)?;
+            ("finished", done)
+        };
+        j.remove(repo)?;
+        out.push(Recovered {
+            restore_id: id,
+            outcome,
+            redeployed,
+            hook_error: hook_error.map(|e| e.to_string()),
+            targets,
+        });
+    }
+    Ok(out)
+}
+
+/// Steps 2 to 6 of the protocol: quiesce, stage, undo snapshot, swap, commit.
+fn swap_in(repo: &Repository, snap: &Listed, j: &mut Journal, progress: &Progress) -> Result<()> {
+    if let Some(hook) = &j.quiesce {
+        j.state = State::Quiesced;
+        j.save(repo)?;
+        run_hook(hook, "quiesce", &j.id, None)?;
+        crate::crash::point("live quiesced");
+    }
+    for n in 0..j.volumes.len() {
+        let v = &j.volumes[n];
+        let opts = crate::restore::Options {
+            force: false,
+            volume: Some(v.label.clone()),
+        };
+        crate::restore::restore(repo, snap, b"/", &v.stage, &opts, progress)?;
+        sync_tree(&v.stage)?;
+        j.volumes[n].new = journal::ino(&v.stage)?;
+        crate::crash::point("live staged a volume");
+    }
+    let live: Vec<&journal::Volume> = j.volumes.iter().filter(|v| v.old.is_some()).collect();
+    if !live.is_empty() {
+        let dirs: Vec<PathBuf> = live.iter().map(|v| v.target.clone()).collect();
+        let opts = snapshot::Options {
+            series: Some(snap.snapshot.series.clone()),
+            tags: vec![UNDO_TAG.to_string()],
+            labels: Some(live.iter().map(|v| v.label.clone()).collect()),
+            ..Default::default()
+        };
+        let outcome = snapshot::create(repo, &dirs, &opts, &Progress::default())?;
+        if outcome.listed.snapshot.incomplete {
+            return Err(Error::Refused(format!(
+                "the undo snapshot {} could not read everything in the live targets; nothing \
+                 was changed (see `volsnap show {}`)",
+                outcome.listed.id.short(),
+                outcome.listed.id.short()
+            )));
+        }
+        j.undo = Some(outcome.listed.id);
+        crate::crash::point("live undo snapshot taken");
+    }
+    j.state = State::Staged;
+    j.save(repo)?;
+    crate::crash::point("live staged");
+    j.state = State::Swapping;
+    j.save(repo)?;
+    for n in 0..j.volumes.len() {
+        swap(&j.volumes[n])?;
+        j.volumes[n].swapped = true;
+        j.save(repo)?;
+        crate::crash::point("live swapped a volume");
+    }
+    j.state = State::Committed;
+    j.save(repo)?;
+    crate::crash::point("live committed");
+    Ok(())
+}
+
+/// Puts the staged tree of `v` in place of its target.
+fn swap(v: &journal::Volume) -> Result<()> {
+    let done = if v.old.is_some() {
+        fsutil::exchange(&v.target, &v.stage)
+    } else {
+        fsutil::rename_new(&v.stage, &v.target)
+    };
+    done.map_err(Error::io("swap in", &v.target))?;
+    fsutil::fsync_dir(parent(&v.target))
+}
+
+/// Which tree a target holds now.
+#[derive(Debug, PartialEq, Eq)]
+enum Side {
+    Old,
+    New,
+}
+
+fn side(v: &journal::Volume) -> Result<Side> {
+    let now = journal::ino(&v.target)?;
+    if now.is_some() && now == v.new {
+        Ok(Side::New)
+    } else if now == v.old {
+        Ok(Side::Old)
+    } else {
+        Err(Error::Refused(format!(
+            "{} holds neither the tree it held before the restore nor the staged one; \
+             left as it is",
+            v.target.display()
+        )))
+    }
+}
+
+/// Puts every target of `j` back as it was and removes the staging, then runs the
+/// redeploy hook if the quiesce hook may have run. Returns whether the hook ran, and
+/// its failure (the targets are settled either way; the hook is not run again).
+fn roll_back(j: &Journal) -> Result<(bool, Option<Error>)> {
+    for v in j.volumes.iter().rev() {
+        if side(v)? == Side::New {
+            let back = if v.old.is_some() {
+                fsutil::exchange(&v.target, &v.stage)
+            } else {
+                fsutil::rename_new(&v.target, &v.stage)
+            };
+            back.map_err(Error::io("swap back", &v.target))?;
+            fsutil::fsync_dir(parent(&v.target))?;
+            crate::crash::point("live swapped a volume back");
+        }
+        remove_stage(v, false)?;
+    }
+    Ok(match (&j.redeploy, j.state >= State::Quiesced) {
+        (Some(hook), true) => match run_hook(hook, "redeploy", &j.id, Some("rolled-back")) {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e)),
+        },
+        _ => (false, None),
+    })
+}
+
+/// After the commit: runs the redeploy hook unless it ran. Returns whether it ran now,
+/// and its failure.
+fn finish(j: &mut Journal, repo: &Repository) -> Result<(bool, Option<Error>)> {
+    for v in &j.volumes {
+        if side(v)? != Side::New {
+            return Err(Error::Refused(format!(
+                "restore {} is committed but {} does not hold the restored tree; left as it is",
+                j.id,
+                v.target.display()
+            )));
+        }
+    }
+    if j.state >= State::Redeployed {
+        return Ok((false, None));
+    }
+    let ran = match &j.redeploy {
+        Some(hook) => match run_hook(hook, "redeploy", &j.id, Some("restored")) {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e)),
+        },
+        None => (false, None),
+    };
+    // Recorded even when the hook failed: it is not run twice.
+    j.state = State::Redeployed;
+    j.save(repo)?;
+    crate::crash::point("live redeployed");
+    Ok(ran)
+}
+
+/// Deletes the old trees of a committed restore.
+fn cleanup(j: &Journal) -> Result<()> {
+    for v in &j.volumes {
+        remove_stage(v, true)?;
+        crate::crash::point("live removed an old tree");
+    }
+    Ok(())
+}
+
+/// Removes the staging directory of `v`: the staged tree before a commit (`old_tree`
+/// false), the old tree after it. Refuses to delete anything else.
+fn remove_stage(v: &journal::Volume, old_tree: bool) -> Result<()> {
+    let Some(now) = journal::ino(&v.stage)? else {
+        return Ok(());
+    };
+    let expected = if old_tree {
+        v.old == Some(now)
+    } else {
+        v.old != Some(now)
+    };
+    if !expected {
+        return Err(Error::Refused(format!(
+            "{} is not the tree volsnap expected there; left as it is",
+            v.stage.display()
+        )));
+    }
+    std::fs::remove_dir_all(&v.stage).map_err(Error::io("remove", &v.stage))?;
+    fsutil::fsync_dir(parent(&v.stage))
+}
+
+/// Makes a staged tree durable: the whole filesystem's dirty data (one `syncfs`), then
+/// the staging directory and its parent.
+fn sync_tree(dir: &Path) -> Result<()> {
+    let f = std::fs::File::open(dir).map_err(Error::io("open", dir))?;
+    rustix::fs::syncfs(&f).map_err(|e| Error::io("syncfs", dir)(e.into()))?;
+    fsutil::fsync_dir(dir)?;
+    fsutil::fsync_dir(parent(dir))
+}
+
+fn parent(p: &Path) -> &Path {
+    p.parent().unwrap_or(Path::new("/"))
+}
+
+/// Runs a hook; its output goes to stderr (stdout may carry --json).
+fn run_hook(hook: &Hook, phase: &'static str, id: &str, outcome: Option<&str>) -> Result<()> {
+    let Hook::Shell(command) = hook;
+    let stderr = std::io::stderr()
+        .lock()
+        .as_fd_dup()
+        .map_err(|e| Error::Hook {
+            phase,
+            detail: e.to_string(),
+        })?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(command)
+        .env("VOLSNAP_RESTORE_ID", id)
+        .env("VOLSNAP_RESTORE_PHASE", phase)
+        .stdin(Stdio::null())
+        .stdout(stderr);
+    if let Some(o) = outcome {
+        cmd.env("VOLSNAP_RESTORE_OUTCOME", o);
+    }
+    let status = cmd.status().map_err(|e| Error::Hook {
+        phase,
+        detail: format!("{command:?}: {e}"),
+    })?;
+    if !status.success() {
+        return Err(Error::Hook {
+            phase,
+            detail: format!("{command:?} exited with {status}"),
+        });
+    }
+    Ok(())
+}
+
+trait DupFd {
+    fn as_fd_dup(&self) -> std::io::Result<std::os::fd::OwnedFd>;
+}
+
+impl DupFd for std::io::StderrLock<'_> {
+    fn as_fd_dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.as_fd().try_clone_to_owned()
+    }
+}
+
+/// Resolves every volume's target now: the `--map` directory, else the path the
+/// snapshot recorded. Refuses anything a swap must not touch.
+fn resolve_targets(
+    repo: &Repository,
+    snap: &Listed,
+    maps: &[(String, PathBuf)],
+) -> Result<Vec<Target>> {
+    let vols = &snap.snapshot.volumes;
+    for (label, _) in maps {
+        if !vols.iter().any(|v| &v.label == label) {
+            let known: Vec<&str> = vols.iter().map(|v| v.label.as_str()).collect();
+            return Err(Error::Usage(format!(
+                "--map {label}=...: snapshot {} has no volume {label:?} (it has {})",
+                snap.id.short(),
+                known.join(", ")
+            )));
+        }
+    }
+    let repo_root = std::fs::canonicalize(&repo.root).map_err(Error::io("resolve", &repo.root))?;
+    let mut out: Vec<Target> = Vec::new();
+    for v in vols {
+        let raw = maps
+            .iter()
+            .rev()
+            .find(|(l, _)| l == &v.label)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| PathBuf::from(std::ffi::OsStr::from_bytes(&v.source)));
+        let (parent, path) = resolve_path(&raw)?;
+        let old = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => journal::ino(&path)?,
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Error::Refused(format!(
+                    "target {} of volume {} is a symlink; name the directory it points to with \
+                     --map {}=DIR",
+                    path.display(),
+                    v.label,
+                    v.label
+                )));
+            }
+            Ok(_) => {
+                return Err(Error::Refused(format!(
+                    "target {} of volume {} exists and is not a directory",
+                    path.display(),
+                    v.label
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("stat", &path)(e)),
+        };
+        if path.starts_with(&repo_root) || repo_root.starts_with(&path) {
+            return Err(Error::Refused(format!(
+                "target {} of volume {} overlaps the repository {}",
+                path.display(),
+                v.label,
+                repo_root.display()
+            )));
+        }
+        if let Some(other) = out
+            .iter()
+            .find(|o| o.path.starts_with(&path) || path.starts_with(&o.path))
+        {
+            return Err(Error::Refused(format!(
+                "targets of volumes {} and {} overlap ({} and {}); use --map to separate them",
+                other.label,
+                v.label,
+                other.path.display(),
+                path.display()
+            )));
+        }
+        let (bytes, inodes) = tree_size(repo, &v.tree)?;
+        out.push(Target {
+            label: v.label.clone(),
+            path,
+            parent,
+            old,
+            bytes,
+            inodes,
+        });
+    }
+    Ok(out)
+}
+
+/// `(parent, path)` of a target path: absolute, the parent resolved through symlinks
+/// (it must exist), the last component kept as given.
+fn resolve_path(raw: &Path) -> Result<(PathBuf, PathBuf)> {
+    let abs = if raw.is_absolute() {
+        raw.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(Error::io("resolve", raw))?
+            .join(raw)
+    };
+    let name = match abs.file_name() {
+        Some(n) if n != ".." => n.to_owned(),
+        _ => {
+            return Err(Error::Usage(format!(
+                "cannot restore in place onto {}: name a directory below /",
+                raw.display()
+            )));
+        }
+    };
+    let parent_raw = abs.parent().unwrap_or(Path::new("/"));
+    let parent = std::fs::canonicalize(parent_raw).map_err(|e| {
+        Error::Refused(format!(
+            "the directory {} that would hold {} cannot be resolved: {e}",
+            parent_raw.display(),
+            abs.display()
+        ))
+    })?;
+    let path = parent.join(name);
+    Ok((parent, path))
+}
+
+/// Disk space (whole blocks) and inodes a tree needs.
+fn tree_size(repo: &Repository, id: &Id) -> Result<(u64, u64)> {
+    const BLOCK: u64 = 4096;
+    let (mut bytes, mut inodes) = (BLOCK, 1);
+    let mut stack = vec![*id];
+    while let Some(t) = stack.pop() {
+        for e in tree::load(repo, &t)?.entries {
+            inodes += 1;
+            match e.kind {
+                Kind::File { size, .. } => bytes += size.div_ceil(BLOCK) * BLOCK,
+                Kind::Dir { tree } => {
+                    bytes += BLOCK;
+                    stack.push(tree);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((bytes, inodes))
+}
+
+/// The live target as an unsaved snapshot (read and hashed, nothing stored), or
+/// `None` when there is nothing there.
+fn live_view(repo: &Repository, snap: &Listed, t: &Target) -> Result<Option<Listed>> {
+    if t.old.is_none() {
+        return Ok(None);
+    }
+    let opts = snapshot::Options {
+        series: Some(snap.snapshot.series.clone()),
+        labels: Some(vec![t.label.clone()]),
+        dry_run: true,
+        ..Default::default()
+    };
+    let outcome = snapshot::create(
+        repo,
+        std::slice::from_ref(&t.path),
+        &opts,
+        &Progress::default(),
+    )?;
+    Ok(Some(outcome.listed))
+}
+
+/// What restoring volume `label` of `new` changes in a directory holding volume
+/// `label` of `old` (`None`: an absent directory).
+fn volume_diff(repo: &Repository, old: Option<&Listed>, new: &Listed, label: &str) -> Result<Diff> {
+    let new_v = one_volume(new, label)?;
+    let old_v = match old {
+        Some(o) => one_volume(o, label)?,
+        None => {
+            // An empty directory: everything is added.
+            let bytes = Tree::default().encode();
+            let id = Id::of(&bytes);
+            repo.unstored
+                .lock()
+                .expect("unstored lock")
+                .insert(id, bytes);
+            let mut empty = new_v.clone();
+            empty.snapshot.volumes[0].tree = id;
+            empty
+        }
+    };
+    let mut diff = inspect::diff(repo, &old_v, &new_v)?;
+    let (a, b) = (
+        &old_v.snapshot.volumes[0].root,
+        &new_v.snapshot.volumes[0].root,
+    );
+    let mut root = Vec::new();
+    if old.is_none() {
+        root.push("kind");
+    } else {
+        if a.mode != b.mode {
+            root.push("mode");
+        }
+        if (a.uid, a.gid) != (b.uid, b.gid) {
+            root.push("owner");
+        }
+        if a.mtime_ns != b.mtime_ns {
+            root.push("mtime");
+        }
+        if a.xattrs != b.xattrs {
+            root.push("xattrs");
+        }
+    }
+    if !root.is_empty() {
+        diff.modified.insert(0, (b".".to_vec(), root));
+    }
+    Ok(diff)
+}
+
+fn one_volume(s: &Listed, label: &str) -> Result<Listed> {
+    let mut one = s.clone();
+    one.snapshot.volumes.retain(|v| v.label == label);
+    if one.snapshot.volumes.len() != 1 {
+        return Err(Error::Usage(format!(
+            "snapshot {} has no volume {label:?}",
+            s.id.short()
+        )));
+    }
+    Ok(one)
+}
+
+/// What the committed restore `j` changed: its undo snapshot against `snap`.
+fn changes(repo: &Repository, snap: &Listed, j: &Journal) -> Result<Vec<VolumeReport>> {
+    let undo = match j.undo {
+        Some(id) => Some(snapshot::resolve(repo, &id.hex())?),
+        None => None,
+    };
+    j.volumes
+        .iter()
+        .map(|v| {
+            let before = undo.as_ref().filter(|_| v.old.is_some());
+            Ok(VolumeReport {
+                label: v.label.clone(),
+                target: v.target.clone(),
+                changes: volume_diff(repo, before, snap, &v.label)?,
+            })
+        })
+        .collect()
+}
+
+fn new_restore_id() -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&now_ns().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.finalize().to_hex()[..16].to_string()
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}

@@ -1,0 +1,508 @@
+//! Live (in-place) restore: all or nothing across volumes, journaled, crash-safe,
+//! with undo, and pre-flight refusals that change nothing.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// Three live volumes under one parent, their snapshot, and what they hold after the
+/// application changed them since.
+struct World {
+    repo: Repo,
+    parent: PathBuf,
+    vols: [PathBuf; 3],
+    snap: String,
+    /// What `restore SNAP --to` gives: the snapshot's volumes, by label.
+    snapshot_copy: PathBuf,
+    /// Copies of the changed live volumes (their state before the in-place restore).
+    changed_copy: PathBuf,
+}
+
+const LABELS: [&str; 3] = ["alpha", "beta", "gamma"];
+
+fn world() -> World {
+    let repo = Repo::new();
+    let parent = repo.mkdir("live");
+    let vols = LABELS.map(|l| parent.join(l));
+    for (n, v) in vols.iter().enumerate() {
+        write(v.join("keep.txt"), format!("kept in volume {n}\n"));
+        write(
+            v.join("modified.bin"),
+            random_bytes(&format!("m{n}"), 200_000),
+        );
+        write(v.join("removed-later.txt"), "present in the snapshot\n");
+        write(
+            v.join("sub/inner.txt"),
+            "a directory the app replaces with a file\n",
+        );
+        write(
+            v.join("sub/deeper/x"),
+            random_bytes(&format!("x{n}"), 5_000),
+        );
+        fs::set_permissions(v.join("keep.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    }
+    let snap = repo.snapshot(&[&vols[0], &vols[1], &vols[2]], &["--name", "app"]);
+    let snap = id(&snap);
+    let snapshot_copy = repo.scratch("snapshot-copy");
+    repo.restore(&snap, &snapshot_copy);
+    // The application changes every volume afterwards.
+    for (n, v) in vols.iter().enumerate() {
+        write(v.join("added.txt"), format!("new since the snapshot {n}\n"));
+        fs::remove_file(v.join("removed-later.txt")).unwrap();
+        write(
+            v.join("modified.bin"),
+            random_bytes(&format!("m{n} v2"), 150_000),
+        );
+        fs::remove_dir_all(v.join("sub")).unwrap();
+        write(v.join("sub"), "now a file\n");
+        fs::set_permissions(v.join("keep.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let changed_copy = repo.mkdir("changed-copy");
+    for v in &vols {
+        cp_a(v, &changed_copy);
+    }
+    World {
+        repo,
+        parent,
+        vols,
+        snap,
+        snapshot_copy,
+        changed_copy,
+    }
+}
+
+fn cp_a(from: &Path, into: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(into)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Entries of `dir` whose names start with `.volsnap-`.
+fn leftovers(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".volsnap-"))
+        .collect()
+}
+
+fn journals(repo: &Repo) -> Vec<String> {
+    match fs::read_dir(repo.path.join("journals")) {
+        Ok(d) => d
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Which state every volume is wholly in: "old" (as changed by the app) or "new" (the
+/// snapshot). Panics when a volume is neither, or when they differ.
+fn all_one_way(w: &World) -> &'static str {
+    let mut states = Vec::new();
+    for (v, label) in w.vols.iter().zip(LABELS) {
+        let new = w.snapshot_copy.join(label);
+        let old = w.changed_copy.join(label);
+        let same = |a: &Path| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| assert_same_tree(a, v)))
+                .is_ok()
+        };
+        states.push(if same(&new) {
+            "new"
+        } else if same(&old) {
+            "old"
+        } else {
+            assert_same_tree(&old, v); // panics with the differences
+            unreachable!()
+        });
+    }
+    assert!(
+        states.iter().all(|s| *s == states[0]),
+        "volumes ended mixed: {states:?}"
+    );
+    states[0]
+}
+
+#[test]
+fn in_place_restore_of_three_changed_volumes_then_undo() {
+    let w = world();
+    let out = w.repo.ok(["restore", &w.snap, "--in-place", "--yes"]);
+    assert_eq!(out["dry_run"], false, "{out}");
+    for (v, label) in w.vols.iter().zip(LABELS) {
+        assert_same_tree(&w.snapshot_copy.join(label), v);
+    }
+    assert!(
+        leftovers(&w.parent).is_empty(),
+        "{:?}",
+        leftovers(&w.parent)
+    );
+    assert!(journals(&w.repo).is_empty(), "{:?}", journals(&w.repo));
+    let undo_id = out["undo"].as_str().expect("an undo snapshot").to_string();
+    let undo_snap = w.repo.ok(["show", &undo_id]);
+    assert!(
+        undo_snap["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "pre-restore"),
+        "{undo_snap}"
+    );
+
+    let back = w.repo.ok(["restore", "--undo", "--yes"]);
+    assert_eq!(back["snapshot"].as_str().unwrap(), undo_id, "{back}");
+    for (v, label) in w.vols.iter().zip(LABELS) {
+        assert_same_tree(&w.changed_copy.join(label), v);
+    }
+    assert!(leftovers(&w.parent).is_empty());
+    assert!(journals(&w.repo).is_empty());
+}
+
+#[test]
+fn dry_run_reports_what_the_real_run_then_changes() {
+    let w = world();
+    let dry = w.repo.ok(["restore", &w.snap, "--in-place", "--dry-run"]);
+    assert_eq!(dry["dry_run"], true);
+    // Nothing changed, nothing stored.
+    for (v, label) in w.vols.iter().zip(LABELS) {
+        assert_same_tree(&w.changed_copy.join(label), v);
+    }
+    assert_eq!(w.repo.list(&[]).len(), 1, "a dry run took a snapshot");
+    let vol = &dry["volumes"][0];
+    let has = |key: &str, path: &str| {
+        vol[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == path || p["path"] == path)
+    };
+    assert!(has("added", "removed-later.txt"), "{vol}");
+    assert!(has("added", "sub/inner.txt"), "{vol}");
+    assert!(has("removed", "added.txt"), "{vol}");
+    assert!(has("modified", "modified.bin"), "{vol}");
+    assert!(has("modified", "keep.txt"), "{vol}");
+    assert!(has("modified", "sub"), "{vol}");
+    assert!(
+        !has("added", "keep.txt") && !has("removed", "keep.txt"),
+        "{vol}"
+    );
+
+    let real = w.repo.ok(["restore", &w.snap, "--in-place", "--yes"]);
+    assert_eq!(
+        dry["volumes"], real["volumes"],
+        "dry run and real run differ"
+    );
+}
+
+#[test]
+fn in_place_restore_aborted_at_every_step_recovers_all_old_or_all_new() {
+    let w = world();
+    let pristine_repo = w.repo.scratch("pristine-repo");
+    cp_a(&w.repo.path, &pristine_repo);
+    let log = w.repo.scratch("hooks.log");
+    let pre = format!("echo stop >> {}", log.display());
+    let post = format!(
+        "echo \"start $VOLSNAP_RESTORE_OUTCOME\" >> {}",
+        log.display()
+    );
+    let reset = || {
+        fs::remove_dir_all(&w.repo.path).unwrap();
+        cp_a(&pristine_repo, &w.repo.path);
+        for v in &w.vols {
+            if v.exists() {
+                fs::remove_dir_all(v).unwrap();
+            }
+        }
+        for label in LABELS {
+            cp_a(&w.changed_copy.join(label), &w.parent);
+        }
+        let _ = fs::remove_file(&log);
+    };
+    let mut seen = Vec::new();
+    let mut n = 1;
+    loop {
+        reset();
+        let crashed = w.repo.run_crashing_at(
+            n,
+            &[
+                "restore",
+                &w.snap,
+                "--in-place",
+                "--yes",
+                "--pre-cmd",
+                &pre,
+                "--post-cmd",
+                &post,
+            ],
+        );
+        if let Some(point) = &crashed {
+            seen.push(point.clone());
+            let rec = w.repo.ok(["recover"]);
+            assert_eq!(rec["recovered"].as_array().unwrap().len(), 1, "{rec}");
+        }
+        let state = all_one_way(&w);
+        assert!(
+            leftovers(&w.parent).is_empty(),
+            "after {crashed:?}: {:?}",
+            leftovers(&w.parent)
+        );
+        assert!(
+            journals(&w.repo).is_empty(),
+            "after {crashed:?}: {:?}",
+            journals(&w.repo)
+        );
+        let hooks = fs::read_to_string(&log).unwrap_or_default();
+        let expected = match (state, hooks.starts_with("stop")) {
+            (_, false) => "",
+            ("old", true) => "stop\nstart rolled-back\n",
+            (_, true) => "stop\nstart restored\n",
+        };
+        assert_eq!(
+            hooks, expected,
+            "after crash at {crashed:?}, volumes {state}"
+        );
+        if crashed.is_none() {
+            assert_eq!(state, "new");
+            break;
+        }
+        n += 1;
+        assert!(n < 200, "the restore never completed");
+    }
+    for step in [
+        "live journal written",
+        "live quiesced",
+        "live staged a volume",
+        "live undo snapshot taken",
+        "live swapped a volume",
+        "live committed",
+        "live redeployed",
+        "live removed an old tree",
+    ] {
+        assert!(
+            seen.iter().any(|s| s == step),
+            "never crashed at {step:?}: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn a_target_that_does_not_exist_is_created() {
+    let w = world();
+    let elsewhere = w.repo.scratch("fresh-target");
+    let out = w.repo.ok([
+        "restore",
+        &w.snap,
+        "--in-place",
+        "--yes",
+        "--map",
+        &format!("beta={}", elsewhere.display()),
+    ]);
+    assert_same_tree(&w.snapshot_copy.join("beta"), &elsewhere);
+    assert_same_tree(&w.snapshot_copy.join("alpha"), &w.vols[0]);
+    // The volume that had no directory is left out of the undo snapshot.
+    assert!(out["undo"].is_string(), "{out}");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs (these tests run as root)");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn refuses_without_space_for_the_staged_copy_and_changes_nothing() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("big"), random_bytes("big", 12_000_000));
+    let snap = id(&repo.snapshot(&[&data], &["--name", "big"]));
+    let small = Tmpfs::mount(&repo.scratch("small-fs"), "16m");
+    let target = small.0.join("vol");
+    write(target.join("live.txt"), "the live data\n");
+    let before = repo.mkdir("before");
+    cp_a(&target, &before);
+    let run = repo
+        .run([
+            "restore",
+            &snap,
+            "--in-place",
+            "--yes",
+            "--map",
+            &format!("data={}", target.display()),
+        ])
+        .code(1);
+    assert!(
+        run.error_line().contains("not enough space"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.error_line().contains("nothing was changed"),
+        "{}",
+        run.describe()
+    );
+    assert_same_tree(&before.join("vol"), &target);
+    assert!(leftovers(&small.0).is_empty());
+    assert!(journals(&repo).is_empty());
+}
+
+#[test]
+fn refuses_a_target_that_is_a_mount_point() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("f"), "snapshot contents\n");
+    let snap = id(&repo.snapshot(&[&data], &["--name", "m"]));
+    let mounted = Tmpfs::mount(&repo.scratch("mounted"), "8m");
+    write(mounted.0.join("live.txt"), "live\n");
+    let run = repo
+        .run([
+            "restore",
+            &snap,
+            "--in-place",
+            "--yes",
+            "--map",
+            &format!("data={}", mounted.0.display()),
+        ])
+        .code(1);
+    assert!(
+        run.error_line().contains("mount point"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(
+        fs::read_to_string(mounted.0.join("live.txt")).unwrap(),
+        "live\n"
+    );
+    assert!(!mounted.0.join("f").exists());
+    assert!(leftovers(mounted.0.parent().unwrap()).is_empty());
+}
+
+#[test]
+fn refuses_a_second_restore_of_the_same_target_while_one_is_in_flight() {
+    let w = world();
+    let started = w.repo.scratch("first-started");
+    let release = w.repo.scratch("first-may-go");
+    write(&release, "");
+    let pre = format!(
+        "touch {}; while [ -e {} ]; do sleep 0.05; done",
+        started.display(),
+        release.display()
+    );
+    let mut first = w.repo.command();
+    first.args([
+        "--json",
+        "restore",
+        &w.snap,
+        "--in-place",
+        "--yes",
+        "--pre-cmd",
+        &pre,
+    ]);
+    let first = first
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first restore never quiesced"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = w
+        .repo
+        .run(["restore", &w.snap, "--in-place", "--yes"])
+        .code(11);
+    assert!(
+        second.error_line().contains("another restore is in flight"),
+        "{}",
+        second.describe()
+    );
+    fs::remove_file(&release).unwrap();
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["dry_run"], false);
+    assert_eq!(all_one_way(&w), "new");
+}
+
+#[test]
+fn a_failing_pre_cmd_changes_nothing() {
+    let w = world();
+    let run = w
+        .repo
+        .run([
+            "restore",
+            &w.snap,
+            "--in-place",
+            "--yes",
+            "--pre-cmd",
+            "exit 3",
+        ])
+        .code(1);
+    assert!(
+        run.error_line().contains("quiesce command failed"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(all_one_way(&w), "old");
+    assert!(leftovers(&w.parent).is_empty());
+    assert!(journals(&w.repo).is_empty());
+}
+
+#[test]
+fn without_yes_and_without_a_terminal_it_refuses() {
+    let w = world();
+    let run = w.repo.run(["restore", &w.snap, "--in-place"]).code(1);
+    assert!(run.error_line().contains("--yes"), "{}", run.describe());
+    assert_eq!(all_one_way(&w), "old");
+}
+
+#[test]
+fn any_command_recovers_an_interrupted_restore_first() {
+    let w = world();
+    let crashed = w.repo.run_crashing_at(
+        "live swapped a volume",
+        &["restore", &w.snap, "--in-place", "--yes"],
+    );
+    assert_eq!(crashed.as_deref(), Some("live swapped a volume"));
+    assert!(!journals(&w.repo).is_empty(), "the crash left no journal");
+    let list = w.repo.run(["list"]).code(0);
+    assert!(
+        list.all_output().contains("rolled back"),
+        "{}",
+        list.describe()
+    );
+    assert_eq!(all_one_way(&w), "old");
+    assert!(leftovers(&w.parent).is_empty());
+    assert!(journals(&w.repo).is_empty());
+}
