@@ -76,7 +76,7 @@ pub enum Error {
     #[error("{0}")]
     Refused(String),
 
-    #[error("{phase} command failed: {detail}")]
+    #[error("{phase} failed: {detail}")]
     Hook { phase: &'static str, detail: String },
     /// An invalid exclude pattern.
     #[error("exclude pattern {pattern:?}: {detail}")]

@@ -98,9 +98,11 @@ enum Command {
     Diff { old: String, new: String },
     /// Restore a snapshot, or SNAP:path, into a new or empty directory (--to), or over
     /// the live directories of its volumes, all or nothing (--in-place)
+    #[command(group(clap::ArgGroup::new("how").required(true).args(["to", "in_place", "undo"])))]
     Restore {
         /// The snapshot (or SNAP:path with --to); with --undo, the live directory whose
         /// last in-place restore to undo
+        #[arg(required_unless_present = "undo")]
         source: Option<OsString>,
         /// Target directory (created if absent)
         #[arg(long, conflicts_with_all = ["in_place", "undo"])]
@@ -136,6 +138,11 @@ enum Command {
         /// Do not ask for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
+        /// Where a target cannot be swapped by rename (a mount point, a filesystem
+        /// without RENAME_EXCHANGE), move its top-level entries instead (journaled, all
+        /// or nothing)
+        #[arg(long)]
+        allow_in_place_copy: bool,
     },
     /// Finish or roll back interrupted in-place restores (also done by every command)
     Recover,
@@ -332,9 +339,17 @@ fn live_restore(
     json: bool,
     show_progress: bool,
 ) -> anyhow::Result<u8> {
-    let repo = open(path)?;
+    // A live restore must not start over an unsettled one: recovery errors stop it.
+    let repo = Repository::open(path)?;
+    for r in live::recover(&repo)? {
+        eprintln!("volsnap: {}", render::recovered_text(&r));
+    }
     let snap = if undo {
-        live::undo_snapshot(&repo, source.as_ref().map(std::path::Path::new))?
+        let (snap, notes) = live::undo_snapshot(&repo, source.as_ref().map(std::path::Path::new))?;
+        for n in notes {
+            eprintln!("note: {n}");
+        }
+        snap
     } else {
         let Some(source) = source else {
             return Err(Error::Usage("restore --in-place needs a snapshot".into()).into());
@@ -355,6 +370,9 @@ fn live_restore(
     let report = render::with_progress(show_progress, &progress, "restore", || {
         live::restore_in_place(&repo, &snap, &opts, &progress)
     })?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     emit(json, &render::live_json(&report), || {
         render::live_text(&report)
     })?;
@@ -527,6 +545,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             post_cmd,
             dry_run,
             yes,
+            allow_in_place_copy,
         } => {
             if in_place || undo {
                 let opts = live::Options {
@@ -534,12 +553,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     quiesce: pre_cmd.map(live::journal::Hook::Shell),
                     redeploy: post_cmd.map(live::journal::Hook::Shell),
                     dry_run,
+                    allow_copy: allow_in_place_copy,
                 };
                 return live_restore(&path, source, undo, opts, yes, json, show_progress);
             }
-            if !map.is_empty() || pre_cmd.is_some() || post_cmd.is_some() || dry_run || yes {
+            if !map.is_empty()
+                || pre_cmd.is_some()
+                || post_cmd.is_some()
+                || dry_run
+                || yes
+                || allow_in_place_copy
+            {
                 return Err(Error::Usage(
-                    "--map, --pre-cmd, --post-cmd, --dry-run and --yes go with --in-place or --undo"
+                    "--map, --pre-cmd, --post-cmd, --dry-run, --yes and --allow-in-place-copy go \
+                     with --in-place or --undo"
                         .into(),
                 )
                 .into());

@@ -343,6 +343,7 @@ pub fn live_json(r: &volsnap::live::Report) -> Value {
         "dry_run": r.dry_run,
         "undo": r.undo.map(|u| u.hex()),
         "redeployed": r.redeployed,
+        "warnings": r.warnings,
         "duration_ms": r.duration_ms,
         "volumes": r.volumes.iter().map(|v| {
             let mut d = diff_json(&v.changes);

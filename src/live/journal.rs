@@ -5,7 +5,9 @@
 //! ```text
 //! <repo>/journals/<id>.journal   magic "VSNPJRNL" | version u32 LE | postcard Journal
 //! <repo>/journals/<id>.lock      flock held by the restoring process
+//! <repo>/restores/<id>           magic "VSNPREST" | version u32 LE | postcard Restore
 //! ```
+//! A `restores/` record is written when a restore commits: what `--undo` undoes.
 //! Invariant: a journal whose lock can be taken belongs to a dead process (the kernel
 //! drops the lock with the process); one whose lock is held is in flight and left
 //! alone.
@@ -22,7 +24,9 @@ use crate::id::Id;
 use crate::repo::Repository;
 
 const MAGIC: &[u8; 8] = b"VSNPJRNL";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+const RECORD_MAGIC: &[u8; 8] = b"VSNPREST";
+const RECORD_VERSION: u32 = 1;
 
 /// How far a restore got. Recovery rolls back anything before `Committed` and
 /// finishes anything from it on.
@@ -67,6 +71,46 @@ pub struct Volume {
     pub new: Option<Ino>,
     /// Progress record: the swap of this volume has been done.
     pub swapped: bool,
+    /// Set when the target cannot be renamed (a mount point, a filesystem without
+    /// `RENAME_EXCHANGE`) and `--allow-in-place-copy` moves its entries instead.
+    pub entries: Option<EntrySwap>,
+}
+
+/// A swap of a target's top-level entries: the staging directory and a holding
+/// directory for the old entries are both inside the target.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EntrySwap {
+    pub phase: EntryPhase,
+    /// Where the old entries go: `<target>/.volsnap-old-<id>-<n>`.
+    pub held: PathBuf,
+    /// The target directory's own attributes before the restore.
+    pub old_root: RootAttrs,
+    /// The snapshot's attributes for it, read from the staged tree before it moves in.
+    pub new_root: Option<RootAttrs>,
+}
+
+/// How far an entry swap got. Each phase is journaled before it starts; recovery
+/// moves everything of an unfinished swap back, whatever part of a phase was done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum EntryPhase {
+    /// Nothing moved yet.
+    Staged,
+    /// Old entries are moving from the target into the holding directory.
+    MovingOut,
+    /// Every old entry is held; staged entries are moving into the target.
+    MovingIn,
+    /// Every staged entry is in the target, which has the snapshot's attributes.
+    Done,
+}
+
+/// A directory's own attributes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootAttrs {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub xattrs: Vec<crate::tree::Xattr>,
 }
 
 /// A restore in flight.
@@ -142,18 +186,107 @@ impl Journal {
             Err(e) => return Err(Error::io("remove journal", &p)(e)),
         }
         fsutil::fsync_dir(&dir(repo))?;
-        let _ = std::fs::remove_file(lock_path(repo, &self.id));
+        remove_lock(repo, &self.id);
         Ok(())
     }
+}
+
+/// Removes the lock file of journal `id` (best effort: a leftover is harmless).
+pub fn remove_lock(repo: &Repository, id: &str) {
+    let _ = std::fs::remove_file(lock_path(repo, id));
+}
+
+/// Creates a repository subdirectory and makes its name durable.
+fn ensure_dir(repo: &Repository, d: &Path) -> Result<()> {
+    if !d.exists() {
+        fsutil::create_dir_private(d)?;
+        fsutil::fsync_dir(&repo.root)?;
+    }
+    Ok(())
+}
+
+/// A committed in-place restore, as `--undo` needs it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Restore {
+    pub id: String,
+    pub committed_ns: i64,
+    pub snapshot: Id,
+    /// Its pre-restore snapshot (of the targets that existed).
+    pub undo: Option<Id>,
+    pub targets: Vec<RestoreTarget>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreTarget {
+    pub label: String,
+    pub path: PathBuf,
+    /// It existed before the restore (and is in the undo snapshot).
+    pub existed: bool,
+}
+
+/// Records that restore `j` committed (once; later calls keep the first record).
+pub fn record_restore(repo: &Repository, j: &Journal) -> Result<()> {
+    let d = repo.root.join("restores");
+    ensure_dir(repo, &d)?;
+    let p = d.join(&j.id);
+    if p.exists() {
+        return Ok(());
+    }
+    let r = Restore {
+        id: j.id.clone(),
+        committed_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_nanos() as i64),
+        snapshot: j.snapshot,
+        undo: j.undo,
+        targets: j
+            .volumes
+            .iter()
+            .map(|v| RestoreTarget {
+                label: v.label.clone(),
+                path: v.target.clone(),
+                existed: v.old.is_some(),
+            })
+            .collect(),
+    };
+    let mut bytes = RECORD_MAGIC.to_vec();
+    bytes.extend_from_slice(&RECORD_VERSION.to_le_bytes());
+    postcard::to_io(&r, &mut bytes).expect("records encode");
+    fsutil::atomic_write(&repo.tmp_dir(), &p, &bytes)
+}
+
+/// Every committed in-place restore recorded in the repository.
+pub fn restores(repo: &Repository) -> Result<Vec<Restore>> {
+    let d = repo.root.join("restores");
+    let entries = match std::fs::read_dir(&d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("read directory", &d)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let p = entry.map_err(Error::io("read directory", &d))?.path();
+        let bytes = std::fs::read(&p).map_err(Error::io("read", &p))?;
+        let corrupt = |detail: String| Error::Corrupt {
+            what: "restore record",
+            path: p.clone(),
+            detail,
+        };
+        if bytes.len() < 12 || &bytes[..8] != RECORD_MAGIC {
+            return Err(corrupt("not a volsnap restore record".into()));
+        }
+        if bytes[8..12] != RECORD_VERSION.to_le_bytes() {
+            return Err(corrupt("unknown record version".into()));
+        }
+        out.push(postcard::from_bytes(&bytes[12..]).map_err(|e| corrupt(e.to_string()))?);
+    }
+    Ok(out)
 }
 
 /// Takes the lock of journal `id` (creating its file). `None` when another process
 /// holds it: that restore is in flight.
 pub fn lock(repo: &Repository, id: &str) -> Result<Option<File>> {
-    let d = dir(repo);
-    if !d.exists() {
-        fsutil::create_dir_private(&d)?;
-    }
+    ensure_dir(repo, &dir(repo))?;
     let p = lock_path(repo, id);
     let file = std::fs::OpenOptions::new()
         .write(true)

@@ -2,23 +2,28 @@
 //! snapshot's contents, all or nothing, journaled, crash-safe, with undo.
 //!
 //! The protocol (see ARCHITECTURE.md "Live restore"):
-//! 1. resolve every target now and run the pre-flight checks (space, mount points,
-//!    the exchange probe, the target lock); nothing is touched if one fails;
-//! 2. write the journal (`Prepared`), then (`Quiesced`) run the quiesce hook;
+//! 1. resolve every target now and run the pre-flight checks (target locks, pending
+//!    journals, mounts, the exchange probe, space); nothing is touched if one fails;
+//! 2. write the journal (`Prepared`), then (`Quiesced`) run the pre-cmd hook;
 //! 3. stage every volume into a sibling `.volsnap-stage-<id>-<n>` directory, fsynced;
 //! 4. take the undo snapshot of the live targets (incremental, same series, tagged
 //!    `pre-restore`); journal `Staged`;
 //! 5. journal `Swapping`, then exchange each target with its staging directory
 //!    (`renameat2(RENAME_EXCHANGE)`), fsync the parent, record progress;
-//! 6. journal `Committed`; run the redeploy hook; journal `Redeployed`;
+//! 6. journal `Committed`; record the restore (for `--undo`); run the post-cmd hook;
+//!    journal `Redeployed`;
 //! 7. delete the old trees (now at the staging names) and the journal.
 //!
 //! Recovery (`recover`, run at the start of every command that opens the repository)
 //! rolls back a journal not yet committed: every swapped volume is swapped back (which
 //! side a target is on is read from inode numbers, not from the progress record),
-//! staging is removed, and the redeploy hook runs if the quiesce hook may have. A
+//! staging is removed, and the post-cmd hook runs if the pre-cmd hook may have. A
 //! committed journal is finished. Either way the targets end all old or all new.
+//! Hooks run at least once when due, so they must be idempotent (start an app that
+//! runs: nothing happens); a hook dies with the volsnap process that runs it.
 
+mod entries;
+mod fs;
 pub mod journal;
 mod preflight;
 
@@ -27,7 +32,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use journal::{Hook, Ino, Journal, State};
+use fs::{parent, read_root_attrs, remove_tree, sync_tree};
+use journal::{EntryPhase, EntrySwap, Hook, Ino, Journal, State};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -50,8 +56,12 @@ pub struct Options {
     pub quiesce: Option<Hook>,
     /// Run once the targets are settled, new or old (e.g. start the application).
     pub redeploy: Option<Hook>,
-    /// Report what would change and stop.
+    /// Run the pre-flight checks, report what would change, and stop.
     pub dry_run: bool,
+    /// Where a target cannot be swapped by rename (a mount point, a filesystem without
+    /// `RENAME_EXCHANGE`), move its top-level entries instead, still journaled and all
+    /// or nothing.
+    pub allow_copy: bool,
 }
 
 /// A volume of a live restore and what the restore changes in it.
@@ -72,8 +82,11 @@ pub struct Report {
     /// The pre-restore snapshot: `restore --undo` restores it.
     pub undo: Option<Id>,
     pub volumes: Vec<VolumeReport>,
-    /// The redeploy hook ran (and succeeded).
+    /// The post-cmd hook ran (and succeeded).
     pub redeployed: bool,
+    /// Metadata that could not be applied, parts of a live target that could not be
+    /// read for a dry run, changes that could not be listed.
+    pub warnings: Vec<String>,
     pub duration_ms: u64,
 }
 
@@ -103,10 +116,20 @@ pub fn restore_in_place(
     let _lease = repo.lease("restore")?;
     let targets = resolve_targets(repo, snap, &opts.maps)?;
     let id = new_restore_id();
+    // Pre-flight, for a dry run too: it refuses exactly what the real run would.
+    let _target_locks = preflight::lock_parents(&targets)?;
+    preflight::no_pending_journal(repo, &targets)?;
+    let mut by_entries = Vec::new();
+    for t in &targets {
+        preflight::nothing_mounted_inside(t)?;
+        by_entries.push(preflight::needs_entry_swap(t, &id, opts.allow_copy)?);
+    }
+    preflight::space(&targets, &by_entries)?;
+    let mut warnings = Vec::new();
     if opts.dry_run {
         let mut volumes = Vec::new();
         for t in &targets {
-            let live = live_view(repo, snap, t)?;
+            let live = live_view(repo, snap, t, &mut warnings)?;
             volumes.push(VolumeReport {
                 label: t.label.clone(),
                 target: t.path.clone(),
@@ -120,14 +143,31 @@ pub fn restore_in_place(
             undo: None,
             volumes,
             redeployed: false,
+            warnings,
             duration_ms: started.elapsed().as_millis() as u64,
         });
     }
-    let _target_locks = preflight::lock_parents(&targets)?;
-    preflight::space(&targets)?;
-    for t in &targets {
-        preflight::not_a_mount_point(t)?;
-        preflight::exchange_works(t, &id)?;
+    let mut volumes = Vec::new();
+    for (n, (t, &entries)) in targets.iter().zip(&by_entries).enumerate() {
+        let at = if entries { &t.path } else { &t.parent };
+        volumes.push(journal::Volume {
+            label: t.label.clone(),
+            target: t.path.clone(),
+            stage: at.join(format!(".volsnap-stage-{id}-{n}")),
+            old: t.old,
+            new: None,
+            swapped: false,
+            entries: if entries {
+                Some(EntrySwap {
+                    phase: EntryPhase::Staged,
+                    held: t.path.join(format!(".volsnap-old-{id}-{n}")),
+                    old_root: read_root_attrs(&t.path)?,
+                    new_root: None,
+                })
+            } else {
+                None
+            },
+        });
     }
     let mut j = Journal {
         id: id.clone(),
@@ -138,44 +178,33 @@ pub fn restore_in_place(
         quiesce: opts.quiesce.clone(),
         redeploy: opts.redeploy.clone(),
         undo: None,
-        volumes: targets
-            .iter()
-            .enumerate()
-            .map(|(n, t)| journal::Volume {
-                label: t.label.clone(),
-                target: t.path.clone(),
-                stage: t.parent.join(format!(".volsnap-stage-{id}-{n}")),
-                old: t.old,
-                new: None,
-                swapped: false,
-            })
-            .collect(),
+        volumes,
     };
     let _journal_lock = journal::lock(repo, &id)?
         .ok_or_else(|| Error::Busy(format!("restore id {id} is taken; try again")))?;
     j.save(repo)?;
     crate::crash::point("live journal written");
-    match swap_in(repo, snap, &mut j, progress) {
-        Ok(()) => {}
-        Err(e) if j.state < State::Committed => {
-            // Failed before the commit: put everything back as it was.
-            return Err(match roll_back(&j) {
-                Ok((_, hook_failed)) => {
-                    j.remove(repo)?;
-                    match hook_failed {
-                        None => e,
-                        Some(h) => Error::Refused(format!("{e}; after rolling back, {h}")),
-                    }
-                }
-                Err(again) => Error::Refused(format!(
-                    "{e}; rolling back failed too ({again}): run `volsnap recover`"
-                )),
-            });
-        }
-        Err(e) => return Err(e),
+    if let Err(e) = swap_in(repo, snap, &mut j, progress, &mut warnings) {
+        // Not committed: put everything back as it was.
+        return Err(match roll_back(&j) {
+            Ok((_, None)) => {
+                j.remove(repo)?;
+                e
+            }
+            Ok((_, Some(hook))) => {
+                j.remove(repo)?;
+                Error::Refused(format!("{e}; the targets are unchanged, but the {hook}"))
+            }
+            Err(again) => Error::Refused(format!(
+                "{e}; rolling back failed too ({again}): fix that and run `volsnap recover`"
+            )),
+        });
     }
-    let volumes = changes(repo, snap, &j)?;
     let (redeployed, hook_failed) = finish(&mut j, repo)?;
+    let volumes = changes(repo, snap, &j).unwrap_or_else(|e| {
+        warnings.push(format!("the changes could not be listed: {e}"));
+        Vec::new()
+    });
     cleanup(&j)?;
     j.remove(repo)?;
     if let Some(h) = hook_failed {
@@ -191,32 +220,50 @@ pub fn restore_in_place(
         undo: j.undo,
         volumes,
         redeployed,
+        warnings,
         duration_ms: started.elapsed().as_millis() as u64,
     })
 }
 
-/// The pre-restore snapshot of the last live restore (of `target`, if given):
-/// restoring it in place undoes that restore.
-pub fn undo_snapshot(repo: &Repository, target: Option<&Path>) -> Result<Listed> {
-    let wanted = target.map(resolve_path).transpose()?;
-    snapshot::list_all(repo)?
+/// What `restore --undo` restores: the pre-restore snapshot of the last in-place
+/// restore (of `target`, if given), and notes on targets that restore created (they
+/// did not exist before, are not in the undo snapshot, and stay).
+pub fn undo_snapshot(repo: &Repository, target: Option<&Path>) -> Result<(Listed, Vec<String>)> {
+    let wanted = target.map(resolve_path).transpose()?.map(|(_, p)| p);
+    let done = journal::restores(repo)?
         .into_iter()
-        .filter(|s| s.snapshot.tags.iter().any(|t| t == UNDO_TAG))
-        .filter(|s| {
-            wanted.as_ref().is_none_or(|(_, p)| {
-                s.snapshot
-                    .volumes
-                    .iter()
-                    .any(|v| v.source == p.as_os_str().as_bytes())
-            })
+        .filter(|r| {
+            wanted
+                .as_ref()
+                .is_none_or(|w| r.targets.iter().any(|t| &t.path == w))
         })
-        .max_by_key(|s| s.snapshot.time_ns)
+        .max_by_key(|r| r.committed_ns)
         .ok_or_else(|| {
             Error::Usage(match &wanted {
-                Some((_, p)) => format!("no in-place restore of {} to undo", p.display()),
+                Some(p) => format!("no in-place restore of {} to undo", p.display()),
                 None => "no in-place restore to undo".into(),
             })
+        })?;
+    let notes = done
+        .targets
+        .iter()
+        .filter(|t| !t.existed)
+        .map(|t| {
+            format!(
+                "{} did not exist before restore {}; it is left as it is",
+                t.path.display(),
+                done.id
+            )
         })
+        .collect();
+    let Some(undo) = done.undo else {
+        return Err(Error::Usage(format!(
+            "restore {} only created directories that did not exist before; there is \
+             nothing to put back",
+            done.id
+        )));
+    };
+    Ok((snapshot::resolve(repo, &undo.hex())?, notes))
 }
 
 /// What `recover` did with one interrupted restore.
@@ -225,50 +272,83 @@ pub struct Recovered {
     pub restore_id: String,
     /// "rolled back" or "finished".
     pub outcome: &'static str,
-    /// The redeploy hook ran (successfully) during recovery.
+    /// The post-cmd hook ran (successfully) during recovery.
     pub redeployed: bool,
-    /// Why the redeploy hook failed, if it did (it is not run again).
+    /// Why the post-cmd hook failed, if it did.
     pub hook_error: Option<String>,
     pub targets: Vec<PathBuf>,
 }
 
-/// Rolls back or finishes every interrupted live restore whose process is gone.
+/// Rolls back or finishes every interrupted live restore whose process is gone. A
+/// journal that cannot be settled is left for the next attempt and reported after the
+/// others are done.
 pub fn recover(repo: &Repository) -> Result<Vec<Recovered>> {
     let mut out = Vec::new();
+    let mut failed = Vec::new();
     for id in journal::list(repo)? {
-        let Some(_lock) = journal::lock(repo, &id)? else {
-            continue; // in flight
-        };
-        let Some(mut j) = Journal::load(repo, &id)? else {
-            let _ = std::fs::remove_file(journal::dir(repo).join(format!("{id}.lock")));
-            continue;
-        };
-        let targets = j.volumes.iter().map(|v| v.target.clone()).collect();
-        let (outcome, (redeployed, hook_error)) = if j.state < State::Committed {
-            ("rolled back", roll_back(&j)?)
-        } else {
-            let done = finish(&mut j, repo)?;
-            cleanup(&j)?;
-            ("finished", done)
-        };
-        j.remove(repo)?;
-        out.push(Recovered {
-            restore_id: id,
-            outcome,
-            redeployed,
-            hook_error: hook_error.map(|e| e.to_string()),
-            targets,
-        });
+        match recover_one(repo, &id) {
+            Ok(Some(r)) => out.push(r),
+            Ok(None) => {}
+            Err(e) => failed.push(format!("restore {id}: {e}")),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(Error::Refused(format!(
+            "interrupted restores could not be settled: {}",
+            failed.join("; ")
+        )));
     }
     Ok(out)
 }
 
-/// Steps 2 to 6 of the protocol: quiesce, stage, undo snapshot, swap, commit.
-fn swap_in(repo: &Repository, snap: &Listed, j: &mut Journal, progress: &Progress) -> Result<()> {
-    if let Some(hook) = &j.quiesce {
-        j.state = State::Quiesced;
-        j.save(repo)?;
-        run_hook(hook, "quiesce", &j.id, None)?;
+fn recover_one(repo: &Repository, id: &str) -> Result<Option<Recovered>> {
+    let Some(_lock) = journal::lock(repo, id)? else {
+        return Ok(None); // in flight
+    };
+    let Some(mut j) = Journal::load(repo, id)? else {
+        journal::remove_lock(repo, id);
+        return Ok(None);
+    };
+    let targets: Vec<PathBuf> = j.volumes.iter().map(|v| v.target.clone()).collect();
+    // Nobody else may start on these targets while they are being settled.
+    let _target_locks = preflight::lock_paths(&targets)?;
+    let (outcome, (redeployed, hook_error)) = if j.state < State::Committed {
+        ("rolled back", roll_back(&j)?)
+    } else {
+        let done = finish(&mut j, repo)?;
+        cleanup(&j)?;
+        ("finished", done)
+    };
+    j.remove(repo)?;
+    Ok(Some(Recovered {
+        restore_id: id.to_string(),
+        outcome,
+        redeployed,
+        hook_error: hook_error.map(|e| e.to_string()),
+        targets,
+    }))
+}
+
+/// Records `state` in the journal; only once it is durable does `j` say so.
+fn advance(repo: &Repository, j: &mut Journal, state: State) -> Result<()> {
+    let mut next = j.clone();
+    next.state = state;
+    next.save(repo)?;
+    *j = next;
+    Ok(())
+}
+
+/// Steps 2 to 5 of the protocol: quiesce, stage, undo snapshot, swap, commit.
+fn swap_in(
+    repo: &Repository,
+    snap: &Listed,
+    j: &mut Journal,
+    progress: &Progress,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    if let Some(hook) = j.quiesce.clone() {
+        advance(repo, j, State::Quiesced)?;
+        run_hook(&hook, "pre-cmd", &j.id, None)?;
         crate::crash::point("live quiesced");
     }
     for n in 0..j.volumes.len() {
@@ -277,9 +357,16 @@ fn swap_in(repo: &Repository, snap: &Listed, j: &mut Journal, progress: &Progres
             force: false,
             volume: Some(v.label.clone()),
         };
-        crate::restore::restore(repo, snap, b"/", &v.stage, &opts, progress)?;
+        let report = crate::restore::restore(repo, snap, b"/", &v.stage, &opts, progress)?;
+        warnings.extend(report.warnings);
         sync_tree(&v.stage)?;
-        j.volumes[n].new = journal::ino(&v.stage)?;
+        if let Some(e) = &v.entries {
+            // Staging inside the target changed its mtime: the undo snapshot must see
+            // the target as it was.
+            fs::apply_root_attrs(&v.target, &e.old_root)?;
+        }
+        let staged = journal::ino(&v.stage)?;
+        j.volumes[n].new = staged;
         crate::crash::point("live staged a volume");
     }
     let live: Vec<&journal::Volume> = j.volumes.iter().filter(|v| v.old.is_some()).collect();
@@ -289,45 +376,71 @@ fn swap_in(repo: &Repository, snap: &Listed, j: &mut Journal, progress: &Progres
             series: Some(snap.snapshot.series.clone()),
             tags: vec![UNDO_TAG.to_string()],
             labels: Some(live.iter().map(|v| v.label.clone()).collect()),
+            // Staging inside a target (entry swaps) is not part of it.
+            excludes: vec![format!(".volsnap-stage-{}-*", j.id)],
             ..Default::default()
         };
         let outcome = snapshot::create(repo, &dirs, &opts, &Progress::default())?;
-        if outcome.listed.snapshot.incomplete {
+        let undo = &outcome.listed;
+        if undo.snapshot.incomplete || !undo.snapshot.notes.is_empty() {
             return Err(Error::Refused(format!(
-                "the undo snapshot {} could not read everything in the live targets; nothing \
-                 was changed (see `volsnap show {}`)",
-                outcome.listed.id.short(),
-                outcome.listed.id.short()
+                "the undo snapshot {} could not capture everything in the live targets \
+                 ({}); nothing was changed",
+                undo.id.short(),
+                undo.snapshot
+                    .unreadable
+                    .iter()
+                    .map(|u| format!("{}: {}", String::from_utf8_lossy(&u.path), u.error))
+                    .chain(undo.snapshot.notes.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             )));
         }
-        j.undo = Some(outcome.listed.id);
+        j.undo = Some(undo.id);
         crate::crash::point("live undo snapshot taken");
     }
-    j.state = State::Staged;
-    j.save(repo)?;
+    advance(repo, j, State::Staged)?;
     crate::crash::point("live staged");
-    j.state = State::Swapping;
-    j.save(repo)?;
+    advance(repo, j, State::Swapping)?;
     for n in 0..j.volumes.len() {
-        swap(&j.volumes[n])?;
+        if j.volumes[n].entries.is_some() {
+            entries::swap(repo, j, n)?;
+        } else {
+            swap(&j.volumes[n])?;
+        }
         j.volumes[n].swapped = true;
         j.save(repo)?;
         crate::crash::point("live swapped a volume");
     }
-    j.state = State::Committed;
-    j.save(repo)?;
+    advance(repo, j, State::Committed)?;
     crate::crash::point("live committed");
     Ok(())
 }
 
 /// Puts the staged tree of `v` in place of its target.
 fn swap(v: &journal::Volume) -> Result<()> {
+    // The target must still be the directory pre-flight checked (or still absent).
+    if journal::ino(&v.target)? != v.old {
+        return Err(Error::Refused(format!(
+            "{} was replaced while the restore was staging",
+            v.target.display()
+        )));
+    }
     let done = if v.old.is_some() {
         fsutil::exchange(&v.target, &v.stage)
     } else {
         fsutil::rename_new(&v.stage, &v.target)
     };
-    done.map_err(Error::io("swap in", &v.target))?;
+    done.map_err(|e| match e.raw_os_error() {
+        Some(libc_ebusy) if libc_ebusy == rustix::io::Errno::BUSY.raw_os_error() => {
+            Error::Refused(format!(
+                "{} cannot be renamed (it is a mount point or in use); pass \
+                 --allow-in-place-copy to move its entries instead",
+                v.target.display()
+            ))
+        }
+        _ => Error::io("swap in", &v.target)(e),
+    })?;
     fsutil::fsync_dir(parent(&v.target))
 }
 
@@ -342,7 +455,8 @@ fn side(v: &journal::Volume) -> Result<Side> {
     let now = journal::ino(&v.target)?;
     if now.is_some() && now == v.new {
         Ok(Side::New)
-    } else if now == v.old {
+    } else if now == v.old || v.old.is_none() {
+        // An absent target that something else created meanwhile is not ours either.
         Ok(Side::Old)
     } else {
         Err(Error::Refused(format!(
@@ -354,36 +468,55 @@ fn side(v: &journal::Volume) -> Result<Side> {
 }
 
 /// Puts every target of `j` back as it was and removes the staging, then runs the
-/// redeploy hook if the quiesce hook may have run. Returns whether the hook ran, and
-/// its failure (the targets are settled either way; the hook is not run again).
+/// post-cmd hook if the pre-cmd hook may have run. Every volume is settled even if
+/// one fails. Returns whether the hook ran, and its failure.
 fn roll_back(j: &Journal) -> Result<(bool, Option<Error>)> {
+    let mut failed = Vec::new();
     for v in j.volumes.iter().rev() {
-        if side(v)? == Side::New {
-            let back = if v.old.is_some() {
-                fsutil::exchange(&v.target, &v.stage)
-            } else {
-                fsutil::rename_new(&v.target, &v.stage)
-            };
-            back.map_err(Error::io("swap back", &v.target))?;
-            fsutil::fsync_dir(parent(&v.target))?;
-            crate::crash::point("live swapped a volume back");
+        let settled = match &v.entries {
+            Some(e) => entries::roll_back(v, e),
+            None => roll_back_volume(v),
+        };
+        if let Err(e) = settled {
+            failed.push(e.to_string());
         }
-        remove_stage(v, false)?;
     }
-    Ok(match (&j.redeploy, j.state >= State::Quiesced) {
-        (Some(hook), true) => match run_hook(hook, "redeploy", &j.id, Some("rolled-back")) {
+    let hook = match (&j.redeploy, j.state >= State::Quiesced) {
+        (Some(hook), true) => match run_hook(hook, "post-cmd", &j.id, Some("rolled-back")) {
             Ok(()) => (true, None),
             Err(e) => (false, Some(e)),
         },
         _ => (false, None),
-    })
+    };
+    if !failed.is_empty() {
+        return Err(Error::Refused(failed.join("; ")));
+    }
+    Ok(hook)
 }
 
-/// After the commit: runs the redeploy hook unless it ran. Returns whether it ran now,
-/// and its failure.
+fn roll_back_volume(v: &journal::Volume) -> Result<()> {
+    if side(v)? == Side::New {
+        let back = if v.old.is_some() {
+            fsutil::exchange(&v.target, &v.stage)
+        } else {
+            fsutil::rename_new(&v.target, &v.stage)
+        };
+        back.map_err(Error::io("swap back", &v.target))?;
+        fsutil::fsync_dir(parent(&v.target))?;
+        crate::crash::point("live swapped a volume back");
+    }
+    remove_stage(v, false)
+}
+
+/// After the commit: records the restore (for `--undo`), then runs the post-cmd hook
+/// unless it ran. Returns whether it ran now, and its failure.
 fn finish(j: &mut Journal, repo: &Repository) -> Result<(bool, Option<Error>)> {
     for v in &j.volumes {
-        if side(v)? != Side::New {
+        let done = match &v.entries {
+            Some(e) => e.phase == EntryPhase::Done,
+            None => side(v)? == Side::New,
+        };
+        if !done {
             return Err(Error::Refused(format!(
                 "restore {} is committed but {} does not hold the restored tree; left as it is",
                 j.id,
@@ -391,19 +524,18 @@ fn finish(j: &mut Journal, repo: &Repository) -> Result<(bool, Option<Error>)> {
             )));
         }
     }
+    journal::record_restore(repo, j)?;
     if j.state >= State::Redeployed {
         return Ok((false, None));
     }
     let ran = match &j.redeploy {
-        Some(hook) => match run_hook(hook, "redeploy", &j.id, Some("restored")) {
+        Some(hook) => match run_hook(hook, "post-cmd", &j.id, Some("restored")) {
             Ok(()) => (true, None),
             Err(e) => (false, Some(e)),
         },
         None => (false, None),
     };
-    // Recorded even when the hook failed: it is not run twice.
-    j.state = State::Redeployed;
-    j.save(repo)?;
+    advance(repo, j, State::Redeployed)?;
     crate::crash::point("live redeployed");
     Ok(ran)
 }
@@ -411,7 +543,10 @@ fn finish(j: &mut Journal, repo: &Repository) -> Result<(bool, Option<Error>)> {
 /// Deletes the old trees of a committed restore.
 fn cleanup(j: &Journal) -> Result<()> {
     for v in &j.volumes {
-        remove_stage(v, true)?;
+        match &v.entries {
+            Some(e) => entries::clean(v, e)?,
+            None => remove_stage(v, true)?,
+        }
         crate::crash::point("live removed an old tree");
     }
     Ok(())
@@ -434,65 +569,48 @@ fn remove_stage(v: &journal::Volume, old_tree: bool) -> Result<()> {
             v.stage.display()
         )));
     }
-    std::fs::remove_dir_all(&v.stage).map_err(Error::io("remove", &v.stage))?;
-    fsutil::fsync_dir(parent(&v.stage))
+    remove_tree(&v.stage)
 }
 
-/// Makes a staged tree durable: the whole filesystem's dirty data (one `syncfs`), then
-/// the staging directory and its parent.
-fn sync_tree(dir: &Path) -> Result<()> {
-    let f = std::fs::File::open(dir).map_err(Error::io("open", dir))?;
-    rustix::fs::syncfs(&f).map_err(|e| Error::io("syncfs", dir)(e.into()))?;
-    fsutil::fsync_dir(dir)?;
-    fsutil::fsync_dir(parent(dir))
-}
-
-fn parent(p: &Path) -> &Path {
-    p.parent().unwrap_or(Path::new("/"))
-}
-
-/// Runs a hook; its output goes to stderr (stdout may carry --json).
+/// Runs a hook (`sh -c`); its output goes to stderr (stdout may carry --json). Where
+/// util-linux `setpriv` exists it runs the hook with a parent-death signal, so a hook
+/// never outlives the volsnap process that ran it (recovery may run the post-cmd).
 fn run_hook(hook: &Hook, phase: &'static str, id: &str, outcome: Option<&str>) -> Result<()> {
     let Hook::Shell(command) = hook;
-    let stderr = std::io::stderr()
-        .lock()
-        .as_fd_dup()
-        .map_err(|e| Error::Hook {
-            phase,
-            detail: e.to_string(),
-        })?;
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(command)
-        .env("VOLSNAP_RESTORE_ID", id)
-        .env("VOLSNAP_RESTORE_PHASE", phase)
-        .stdin(Stdio::null())
-        .stdout(stderr);
-    if let Some(o) = outcome {
-        cmd.env("VOLSNAP_RESTORE_OUTCOME", o);
+    let failed = |detail: String| Error::Hook { phase, detail };
+    let build = |guarded: bool| -> Result<Command> {
+        use std::os::fd::AsFd;
+        let stderr = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| failed(e.to_string()))?;
+        let mut cmd = if guarded {
+            let mut c = Command::new("setpriv");
+            c.args(["--pdeathsig", "KILL", "--", "sh"]);
+            c
+        } else {
+            Command::new("sh")
+        };
+        cmd.arg("-c")
+            .arg(command)
+            .env("VOLSNAP_RESTORE_ID", id)
+            .env("VOLSNAP_RESTORE_PHASE", phase)
+            .stdin(Stdio::null())
+            .stdout(stderr);
+        if let Some(o) = outcome {
+            cmd.env("VOLSNAP_RESTORE_OUTCOME", o);
+        }
+        Ok(cmd)
+    };
+    let status = match build(true)?.status() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => build(false)?.status(),
+        other => other,
     }
-    let status = cmd.status().map_err(|e| Error::Hook {
-        phase,
-        detail: format!("{command:?}: {e}"),
-    })?;
+    .map_err(|e| failed(format!("{command:?}: {e}")))?;
     if !status.success() {
-        return Err(Error::Hook {
-            phase,
-            detail: format!("{command:?} exited with {status}"),
-        });
+        return Err(failed(format!("{command:?} exited with {status}")));
     }
     Ok(())
-}
-
-trait DupFd {
-    fn as_fd_dup(&self) -> std::io::Result<std::os::fd::OwnedFd>;
-}
-
-impl DupFd for std::io::StderrLock<'_> {
-    fn as_fd_dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::AsFd;
-        self.as_fd().try_clone_to_owned()
-    }
 }
 
 /// Resolves every volume's target now: the `--map` directory, else the path the
@@ -630,8 +748,13 @@ fn tree_size(repo: &Repository, id: &Id) -> Result<(u64, u64)> {
 }
 
 /// The live target as an unsaved snapshot (read and hashed, nothing stored), or
-/// `None` when there is nothing there.
-fn live_view(repo: &Repository, snap: &Listed, t: &Target) -> Result<Option<Listed>> {
+/// `None` when there is nothing there. What it could not read goes to `warnings`.
+fn live_view(
+    repo: &Repository,
+    snap: &Listed,
+    t: &Target,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Listed>> {
     if t.old.is_none() {
         return Ok(None);
     }
@@ -647,7 +770,16 @@ fn live_view(repo: &Repository, snap: &Listed, t: &Target) -> Result<Option<List
         &opts,
         &Progress::default(),
     )?;
-    Ok(Some(outcome.listed))
+    let live = outcome.listed;
+    for u in &live.snapshot.unreadable {
+        warnings.push(format!(
+            "{}: {} (the real run refuses: its undo snapshot must capture everything)",
+            String::from_utf8_lossy(&u.path),
+            u.error
+        ));
+    }
+    warnings.extend(live.snapshot.notes.iter().cloned());
+    Ok(Some(live))
 }
 
 /// What restoring volume `label` of `new` changes in a directory holding volume

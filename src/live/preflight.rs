@@ -14,28 +14,27 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::human_bytes;
 
-use super::Target;
+use super::{Target, journal};
+use crate::repo::Repository;
 
 /// Space kept free beyond the staged copy: 2% of it plus this.
 const HEADROOM_BYTES: u64 = 8 << 20;
 
-/// Refuses, naming the target, when a staged copy would not fit beside it.
-pub fn space(targets: &[Target]) -> Result<()> {
+/// Refuses, naming the target, when a staged copy would not fit where it is staged:
+/// beside the target, or inside it for an entry swap (`inside[i]`).
+pub fn space(targets: &[Target], inside: &[bool]) -> Result<()> {
     // Targets sharing a filesystem share its free space.
-    let mut by_fs: HashMap<u64, (Vec<&Target>, u64, u64)> = HashMap::new();
-    for t in targets {
-        let dev = std::fs::metadata(&t.parent)
-            .map_err(Error::io("stat", &t.parent))?
-            .dev();
-        let e = by_fs.entry(dev).or_default();
+    let mut by_fs: HashMap<u64, (Vec<&Target>, &Path, u64, u64)> = HashMap::new();
+    for (t, &inside) in targets.iter().zip(inside) {
+        let at = if inside { &t.path } else { &t.parent };
+        let dev = std::fs::metadata(at).map_err(Error::io("stat", at))?.dev();
+        let e = by_fs.entry(dev).or_insert((Vec::new(), at, 0, 0));
         e.0.push(t);
-        e.1 += t.bytes;
-        e.2 += t.inodes;
+        e.2 += t.bytes;
+        e.3 += t.inodes;
     }
-    for (ts, bytes, inodes) in by_fs.values() {
-        let parent = &ts[0].parent;
-        let vfs = rustix::fs::statvfs(parent.as_path())
-            .map_err(|e| Error::io("statvfs", parent)(e.into()))?;
+    for (ts, at, bytes, inodes) in by_fs.values() {
+        let vfs = rustix::fs::statvfs(*at).map_err(|e| Error::io("statvfs", at)(e.into()))?;
         let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
         let headroom = bytes / 50 + HEADROOM_BYTES;
         let labels: Vec<&str> = ts.iter().map(|t| t.label.as_str()).collect();
@@ -65,9 +64,23 @@ pub fn space(targets: &[Target]) -> Result<()> {
     Ok(())
 }
 
+/// Whether target `t` needs an entry swap: it is a mount point, or its filesystem
+/// cannot exchange directories. Refuses (changing nothing) unless `allow_copy`.
+pub fn needs_entry_swap(t: &Target, restore_id: &str, allow_copy: bool) -> Result<bool> {
+    match not_a_mount_point(t).and_then(|()| exchange_works(t, restore_id)) {
+        Ok(()) => Ok(false),
+        Err(Error::Refused(_)) if allow_copy && t.old.is_some() => Ok(true),
+        Err(Error::Refused(why)) if t.old.is_some() => Err(Error::Refused(format!(
+            "{why}; or pass --allow-in-place-copy to move the target's entries instead \
+             (journaled, all or nothing)"
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
 /// Refuses a target that is a mount point: renaming it fails (EBUSY), and swapping
 /// what is mounted there is not something a rename can do.
-pub fn not_a_mount_point(t: &Target) -> Result<()> {
+fn not_a_mount_point(t: &Target) -> Result<()> {
     if t.old.is_none() {
         return Ok(());
     }
@@ -118,7 +131,7 @@ fn unescape(field: &[u8]) -> Vec<u8> {
 
 /// Checks that the target's parent can exchange two directories atomically, on two
 /// empty sibling directories made for the purpose.
-pub fn exchange_works(t: &Target, restore_id: &str) -> Result<()> {
+fn exchange_works(t: &Target, restore_id: &str) -> Result<()> {
     let a = t.parent.join(format!(".volsnap-probe-{restore_id}-a"));
     let b = t.parent.join(format!(".volsnap-probe-{restore_id}-b"));
     let made = std::fs::create_dir(&a).and_then(|()| std::fs::create_dir(&b));
@@ -145,11 +158,61 @@ fn is_unsupported(e: &std::io::Error) -> bool {
         .any(|n| e.raw_os_error() == Some(n.raw_os_error()))
 }
 
+/// Refuses while a journal of an interrupted restore names a target overlapping one
+/// of `targets`: that restore must be settled (`volsnap recover`) first.
+pub fn no_pending_journal(repo: &Repository, targets: &[Target]) -> Result<()> {
+    for id in journal::list(repo)? {
+        let Some(j) = journal::Journal::load(repo, &id)? else {
+            continue;
+        };
+        for v in &j.volumes {
+            if let Some(t) = targets
+                .iter()
+                .find(|t| t.path.starts_with(&v.target) || v.target.starts_with(&t.path))
+            {
+                return Err(Error::Busy(format!(
+                    "restore {id} of {} has not been settled; nothing was changed (run \
+                     `volsnap recover`, or wait for it if it is still running)",
+                    t.path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a target with another filesystem mounted somewhere inside it: the swap
+/// would carry the mount along, and removing the old tree would reach into it.
+pub fn nothing_mounted_inside(t: &Target) -> Result<()> {
+    if t.old.is_none() {
+        return Ok(());
+    }
+    if let Some(m) = super::fs::mounts_below(&t.path, &mount_points()?).first() {
+        return Err(Error::Refused(format!(
+            "{} is mounted inside target {} of volume {}; nothing was changed (unmount it, \
+             or map the volume to a directory without mounts inside)",
+            m.display(),
+            t.path.display(),
+            t.label
+        )));
+    }
+    Ok(())
+}
+
 /// Locks the parent directory of every target (flock on the directory itself), so
 /// two restores of the same target never run at once. Dropped with the returned
 /// files, or by the kernel when the process dies.
 pub fn lock_parents(targets: &[Target]) -> Result<Vec<File>> {
-    let mut parents: Vec<&PathBuf> = targets.iter().map(|t| &t.parent).collect();
+    let paths: Vec<PathBuf> = targets.iter().map(|t| t.path.clone()).collect();
+    lock_paths(&paths)
+}
+
+/// `lock_parents` for target paths.
+pub fn lock_paths(targets: &[PathBuf]) -> Result<Vec<File>> {
+    let mut parents: Vec<&Path> = targets
+        .iter()
+        .map(|t| t.parent().unwrap_or(Path::new("/")))
+        .collect();
     parents.sort();
     parents.dedup();
     let mut held = Vec::new();

@@ -122,13 +122,14 @@ pub struct Repository {
 
 /// Names a repository directory may hold; anything else means `root` is some other
 /// directory, which init must not fill with repository files.
-const LAYOUT: [&str; 8] = [
+const LAYOUT: [&str; 9] = [
     "config",
     "index.redb",
     "index.redb.old",
     "journals",
     "locks",
     "packs",
+    "restores",
     "snapshots",
     "tmp",
 ];

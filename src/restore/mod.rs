@@ -430,7 +430,7 @@ fn write_file(
     Ok(file)
 }
 
-fn timestamps(mtime_ns: i64) -> Timestamps {
+pub(crate) fn timestamps(mtime_ns: i64) -> Timestamps {
     let t = Timespec {
         tv_sec: mtime_ns.div_euclid(1_000_000_000),
         tv_nsec: mtime_ns.rem_euclid(1_000_000_000),

@@ -461,7 +461,14 @@ fn check_reports_a_hole_in_a_live_blob() {
         .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
         .map(|f| f.unwrap().path())
         .collect();
+    // A pack without holes (gc punched none: all its blobs are live), largest first.
+    packs.retain(|p| {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(p).unwrap();
+        m.blocks() * 512 >= m.len() && m.len() > 200_000
+    });
     packs.sort_by_key(|p| std::cmp::Reverse(fs::metadata(p).unwrap().len()));
+    assert!(!packs.is_empty(), "no pack without holes");
     let status = Command::new("fallocate")
         .args(["--punch-hole", "--offset", "65536", "--length", "4096"])
         .arg(&packs[0])

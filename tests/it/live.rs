@@ -112,10 +112,7 @@ fn all_one_way(w: &World) -> &'static str {
     for (v, label) in w.vols.iter().zip(LABELS) {
         let new = w.snapshot_copy.join(label);
         let old = w.changed_copy.join(label);
-        let same = |a: &Path| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| assert_same_tree(a, v)))
-                .is_ok()
-        };
+        let same = |a: &Path| tree_differences(a, v, &[]).is_empty();
         states.push(if same(&new) {
             "new"
         } else if same(&old) {
@@ -205,77 +202,7 @@ fn dry_run_reports_what_the_real_run_then_changes() {
 #[test]
 fn in_place_restore_aborted_at_every_step_recovers_all_old_or_all_new() {
     let w = world();
-    let pristine_repo = w.repo.scratch("pristine-repo");
-    cp_a(&w.repo.path, &pristine_repo);
-    let log = w.repo.scratch("hooks.log");
-    let pre = format!("echo stop >> {}", log.display());
-    let post = format!(
-        "echo \"start $VOLSNAP_RESTORE_OUTCOME\" >> {}",
-        log.display()
-    );
-    let reset = || {
-        fs::remove_dir_all(&w.repo.path).unwrap();
-        cp_a(&pristine_repo, &w.repo.path);
-        for v in &w.vols {
-            if v.exists() {
-                fs::remove_dir_all(v).unwrap();
-            }
-        }
-        for label in LABELS {
-            cp_a(&w.changed_copy.join(label), &w.parent);
-        }
-        let _ = fs::remove_file(&log);
-    };
-    let mut seen = Vec::new();
-    let mut n = 1;
-    loop {
-        reset();
-        let crashed = w.repo.run_crashing_at(
-            n,
-            &[
-                "restore",
-                &w.snap,
-                "--in-place",
-                "--yes",
-                "--pre-cmd",
-                &pre,
-                "--post-cmd",
-                &post,
-            ],
-        );
-        if let Some(point) = &crashed {
-            seen.push(point.clone());
-            let rec = w.repo.ok(["recover"]);
-            assert_eq!(rec["recovered"].as_array().unwrap().len(), 1, "{rec}");
-        }
-        let state = all_one_way(&w);
-        assert!(
-            leftovers(&w.parent).is_empty(),
-            "after {crashed:?}: {:?}",
-            leftovers(&w.parent)
-        );
-        assert!(
-            journals(&w.repo).is_empty(),
-            "after {crashed:?}: {:?}",
-            journals(&w.repo)
-        );
-        let hooks = fs::read_to_string(&log).unwrap_or_default();
-        let expected = match (state, hooks.starts_with("stop")) {
-            (_, false) => "",
-            ("old", true) => "stop\nstart rolled-back\n",
-            (_, true) => "stop\nstart restored\n",
-        };
-        assert_eq!(
-            hooks, expected,
-            "after crash at {crashed:?}, volumes {state}"
-        );
-        if crashed.is_none() {
-            assert_eq!(state, "new");
-            break;
-        }
-        n += 1;
-        assert!(n < 200, "the restore never completed");
-    }
+    let seen = crash_at_every_step(&w, &[], &|| {});
     for step in [
         "live journal written",
         "live quiesced",
@@ -294,6 +221,135 @@ fn in_place_restore_aborted_at_every_step_recovers_all_old_or_all_new() {
 }
 
 #[test]
+fn entry_swap_of_a_mount_point_aborted_at_every_step_recovers_all_old_or_all_new() {
+    let mut w = world();
+    let mount = Tmpfs::mount(&w.repo.scratch("gamma-fs"), "64m");
+    w.vols[2] = mount.0.clone();
+    let fill = || fill_mount(&mount.0, &w.changed_copy.join("gamma"));
+    fill();
+    let map = format!("gamma={}", mount.0.display());
+    let seen = crash_at_every_step(&w, &["--map", &map, "--allow-in-place-copy"], &fill);
+    for step in [
+        "live moved old entries out",
+        "live moved new entries in",
+        "live committed",
+    ] {
+        assert!(
+            seen.iter().any(|s| s == step),
+            "never crashed at {step:?}: {seen:?}"
+        );
+    }
+}
+
+/// Makes the root of a mounted filesystem hold exactly what `like` holds, attributes
+/// of the directory itself included.
+fn fill_mount(mount: &Path, like: &Path) {
+    for e in fs::read_dir(mount).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(like.join("."))
+        .arg(mount)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mode = fs::metadata(like).unwrap().permissions().mode() & 0o7777;
+    fs::set_permissions(mount, fs::Permissions::from_mode(mode)).unwrap();
+    let (sec, nsec) = mtime_of(like);
+    set_mtime(mount, sec, nsec);
+}
+
+/// Runs the in-place restore of `w` aborted at its 1st, 2nd, ... crash point until it
+/// completes, from the same start each time; after each abort, `recover` must leave
+/// every volume wholly old or wholly new, all the same way, with no staging left, no
+/// journal, and the hooks run in pairs. Returns the crash points reached.
+fn crash_at_every_step(w: &World, extra: &[&str], refill: &dyn Fn()) -> Vec<String> {
+    let pristine_repo = w.repo.scratch("pristine-repo");
+    cp_a(&w.repo.path, &pristine_repo);
+    let log = w.repo.scratch("hooks.log");
+    let pre = format!("echo stop >> {}", log.display());
+    let post = format!(
+        "echo \"start $VOLSNAP_RESTORE_OUTCOME\" >> {}",
+        log.display()
+    );
+    let reset = || {
+        fs::remove_dir_all(&w.repo.path).unwrap();
+        cp_a(&pristine_repo, &w.repo.path);
+        for (v, label) in w.vols.iter().zip(LABELS) {
+            if v.parent() == Some(w.parent.as_path()) {
+                if v.exists() {
+                    fs::remove_dir_all(v).unwrap();
+                }
+                cp_a(&w.changed_copy.join(label), &w.parent);
+            }
+        }
+        refill();
+        let _ = fs::remove_file(&log);
+    };
+    let mut args = vec![
+        "restore",
+        &w.snap,
+        "--in-place",
+        "--yes",
+        "--pre-cmd",
+        &pre,
+        "--post-cmd",
+        &post,
+    ];
+    args.extend_from_slice(extra);
+    let mut seen = Vec::new();
+    let mut n = 1;
+    loop {
+        reset();
+        let crashed = w.repo.run_crashing_at(n, &args);
+        if let Some(point) = &crashed {
+            seen.push(point.clone());
+            let rec = w.repo.ok(["recover"]);
+            assert_eq!(rec["recovered"].as_array().unwrap().len(), 1, "{rec}");
+        }
+        let state = all_one_way(w);
+        for v in &w.vols {
+            for dir in [v.as_path(), v.parent().unwrap()] {
+                if dir.exists() {
+                    assert!(
+                        leftovers(dir).is_empty(),
+                        "after {crashed:?}: {:?}",
+                        leftovers(dir)
+                    );
+                }
+            }
+        }
+        assert!(
+            journals(&w.repo).is_empty(),
+            "after {crashed:?}: {:?}",
+            journals(&w.repo)
+        );
+        let hooks = fs::read_to_string(&log).unwrap_or_default();
+        let expected = match (state, hooks.starts_with("stop")) {
+            (_, false) => "",
+            ("old", true) => "stop\nstart rolled-back\n",
+            (_, true) => "stop\nstart restored\n",
+        };
+        assert_eq!(
+            hooks, expected,
+            "after crash at {crashed:?}, volumes {state}"
+        );
+        if crashed.is_none() {
+            assert_eq!(state, "new");
+            return seen;
+        }
+        n += 1;
+        assert!(n < 200, "the restore never completed");
+    }
+}
+
+#[test]
 fn a_target_that_does_not_exist_is_created() {
     let w = world();
     let elsewhere = w.repo.scratch("fresh-target");
@@ -307,8 +363,47 @@ fn a_target_that_does_not_exist_is_created() {
     ]);
     assert_same_tree(&w.snapshot_copy.join("beta"), &elsewhere);
     assert_same_tree(&w.snapshot_copy.join("alpha"), &w.vols[0]);
-    // The volume that had no directory is left out of the undo snapshot.
-    assert!(out["undo"].is_string(), "{out}");
+    // The volume that had no directory is left out of the undo snapshot...
+    let undo = w.repo.ok(["show", out["undo"].as_str().unwrap()]);
+    let labels: Vec<&str> = undo["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["alpha", "gamma"], "{undo}");
+    // ...so undo puts the others back and says it leaves the created one.
+    let back = w.repo.run(["restore", "--undo", "--yes"]).code(0);
+    assert!(
+        back.all_output().contains("did not exist before"),
+        "{}",
+        back.describe()
+    );
+    assert_same_tree(&w.changed_copy.join("alpha"), &w.vols[0]);
+    assert_same_tree(&w.changed_copy.join("gamma"), &w.vols[2]);
+    assert_same_tree(&w.snapshot_copy.join("beta"), &elsewhere);
+}
+
+#[test]
+fn refuses_a_target_with_a_filesystem_mounted_inside() {
+    let w = world();
+    let inner = Tmpfs::mount(&w.vols[0].join("cache"), "8m");
+    write(inner.0.join("precious"), "on the inner filesystem\n");
+    let run = w
+        .repo
+        .run(["restore", &w.snap, "--in-place", "--yes"])
+        .code(1);
+    assert!(
+        run.error_line().contains("is mounted inside"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(
+        fs::read_to_string(inner.0.join("precious")).unwrap(),
+        "on the inner filesystem\n"
+    );
+    assert!(leftovers(&w.parent).is_empty());
+    assert!(journals(&w.repo).is_empty());
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped.
@@ -443,6 +538,16 @@ fn refuses_a_second_restore_of_the_same_target_while_one_is_in_flight() {
         "{}",
         second.describe()
     );
+    assert!(
+        leftovers(&w.parent).is_empty(),
+        "{:?}",
+        leftovers(&w.parent)
+    );
+    assert_eq!(
+        journals(&w.repo).len(),
+        2,
+        "the first restore's journal and lock only"
+    );
     fs::remove_file(&release).unwrap();
     let out = first.wait_with_output().unwrap();
     assert!(
@@ -470,7 +575,7 @@ fn a_failing_pre_cmd_changes_nothing() {
         ])
         .code(1);
     assert!(
-        run.error_line().contains("quiesce command failed"),
+        run.error_line().contains("pre-cmd failed"),
         "{}",
         run.describe()
     );
@@ -505,4 +610,106 @@ fn any_command_recovers_an_interrupted_restore_first() {
     assert_eq!(all_one_way(&w), "old");
     assert!(leftovers(&w.parent).is_empty());
     assert!(journals(&w.repo).is_empty());
+}
+
+#[test]
+fn a_mount_point_is_restored_by_moving_its_entries_when_allowed_and_undone() {
+    let mut w = world();
+    let mount = Tmpfs::mount(&w.repo.scratch("beta-fs"), "64m");
+    fill_mount(&mount.0, &w.changed_copy.join("beta"));
+    w.vols[1] = mount.0.clone();
+    let map = format!("beta={}", mount.0.display());
+    let refused = w
+        .repo
+        .run(["restore", &w.snap, "--in-place", "--yes", "--map", &map])
+        .code(1);
+    assert!(
+        refused.error_line().contains("--allow-in-place-copy"),
+        "{}",
+        refused.describe()
+    );
+    assert_eq!(all_one_way(&w), "old");
+    let out = w.repo.ok([
+        "restore",
+        &w.snap,
+        "--in-place",
+        "--yes",
+        "--map",
+        &map,
+        "--allow-in-place-copy",
+    ]);
+    assert_eq!(all_one_way(&w), "new", "{out}");
+    assert!(leftovers(&mount.0).is_empty(), "{:?}", leftovers(&mount.0));
+    w.repo
+        .ok(["restore", "--undo", "--yes", "--allow-in-place-copy"]);
+    assert_eq!(all_one_way(&w), "old");
+    assert!(leftovers(&mount.0).is_empty(), "{:?}", leftovers(&mount.0));
+}
+
+#[test]
+fn recovery_aborted_at_every_step_still_settles_all_old_or_all_new() {
+    let w = world();
+    let pristine_repo = w.repo.scratch("pristine-repo");
+    cp_a(&w.repo.path, &pristine_repo);
+    let log = w.repo.scratch("hooks.log");
+    let pre = format!("echo stop >> {}", log.display());
+    let post = format!(
+        "echo \"start $VOLSNAP_RESTORE_OUTCOME\" >> {}",
+        log.display()
+    );
+    // Interrupted before the commit (rolled back) and after it (finished).
+    for (interrupt, settled, outcome) in [
+        ("live swapped a volume", "old", "rolled-back"),
+        ("live committed", "new", "restored"),
+    ] {
+        let mut k = 1;
+        loop {
+            fs::remove_dir_all(&w.repo.path).unwrap();
+            cp_a(&pristine_repo, &w.repo.path);
+            for v in &w.vols {
+                fs::remove_dir_all(v).unwrap();
+            }
+            for label in LABELS {
+                cp_a(&w.changed_copy.join(label), &w.parent);
+            }
+            let _ = fs::remove_file(&log);
+            let args = [
+                "restore",
+                &w.snap,
+                "--in-place",
+                "--yes",
+                "--pre-cmd",
+                &pre,
+                "--post-cmd",
+                &post,
+            ];
+            assert_eq!(
+                w.repo.run_crashing_at(interrupt, &args).as_deref(),
+                Some(interrupt)
+            );
+            let crashed = w.repo.run_crashing_at(k, &["recover"]);
+            if crashed.is_some() {
+                w.repo.ok(["recover"]);
+            }
+            assert_eq!(all_one_way(&w), settled, "recovery aborted at {crashed:?}");
+            assert!(
+                leftovers(&w.parent).is_empty(),
+                "{:?}",
+                leftovers(&w.parent)
+            );
+            assert!(journals(&w.repo).is_empty(), "{:?}", journals(&w.repo));
+            let hooks = fs::read_to_string(&log).unwrap();
+            assert_eq!(
+                hooks,
+                format!("stop\nstart {outcome}\n"),
+                "recovery aborted at {crashed:?}"
+            );
+            if crashed.is_none() {
+                break;
+            }
+            k += 1;
+            assert!(k < 50, "recovery never completed");
+        }
+        assert!(k > 1, "recovery of {interrupt:?} has no crash point");
+    }
 }

@@ -683,6 +683,21 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
 /// must exist in `expected` and must be missing from `actual`.
 #[track_caller]
 pub fn assert_same_tree_except(expected: &Path, actual: &Path, absent: &[&[u8]]) {
+    let diffs = tree_differences(expected, actual, absent);
+    if !diffs.is_empty() {
+        let lines: Vec<&str> = diffs.lines().take(60).collect();
+        panic!(
+            "trees differ: {} vs {} ({} differences)\n{}",
+            expected.display(),
+            actual.display(),
+            diffs.lines().count(),
+            lines.join("\n")
+        );
+    }
+}
+
+/// The differences `assert_same_tree_except` reports, one per line (empty: none).
+pub fn tree_differences(expected: &Path, actual: &Path, absent: &[&[u8]]) -> String {
     let mut a = scan_tree(expected);
     let b = scan_tree(actual);
     let mut diffs = String::new();
@@ -774,16 +789,7 @@ pub fn assert_same_tree_except(expected: &Path, actual: &Path, absent: &[&[u8]])
             .unwrap();
         }
     }
-    if !diffs.is_empty() {
-        let lines: Vec<&str> = diffs.lines().take(60).collect();
-        panic!(
-            "trees differ: {} vs {} ({} differences)\n{}",
-            expected.display(),
-            actual.display(),
-            diffs.lines().count(),
-            lines.join("\n")
-        );
-    }
+    diffs
 }
 
 impl Repo {
