@@ -53,3 +53,12 @@ pub fn pause(name: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Test-only failure: when `VOLSNAP_FAIL_AT` names this point, returns an error here,
+/// so tests can check what an ordinary failure at an exact step leaves behind.
+pub fn fail_point(name: &str) -> crate::error::Result<()> {
+    if std::env::var("VOLSNAP_FAIL_AT").ok().as_deref() == Some(name) {
+        return Err(crate::error::Error::Injected(name.to_string()));
+    }
+    Ok(())
+}

@@ -76,6 +76,18 @@ pub enum Error {
     #[error("{0}")]
     Refused(String),
 
+    /// An in-place restore committed, but bringing the application back failed.
+    #[error("{0}")]
+    Redeploy(String),
+
+    /// A failure a test asked for (`VOLSNAP_FAIL_AT`).
+    #[error("injected failure at {0:?}")]
+    Injected(String),
+
+    /// The Docker engine failed or refused: one line, with a hint where one helps.
+    #[error("{0}")]
+    Engine(String),
+
     #[error("{phase} failed: {detail}")]
     Hook { phase: &'static str, detail: String },
     /// An invalid exclude pattern.

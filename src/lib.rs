@@ -24,6 +24,7 @@ pub mod calendar;
 pub mod check;
 pub mod chunker;
 pub mod crash;
+pub mod docker;
 pub mod error;
 pub mod export;
 pub mod fsutil;

@@ -54,10 +54,25 @@ enum Command {
         #[arg(long)]
         zstd_level: Option<i32>,
     },
-    /// Snapshot one or more directories (each becomes a volume of the snapshot)
+    /// Snapshot one or more directories (each becomes a volume of the snapshot), or the
+    /// volumes of Docker containers (--container, --project, --label)
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["dirs", "container", "project", "label"])))]
     Snapshot {
-        #[arg(required = true)]
         dirs: Vec<PathBuf>,
+        /// Snapshot the volumes of this container (repeatable)
+        #[arg(long, conflicts_with_all = ["dirs", "project", "label"])]
+        container: Vec<String>,
+        /// Snapshot the volumes of every container of this compose project
+        #[arg(long, conflicts_with_all = ["dirs", "label"])]
+        project: Option<String>,
+        /// Snapshot the volumes of every container with this label (KEY or KEY=VALUE),
+        /// one series per compose project or container
+        #[arg(long, conflicts_with = "dirs")]
+        label: Option<String>,
+        /// How containers are kept still while their volumes are read (a container's
+        /// volsnap.quiesce label overrides it)
+        #[arg(long, default_value = "pause", value_parser = ["pause", "stop", "none"])]
+        quiesce: String,
         /// Series name [default: derived from the paths]
         #[arg(long)]
         name: Option<String>,
@@ -98,7 +113,7 @@ enum Command {
     Diff { old: String, new: String },
     /// Restore a snapshot, or SNAP:path, into a new or empty directory (--to), or over
     /// the live directories of its volumes, all or nothing (--in-place)
-    #[command(group(clap::ArgGroup::new("how").required(true).args(["to", "in_place", "undo"])))]
+    #[command(group(clap::ArgGroup::new("how").required(true).multiple(true).args(["to", "in_place", "undo", "container", "project"])))]
     Restore {
         /// The snapshot (or SNAP:path with --to); with --undo, the live directory whose
         /// last in-place restore to undo
@@ -143,9 +158,36 @@ enum Command {
         /// or nothing)
         #[arg(long)]
         allow_in_place_copy: bool,
+        /// Restore in place onto the volumes of this container as it is now (repeatable):
+        /// every container mounting them is stopped, then started again
+        #[arg(long, conflicts_with_all = ["to", "in_place", "project", "map", "pre_cmd", "post_cmd"])]
+        container: Vec<String>,
+        /// Like --container, for every container of this compose project
+        #[arg(long, conflicts_with_all = ["to", "in_place", "map", "pre_cmd", "post_cmd"])]
+        project: Option<String>,
+        /// Seconds to wait for restarted containers to run (and be healthy, if they
+        /// have a health check)
+        #[arg(long, default_value_t = 60)]
+        health_timeout: u64,
+        /// When a restarted container does not come up in time, put the previous data
+        /// back (the undo) and start it again
+        #[arg(long)]
+        rollback_on_unhealthy: bool,
     },
     /// Finish or roll back interrupted in-place restores (also done by every command)
     Recover,
+    /// List the mounts of Docker containers and whether each can be snapshotted
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["containers", "project", "label"])))]
+    Volumes {
+        /// Containers, by name or id
+        containers: Vec<String>,
+        /// Every container of this compose project
+        #[arg(long, conflicts_with = "containers")]
+        project: Option<String>,
+        /// Every container with this label (KEY or KEY=VALUE)
+        #[arg(long, conflicts_with_all = ["containers", "project"])]
+        label: Option<String>,
+    },
     /// Write a snapshot, or SNAP:path, as an archive any tar reads
     Export {
         source: OsString,
@@ -305,8 +347,21 @@ fn open(path: &std::path::Path) -> anyhow::Result<Repository> {
     Ok(repo)
 }
 
-/// Recovers interrupted in-place restores, saying so on stderr.
+/// Recovers interrupted in-place restores and quiesces, saying so on stderr.
 fn recover_quietly(repo: &Repository) {
+    if volsnap::docker::snapshot::quiesce_pending(repo) {
+        match volsnap::docker::snapshot::recover_quiesce(repo) {
+            Ok(names) if !names.is_empty() => eprintln!(
+                "volsnap: resumed containers an interrupted snapshot had quiesced: {}",
+                names.join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "warning: containers an interrupted snapshot quiesced could not be resumed: \
+                 {e:#} (run `volsnap recover`)"
+            ),
+        }
+    }
     match live::recover(repo) {
         Ok(done) => {
             for r in done {
@@ -318,6 +373,69 @@ fn recover_quietly(repo: &Repository) {
              (run `volsnap recover`)"
         ),
     }
+}
+
+/// `snapshot --container/--project/--label`: one snapshot per group of containers.
+fn container_snapshot(
+    path: &std::path::Path,
+    sel: &volsnap::docker::Selection,
+    opts: &volsnap::docker::snapshot::Options,
+    json: bool,
+    show_progress: bool,
+) -> anyhow::Result<u8> {
+    use volsnap::docker::snapshot as dsnap;
+    let engine = volsnap::docker::Engine::connect()?;
+    let groups = dsnap::groups(engine.select(sel)?, opts.series.as_deref());
+    let (repo, _) = Repository::init(path, Config::default())?;
+    recover_quietly(&repo);
+    // A signal while containers are paused or stopped resumes them before exiting.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            dsnap::resume_on_signal();
+            std::process::exit(130);
+        }
+    });
+    let mut docs = Vec::new();
+    let mut text = String::new();
+    let mut code = exit::OK;
+    for g in &groups {
+        let progress = Progress::default();
+        let report = render::with_progress(show_progress, &progress, "snapshot", || {
+            dsnap::snapshot_group(&engine, &repo, g, opts, &progress)
+        })?;
+        for s in &report.skipped {
+            eprintln!("note: not snapshotted: {s}");
+        }
+        for n in &report.notes {
+            eprintln!("note: {n}");
+        }
+        match &report.outcome {
+            Some(o) => {
+                let snap = &o.listed.snapshot;
+                for u in &snap.unreadable {
+                    eprintln!(
+                        "warning: could not read {}: {}",
+                        String::from_utf8_lossy(&u.path),
+                        u.error
+                    );
+                }
+                if snap.incomplete {
+                    code = exit::INCOMPLETE;
+                }
+                docs.push(render::snapshot_json(&o.listed, o.skipped));
+                text.push_str(&render::snapshot_text(&o.listed, o.skipped));
+            }
+            None => {
+                eprintln!("note: series {}: nothing to snapshot", report.series);
+            }
+        }
+    }
+    emit(json, &Value::Array(docs), || text)?;
+    Ok(code)
 }
 
 /// `LABEL=DIR` arguments.
@@ -377,6 +495,81 @@ fn live_restore(
         render::live_text(&report)
     })?;
     Ok(exit::OK)
+}
+
+struct ContainerRestore {
+    /// Restore the pre-restore snapshot of the last in-place restore instead.
+    undo: bool,
+    health_timeout: u64,
+    rollback: bool,
+    dry_run: bool,
+    yes: bool,
+}
+
+/// `restore SNAP --container/--project`: the live restore, with targets resolved from
+/// the containers now, the containers mounting them stopped and started around it.
+fn container_restore(
+    path: &std::path::Path,
+    source: Option<&OsString>,
+    sel: &volsnap::docker::Selection,
+    how: &ContainerRestore,
+    json: bool,
+    show_progress: bool,
+) -> anyhow::Result<u8> {
+    let repo = Repository::open(path)?;
+    for r in live::recover(&repo)? {
+        eprintln!("volsnap: {}", render::recovered_text(&r));
+    }
+    let snap = match (how.undo, source) {
+        (true, _) => live::undo_snapshot(&repo, None)?.0,
+        (false, Some(s)) => snapshot::resolve(&repo, &String::from_utf8_lossy(s.as_bytes()))?,
+        (false, None) => {
+            return Err(
+                Error::Usage("restore --container/--project needs a snapshot".into()).into(),
+            );
+        }
+    };
+    let engine = volsnap::docker::Engine::connect()?;
+    let (maps, redeploy) = volsnap::docker::restore::plan(&engine, &snap, sel, how.health_timeout)?;
+    drop(engine);
+    let hook =
+        (!redeploy.containers.is_empty()).then_some(live::journal::Hook::Containers(redeploy));
+    let opts = live::Options {
+        maps: maps.clone(),
+        quiesce: hook.clone(),
+        redeploy: hook,
+        dry_run: how.dry_run,
+        allow_copy: false,
+    };
+    if !how.yes && !how.dry_run {
+        confirm(&snap, &opts)?;
+    }
+    let progress = Progress::default();
+    let result = render::with_progress(show_progress, &progress, "restore", || {
+        live::restore_in_place(&repo, &snap, &opts, &progress)
+    });
+    let (report, code) = match result {
+        Ok(r) => (r, exit::OK),
+        Err(Error::Redeploy(why)) if how.rollback => {
+            eprintln!("volsnap: {why}; putting the previous data back");
+            let (undo, _) = live::undo_snapshot(&repo, Some(&maps[0].1))?;
+            let back = live::Options {
+                maps: Vec::new(),
+                ..opts.clone()
+            };
+            let report = live::restore_in_place(&repo, &undo, &back, &progress)?;
+            eprintln!("volsnap: rolled back to snapshot {}", undo.id.short());
+            (report, exit::ERROR)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    emit(json, &render::live_json(&report), || {
+        render::live_text(&report)
+    })?;
+    Ok(code)
 }
 
 /// Asks before replacing live data; without a terminal, `--yes` is required.
@@ -448,12 +641,31 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Snapshot {
             dirs,
+            container,
+            project,
+            label,
+            quiesce,
             name,
             tag,
             skip_if_unchanged,
             exclude,
             cross_filesystems,
         } => {
+            if dirs.is_empty() {
+                let sel = match (project, label) {
+                    (Some(p), _) => volsnap::docker::Selection::Project(p),
+                    (_, Some(l)) => volsnap::docker::Selection::Label(l),
+                    _ => volsnap::docker::Selection::Containers(container),
+                };
+                let opts = volsnap::docker::snapshot::Options {
+                    series: name,
+                    tags: tag,
+                    quiesce: volsnap::docker::snapshot::Quiesce::parse(&quiesce)
+                        .expect("clap checked the value"),
+                    stop_timeout_s: 30,
+                };
+                return container_snapshot(&path, &sel, &opts, json, show_progress);
+            }
             // Refuse bad sources before creating a repository for them.
             for d in &dirs {
                 std::fs::metadata(d).map_err(Error::io("snapshot source", d))?;
@@ -546,7 +758,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             dry_run,
             yes,
             allow_in_place_copy,
+            container,
+            project,
+            health_timeout,
+            rollback_on_unhealthy,
         } => {
+            if !container.is_empty() || project.is_some() {
+                let sel = match project {
+                    Some(p) => volsnap::docker::Selection::Project(p),
+                    None => volsnap::docker::Selection::Containers(container),
+                };
+                let how = ContainerRestore {
+                    undo,
+                    health_timeout,
+                    rollback: rollback_on_unhealthy,
+                    dry_run,
+                    yes,
+                };
+                return container_restore(&path, source.as_ref(), &sel, &how, json, show_progress);
+            }
             if in_place || undo {
                 let opts = live::Options {
                     maps: parse_maps(&map)?,
@@ -849,11 +1079,37 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 )
             })?;
         }
+        Command::Volumes {
+            containers,
+            project,
+            label,
+        } => {
+            let sel = match (project, label) {
+                (Some(p), _) => volsnap::docker::Selection::Project(p),
+                (_, Some(l)) => volsnap::docker::Selection::Label(l),
+                _ => volsnap::docker::Selection::Containers(containers),
+            };
+            let engine = volsnap::docker::Engine::connect()?;
+            let found = engine.select(&sel)?;
+            emit(json, &render::volumes_json(&found), || {
+                render::volumes_text(&found)
+            })?;
+        }
         Command::Recover => {
             let repo = Repository::open(&path)?;
+            let resumed = if volsnap::docker::snapshot::quiesce_pending(&repo) {
+                volsnap::docker::snapshot::recover_quiesce(&repo)?
+            } else {
+                Vec::new()
+            };
+            for name in &resumed {
+                eprintln!("volsnap: resumed container {name}");
+            }
             let done = live::recover(&repo)?;
-            let value =
-                json!({"recovered": done.iter().map(render::recovered_json).collect::<Vec<_>>()});
+            let value = json!({
+                "recovered": done.iter().map(render::recovered_json).collect::<Vec<_>>(),
+                "resumed_containers": resumed,
+            });
             emit(json, &value, || {
                 if done.is_empty() {
                     "nothing to recover\n".to_string()

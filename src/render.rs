@@ -102,6 +102,24 @@ pub fn snapshot_json(l: &Listed, skipped: bool) -> Value {
         },
         "unreadable": s.unreadable.iter().map(|u| json!({"path": lossy(&u.path), "error": u.error})).collect::<Vec<_>>(),
         "notes": s.notes,
+        "containers": s.containers.iter().map(|c| json!({
+            "name": c.name,
+            "id": c.id,
+            "image": c.image,
+            "image_id": c.image_id,
+            "project": c.project,
+            "service": c.service,
+            "labels": c.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "mounts": c.mounts.iter().map(|m| json!({
+                "destination": m.destination,
+                "type": m.kind,
+                "source": m.source.as_deref().map(lossy),
+                "volume": m.volume,
+                "read_write": m.read_write,
+                "label": m.label,
+                "skipped": m.skipped,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -414,4 +432,61 @@ pub fn recovered_text(r: &volsnap::live::Recovered) -> String {
         s.push_str(&format!("; {e}"));
     }
     s
+}
+
+pub fn volumes_json(cs: &[volsnap::docker::Container]) -> Value {
+    json!(
+        cs.iter()
+            .map(|c| json!({
+                "name": c.name,
+                "id": c.id,
+                "image": c.image,
+                "state": format!("{:?}", c.state).to_lowercase(),
+                "project": c.project(),
+                "service": c.service(),
+                "mounts": c.mounts.iter().map(|m| json!({
+                    "destination": m.destination,
+                    "type": m.kind,
+                    "source": m.source,
+                    "volume": m.volume,
+                    "driver": m.driver,
+                    "read_write": m.read_write,
+                    "snapshottable": m.not_snapshottable.is_none(),
+                    "reason": m.not_snapshottable,
+                })).collect::<Vec<_>>(),
+            }))
+            .collect::<Vec<_>>()
+    )
+}
+
+pub fn volumes_text(cs: &[volsnap::docker::Container]) -> String {
+    let mut out = String::new();
+    for c in cs {
+        let _ = writeln!(
+            out,
+            "{} ({}, image {})",
+            c.name,
+            format!("{:?}", c.state).to_lowercase(),
+            c.image
+        );
+        for m in &c.mounts {
+            let source = m
+                .source
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |s| s.display().to_string());
+            let verdict = match &m.not_snapshottable {
+                None => "snapshottable".to_string(),
+                Some(why) => format!("not snapshottable: {why}"),
+            };
+            let _ = writeln!(
+                out,
+                "  {} {} {} {}: {verdict}",
+                m.destination,
+                m.kind,
+                source,
+                if m.read_write { "rw" } else { "ro" }
+            );
+        }
+    }
+    out
 }

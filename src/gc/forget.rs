@@ -221,6 +221,7 @@ mod tests {
                 incomplete: false,
                 unreadable: Vec::new(),
                 notes: Vec::new(),
+                containers: Vec::new(),
             },
         }
     }

@@ -52,6 +52,8 @@ pub enum State {
 pub enum Hook {
     /// `sh -c COMMAND`.
     Shell(String),
+    /// Stop these containers (quiesce), start them and wait for them (redeploy).
+    Containers(crate::docker::restore::Redeploy),
 }
 
 /// A file or directory's identity: (device, inode).
@@ -301,7 +303,8 @@ pub fn lock(repo: &Repository, id: &str) -> Result<Option<File>> {
     }
 }
 
-/// The ids of every journal in the repository.
+/// The ids of every restore journal in the repository (the directory also holds the
+/// quiesce journals of container snapshots, `quiesce-*`, which are not restores).
 pub fn list(repo: &Repository) -> Result<Vec<String>> {
     let d = dir(repo);
     let entries = match std::fs::read_dir(&d) {
@@ -312,7 +315,11 @@ pub fn list(repo: &Repository) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     for entry in entries {
         let name = entry.map_err(Error::io("read directory", &d))?.file_name();
-        if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".journal")) {
+        if let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".journal"))
+            .filter(|n| !n.starts_with("quiesce-"))
+        {
             ids.push(id.to_string());
         }
     }

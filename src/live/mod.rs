@@ -208,8 +208,8 @@ pub fn restore_in_place(
     cleanup(&j)?;
     j.remove(repo)?;
     if let Some(h) = hook_failed {
-        return Err(Error::Refused(format!(
-            "snapshot {} is restored onto the targets, but the {h}",
+        return Err(Error::Redeploy(format!(
+            "snapshot {} is restored onto the targets, but {h}",
             snap.id.short()
         )));
     }
@@ -348,7 +348,7 @@ fn swap_in(
 ) -> Result<()> {
     if let Some(hook) = j.quiesce.clone() {
         advance(repo, j, State::Quiesced)?;
-        run_hook(&hook, "pre-cmd", &j.id, None)?;
+        run_hook(&hook, Phase::Quiesce, &j.id, None)?;
         crate::crash::point("live quiesced");
     }
     for n in 0..j.volumes.len() {
@@ -378,6 +378,8 @@ fn swap_in(
             labels: Some(live.iter().map(|v| v.label.clone()).collect()),
             // Staging inside a target (entry swaps) is not part of it.
             excludes: vec![format!(".volsnap-stage-{}-*", j.id)],
+            // Same labels, same containers: a container restore can be undone as one.
+            containers: snap.snapshot.containers.clone(),
             ..Default::default()
         };
         let outcome = snapshot::create(repo, &dirs, &opts, &Progress::default())?;
@@ -482,7 +484,7 @@ fn roll_back(j: &Journal) -> Result<(bool, Option<Error>)> {
         }
     }
     let hook = match (&j.redeploy, j.state >= State::Quiesced) {
-        (Some(hook), true) => match run_hook(hook, "post-cmd", &j.id, Some("rolled-back")) {
+        (Some(hook), true) => match run_hook(hook, Phase::Redeploy, &j.id, Some("rolled-back")) {
             Ok(()) => (true, None),
             Err(e) => (false, Some(e)),
         },
@@ -529,7 +531,7 @@ fn finish(j: &mut Journal, repo: &Repository) -> Result<(bool, Option<Error>)> {
         return Ok((false, None));
     }
     let ran = match &j.redeploy {
-        Some(hook) => match run_hook(hook, "post-cmd", &j.id, Some("restored")) {
+        Some(hook) => match run_hook(hook, Phase::Redeploy, &j.id, Some("restored")) {
             Ok(()) => (true, None),
             Err(e) => (false, Some(e)),
         },
@@ -572,12 +574,45 @@ fn remove_stage(v: &journal::Volume, old_tree: bool) -> Result<()> {
     remove_tree(&v.stage)
 }
 
-/// Runs a hook (`sh -c`); its output goes to stderr (stdout may carry --json). Where
-/// util-linux `setpriv` exists it runs the hook with a parent-death signal, so a hook
-/// never outlives the volsnap process that ran it (recovery may run the post-cmd).
-fn run_hook(hook: &Hook, phase: &'static str, id: &str, outcome: Option<&str>) -> Result<()> {
-    let Hook::Shell(command) = hook;
-    let failed = |detail: String| Error::Hook { phase, detail };
+/// Which end of the protocol a hook is run for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Quiesce,
+    Redeploy,
+}
+
+/// Runs a hook. A shell hook (`sh -c`) writes to stderr (stdout may carry --json);
+/// where util-linux `setpriv` exists it runs with a parent-death signal, so it never
+/// outlives the volsnap process that ran it (recovery may run the post-cmd). A
+/// containers hook stops them, or starts them and waits until they are up.
+fn run_hook(hook: &Hook, phase: Phase, id: &str, outcome: Option<&str>) -> Result<()> {
+    let command = match hook {
+        Hook::Shell(command) => command,
+        Hook::Containers(redeploy) => {
+            let what = match phase {
+                Phase::Quiesce => "stopping the containers",
+                Phase::Redeploy => "starting the containers",
+            };
+            let failed = |e: Error| Error::Hook {
+                phase: what,
+                detail: e.to_string(),
+            };
+            let engine = crate::docker::Engine::connect().map_err(failed)?;
+            return match phase {
+                Phase::Quiesce => redeploy.stop(&engine),
+                Phase::Redeploy => redeploy.start(&engine),
+            }
+            .map_err(failed);
+        }
+    };
+    let name = match phase {
+        Phase::Quiesce => "pre-cmd",
+        Phase::Redeploy => "post-cmd",
+    };
+    let failed = |detail: String| Error::Hook {
+        phase: name,
+        detail,
+    };
     let build = |guarded: bool| -> Result<Command> {
         use std::os::fd::AsFd;
         let stderr = std::io::stderr()
@@ -594,7 +629,7 @@ fn run_hook(hook: &Hook, phase: &'static str, id: &str, outcome: Option<&str>) -
         cmd.arg("-c")
             .arg(command)
             .env("VOLSNAP_RESTORE_ID", id)
-            .env("VOLSNAP_RESTORE_PHASE", phase)
+            .env("VOLSNAP_RESTORE_PHASE", name)
             .stdin(Stdio::null())
             .stdout(stderr);
         if let Some(o) = outcome {

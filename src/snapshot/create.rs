@@ -50,6 +50,8 @@ pub struct Options {
     /// Read and hash everything but store nothing: the snapshot is returned unsaved
     /// (id zero) and its trees are readable in this process only.
     pub dry_run: bool,
+    /// The containers the directories belong to, recorded in the snapshot.
+    pub containers: Vec<super::record::ContainerManifest>,
 }
 
 /// The result of `create`.
@@ -297,6 +299,7 @@ pub fn create(
         incomplete: !unreadable.is_empty(),
         unreadable,
         notes,
+        containers: opts.containers.clone(),
     };
     if opts.dry_run {
         return Ok(Outcome {

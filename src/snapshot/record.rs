@@ -19,7 +19,8 @@ use crate::id::Id;
 use crate::repo::Repository;
 
 const RECORD_MAGIC: &[u8; 8] = b"VSNPSNAP";
-const RECORD_VERSION: u32 = 1;
+/// Version 2 added `containers`; version 1 records are still read.
+const RECORD_VERSION: u32 = 2;
 
 /// One volume of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +91,73 @@ pub struct Snapshot {
     pub incomplete: bool,
     pub unreadable: Vec<Unreadable>,
     pub notes: Vec<String>,
+    /// The containers whose volumes these are (empty for plain directories).
+    pub containers: Vec<ContainerManifest>,
+}
+
+/// What a snapshot records of a container it was taken from: enough to know what it
+/// ran and where its data was, never its environment (it holds secrets).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerManifest {
+    pub name: String,
+    pub id: String,
+    /// As created (`name:tag`).
+    pub image: String,
+    /// The image's id (`sha256:...`).
+    pub image_id: String,
+    pub project: Option<String>,
+    pub service: Option<String>,
+    pub labels: Vec<(String, String)>,
+    pub mounts: Vec<MountManifest>,
+}
+
+/// One mount of a recorded container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountManifest {
+    pub destination: String,
+    /// "bind", "volume", "tmpfs"...
+    pub kind: String,
+    pub source: Option<Vec<u8>>,
+    pub volume: Option<String>,
+    pub read_write: bool,
+    /// The volume label it was snapshotted as; `None`: not snapshotted (`skipped` says why).
+    pub label: Option<String>,
+    pub skipped: Option<String>,
+}
+
+/// A version 1 record: a `Snapshot` without `containers`.
+#[derive(Deserialize)]
+struct SnapshotV1 {
+    series: String,
+    version: u64,
+    time_ns: i64,
+    hostname: String,
+    volumes: Vec<Volume>,
+    tags: Vec<String>,
+    parent: Option<Id>,
+    stats: Stats,
+    incomplete: bool,
+    unreadable: Vec<Unreadable>,
+    notes: Vec<String>,
+}
+
+impl From<SnapshotV1> for Snapshot {
+    fn from(v: SnapshotV1) -> Snapshot {
+        Snapshot {
+            series: v.series,
+            version: v.version,
+            time_ns: v.time_ns,
+            hostname: v.hostname,
+            volumes: v.volumes,
+            tags: v.tags,
+            parent: v.parent,
+            stats: v.stats,
+            incomplete: v.incomplete,
+            unreadable: v.unreadable,
+            notes: v.notes,
+            containers: Vec::new(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -105,10 +173,14 @@ impl Snapshot {
             return Err("not a snapshot record".into());
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != RECORD_VERSION {
-            return Err(format!("unknown record version {version}"));
-        }
-        let snapshot: Snapshot = postcard::from_bytes(&bytes[12..]).map_err(|e| e.to_string())?;
+        let body = &bytes[12..];
+        let snapshot: Snapshot = match version {
+            1 => postcard::from_bytes::<SnapshotV1>(body)
+                .map_err(|e| e.to_string())?
+                .into(),
+            RECORD_VERSION => postcard::from_bytes(body).map_err(|e| e.to_string())?,
+            _ => return Err(format!("unknown record version {version}")),
+        };
         // Labels become directory names on restore: they must be single, unique names.
         let mut labels = HashSet::new();
         for v in &snapshot.volumes {

@@ -61,6 +61,7 @@ pub fn craft(repo_path: &Path, volumes: &[(&str, &Tree)], contents: &[&[u8]]) ->
         incomplete: false,
         unreadable: Vec::new(),
         notes: Vec::new(),
+        containers: Vec::new(),
     };
     record::commit(&repo, snapshot).unwrap().id.hex()
 }

@@ -12,6 +12,7 @@ mod concurrency;
 mod corruption;
 mod crafted;
 mod crash;
+mod docker;
 mod export;
 mod gc;
 mod hostile;

@@ -1,0 +1,212 @@
+//! Live restore of container volumes: the live-restore protocol (`live`), with the
+//! targets re-resolved from the containers as they are now, quiesce = stop every
+//! container that mounts a target, and redeploy = start them again (compose
+//! dependency order) and wait until each runs and, where it has a health check, is
+//! healthy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Container, Engine, RunState, Selection};
+use crate::error::{Error, Result};
+use crate::snapshot::Listed;
+
+/// The containers a live restore stops and starts, in start order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redeploy {
+    /// (id, name), in the order they are started (stopped in reverse).
+    pub containers: Vec<(String, String)>,
+    pub health_timeout_s: u64,
+}
+
+/// Where each volume of `snap` lives now (label → host directory), and the containers
+/// to stop and start around the swap.
+pub fn plan(
+    engine: &Engine,
+    snap: &Listed,
+    sel: &Selection,
+    health_timeout_s: u64,
+) -> Result<(Vec<(String, PathBuf)>, Redeploy)> {
+    let selected = engine.select(sel)?;
+    let mut maps = Vec::new();
+    for v in &snap.snapshot.volumes {
+        let recorded = snap
+            .snapshot
+            .containers
+            .iter()
+            .flat_map(|c| c.mounts.iter().map(move |m| (c, m)))
+            .find(|(_, m)| m.label.as_deref() == Some(v.label.as_str()));
+        let Some((was, mount)) = recorded else {
+            return Err(Error::Usage(format!(
+                "volume {} of snapshot {} did not come from a container; restore it with \
+                 --in-place --map {}=DIR",
+                v.label,
+                snap.id.short(),
+                v.label
+            )));
+        };
+        // The same container now: by name, else by compose service.
+        let now = selected
+            .iter()
+            .find(|c| c.name == was.name)
+            .or_else(|| {
+                selected
+                    .iter()
+                    .find(|c| was.service.is_some() && c.service() == was.service.as_deref())
+            })
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "volume {} belonged to container {}, which is not among the selected \
+                     containers now",
+                    v.label, was.name
+                ))
+            })?;
+        let m = now
+            .mounts
+            .iter()
+            .find(|m| m.destination == mount.destination)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "container {} no longer mounts anything at {}",
+                    now.name, mount.destination
+                ))
+            })?;
+        if let Some(why) = &m.not_snapshottable {
+            return Err(Error::Usage(format!(
+                "container {}'s mount at {} cannot be restored: {why}",
+                now.name, m.destination
+            )));
+        }
+        let source = m
+            .source
+            .clone()
+            .expect("snapshottable mounts have a host path");
+        maps.push((v.label.clone(), source));
+    }
+    // Every container mounting a target, selected or not, running now.
+    let targets: Vec<&PathBuf> = maps.iter().map(|(_, p)| p).collect();
+    let mut users: Vec<Container> = engine
+        .all()?
+        .into_iter()
+        .filter(|c| c.state != RunState::Stopped)
+        .filter(|c| {
+            c.mounts.iter().any(|m| {
+                m.source
+                    .as_ref()
+                    .is_some_and(|s| targets.iter().any(|t| s.starts_with(t) || t.starts_with(s)))
+            })
+        })
+        .collect();
+    users.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((
+        maps,
+        Redeploy {
+            containers: start_order(&users)
+                .into_iter()
+                .map(|c| (c.id.clone(), c.name.clone()))
+                .collect(),
+            health_timeout_s,
+        },
+    ))
+}
+
+/// Compose dependency order (`com.docker.compose.depends_on`: `service:condition[:restart],...`):
+/// a container starts after the services it depends on; otherwise by name.
+fn start_order(cs: &[Container]) -> Vec<&Container> {
+    let deps: BTreeMap<&str, BTreeSet<&str>> = cs
+        .iter()
+        .map(|c| {
+            let d = c
+                .labels
+                .get("com.docker.compose.depends_on")
+                .map(|l| {
+                    l.split(',')
+                        .filter_map(|e| e.split(':').next())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (c.name.as_str(), d)
+        })
+        .collect();
+    let mut out: Vec<&Container> = Vec::new();
+    let mut left: Vec<&Container> = cs.iter().collect();
+    while !left.is_empty() {
+        let started: BTreeSet<&str> = out.iter().filter_map(|c| c.service()).collect();
+        let present: BTreeSet<&str> = left.iter().filter_map(|c| c.service()).collect();
+        // Ready: every dependency that is among these containers has started.
+        let ready = left.iter().position(|c| {
+            deps[c.name.as_str()]
+                .iter()
+                .all(|d| started.contains(d) || !present.contains(d))
+        });
+        // A cycle: start the rest by name.
+        out.push(left.remove(ready.unwrap_or(0)));
+    }
+    out
+}
+
+impl Redeploy {
+    /// Stops the containers (last started first).
+    pub fn stop(&self, engine: &Engine) -> Result<()> {
+        for (id, _) in self.containers.iter().rev() {
+            let c = engine.inspect(id)?;
+            match c.state {
+                RunState::Stopped => {}
+                RunState::Paused => {
+                    engine.unpause(id)?;
+                    engine.stop(id, 30)?;
+                }
+                RunState::Running => engine.stop(id, 30)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the containers in order and waits until each runs and, where it has a
+    /// health check, is healthy. One that still runs is stopped first: a stop this
+    /// restore asked for may still be in flight in the engine (volsnap killed while it
+    /// waited), and only a stop of our own waits for it to finish.
+    pub fn start(&self, engine: &Engine) -> Result<()> {
+        for (id, _) in &self.containers {
+            match engine.inspect(id)?.state {
+                RunState::Stopped => {}
+                RunState::Paused => {
+                    engine.unpause(id)?;
+                    engine.stop(id, 30)?;
+                }
+                RunState::Running => engine.stop(id, 30)?,
+            }
+            engine.start(id)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(self.health_timeout_s);
+        for (id, name) in &self.containers {
+            loop {
+                let c = engine.inspect(id)?;
+                let ok = c.state == RunState::Running
+                    && c.health.as_deref().is_none_or(|h| h == "healthy");
+                if ok {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(Error::Engine(format!(
+                        "container {name} is not {} after {} s (state {:?}, health {})",
+                        if c.health.is_some() {
+                            "healthy"
+                        } else {
+                            "running"
+                        },
+                        self.health_timeout_s,
+                        c.state,
+                        c.health.as_deref().unwrap_or("none")
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,549 @@
+//! Docker: discovery through the real engine, and engine failures as one-line errors.
+//!
+//! Tests that need the engine run it for real; without one they are skipped, except in
+//! CI (`CI=true`), where a missing engine fails them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// The test image: a root filesystem holding a static busybox, imported into the
+/// engine (no registry is needed). Built once per test run.
+/// Tagged by what it holds: change the tag when the applets change.
+const IMAGE: &str = "volsnap-test:busybox-2";
+
+/// Whether an engine answers; panics in CI when none does.
+fn engine() -> bool {
+    let up = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !up {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but no Docker engine answers: these tests must run in CI"
+        );
+        eprintln!("no Docker engine: skipping");
+    }
+    up
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Imports the test image if the engine does not have it yet.
+fn image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        if Command::new("docker")
+            .args(["image", "inspect", IMAGE])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return;
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("a static busybox (Debian package busybox-static)");
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy(busybox, bin.join("busybox")).unwrap();
+        for applet in [
+            "sh", "sleep", "echo", "cat", "tail", "head", "tr", "dd", "cut", "ls", "sync", "date",
+            "seq", "true",
+        ] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+        for d in ["tmp", "data", "vol", "proc", "sys", "dev", "etc"] {
+            std::fs::create_dir_all(root.path().join(d)).unwrap();
+        }
+        let tar = root.path().join("rootfs.tar");
+        let st = Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(root.path())
+            .args(["bin", "tmp", "data", "vol", "proc", "sys", "dev", "etc"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        docker(&["import", tar.to_str().unwrap(), IMAGE]);
+    });
+    IMAGE
+}
+
+/// A container (created, not started) and the named volume it uses, removed on drop.
+struct Fixture {
+    name: String,
+    volume: String,
+    bind: PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .output();
+        let _ = Command::new("docker")
+            .args(["volume", "rm", "-f", &self.volume])
+            .output();
+    }
+}
+
+fn fixture(repo: &Repo, tag: &str) -> Fixture {
+    let unique = format!("volsnap-it-{tag}-{}", std::process::id());
+    let bind = repo.mkdir("bind");
+    write(bind.join("hello.txt"), "from the host\n");
+    docker(&["volume", "create", &unique]);
+    let f = Fixture {
+        name: unique.clone(),
+        volume: unique.clone(),
+        bind: bind.clone(),
+    };
+    docker(&[
+        "create",
+        "--name",
+        &unique,
+        "-v",
+        &format!("{}:/data", bind.display()),
+        "-v",
+        &format!("{unique}:/vol"),
+        "--tmpfs",
+        "/scratch",
+        "--label",
+        "volsnap.enable=true",
+        image(),
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 0.1; done",
+    ]);
+    f
+}
+
+#[test]
+fn volumes_lists_every_mount_and_says_why_a_tmpfs_cannot_be_snapshotted() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = fixture(&repo, "volumes");
+    let out: Value = repo.ok(["volumes", &f.name]);
+    let c = &out[0];
+    assert_eq!(c["name"], f.name.as_str(), "{out}");
+    let mounts = c["mounts"].as_array().unwrap();
+    assert_eq!(mounts.len(), 3, "{out}");
+    let at = |dest: &str| {
+        mounts
+            .iter()
+            .find(|m| m["destination"] == dest)
+            .unwrap_or_else(|| panic!("no mount at {dest}: {out}"))
+            .clone()
+    };
+    let bind = at("/data");
+    assert_eq!(bind["type"], "bind");
+    assert_eq!(bind["source"], f.bind.to_str().unwrap());
+    assert_eq!(bind["snapshottable"], true, "{bind}");
+    let vol = at("/vol");
+    assert_eq!(vol["type"], "volume");
+    assert_eq!(vol["volume"], f.volume.as_str());
+    let mountpoint = docker(&[
+        "volume",
+        "inspect",
+        "--format",
+        "{{.Mountpoint}}",
+        &f.volume,
+    ]);
+    assert_eq!(vol["source"], mountpoint.as_str());
+    assert_eq!(vol["snapshottable"], true, "{vol}");
+    let tmpfs = at("/scratch");
+    assert_eq!(tmpfs["type"], "tmpfs");
+    assert_eq!(tmpfs["snapshottable"], false);
+    assert!(
+        tmpfs["reason"]
+            .as_str()
+            .unwrap()
+            .contains("nothing persistent"),
+        "{tmpfs}"
+    );
+    // The same container found by label, and the human output says it too.
+    let by_label: Value = repo.ok(["volumes", "--label", "volsnap.enable=true"]);
+    assert!(
+        by_label
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == f.name.as_str()),
+        "{by_label}"
+    );
+    let text = repo.run(["volumes", &f.name]).code(0).stdout_str();
+    assert!(
+        text.contains("/scratch tmpfs - rw: not snapshottable: tmpfs holds nothing persistent"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_container_is_a_one_line_error() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let run = repo.run(["volumes", "volsnap-no-such-container"]).code(1);
+    assert!(
+        run.error_line().contains("does not exist"),
+        "{}",
+        run.describe()
+    );
+}
+
+#[test]
+fn no_engine_is_a_one_line_error_with_a_hint() {
+    let repo = Repo::new();
+    let mut cmd = repo.command();
+    cmd.env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .args(["volumes", "anything"]);
+    let run = Run::from_command(cmd).code(1);
+    let line = run.error_line();
+    assert!(line.contains("no Docker engine at"), "{}", run.describe());
+    assert!(line.contains("is it running"), "{}", run.describe());
+    assert_eq!(
+        run.all_output().trim().lines().count(),
+        1,
+        "{}",
+        run.describe()
+    );
+}
+
+/// Size of one record the writer appends (one write(2) each).
+const RECORD: usize = 256 * 1024;
+
+/// A running container appending numbered records, each one `write(2)` of `RECORD`
+/// bytes, to a file in a bind mount and in a named volume, without pause.
+fn writer(repo: &Repo, tag: &str) -> Fixture {
+    let unique = format!("volsnap-it-{tag}-{}", std::process::id());
+    let bind = repo.mkdir("bind");
+    docker(&["volume", "create", &unique]);
+    let f = Fixture {
+        name: unique.clone(),
+        volume: unique.clone(),
+        bind: bind.clone(),
+    };
+    // Each record: "REC <n> <boot>\n", padding, "END <n>\n", exactly RECORD bytes,
+    // built in /tmp and appended by dd in a single write. <boot> changes every time the
+    // container starts; numbering continues from the last record in /data/log.
+    let script = format!(
+        "trap 'exit 0' TERM; b=$(cut -c1-8 /proc/sys/kernel/random/uuid); i=0; \
+         if [ -s /data/log ]; then i=$(tail -n 1 /data/log | cut -d' ' -f2); fi; \
+         while true; do i=$((i+1)); \
+         h=\"REC $i $b\"; t=\"END $i\"; \
+         {{ echo \"$h\"; head -c $(( {RECORD} - ${{#h}} - ${{#t}} - 2 )) /dev/zero | tr '\\0' x; echo \"$t\"; }} > /tmp/rec; \
+         dd if=/tmp/rec bs={RECORD} count=1 2>/dev/null >> /data/log; \
+         dd if=/tmp/rec bs={RECORD} count=1 2>/dev/null >> /vol/log; \
+         sleep 0.01; done"
+    );
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &unique,
+        "-v",
+        &format!("{}:/data", bind.display()),
+        "-v",
+        &format!("{unique}:/vol"),
+        image(),
+        "sh",
+        "-c",
+        &script,
+    ]);
+    // Let it write a few records.
+    let log = bind.join("log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::metadata(&log).map_or(0, |m| m.len()) < 4 * RECORD as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never wrote"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    f
+}
+
+/// Every record of `path` is whole (`REC n boot`, padding, `END n`) and they are
+/// numbered 1, 2, ... Returns each record's boot id.
+fn records(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(
+        bytes.len() % RECORD,
+        0,
+        "{} ends in a torn record ({} bytes)",
+        path.display(),
+        bytes.len()
+    );
+    let mut boots = Vec::new();
+    for (i, rec) in bytes.chunks(RECORD).enumerate() {
+        let n = i + 1;
+        let text = String::from_utf8_lossy(rec);
+        let head = text.lines().next().unwrap_or("");
+        let mut words = head.split(' ');
+        assert_eq!(
+            (words.next(), words.next()),
+            (Some("REC"), Some(n.to_string().as_str())),
+            "record {n} of {} is torn or out of order",
+            path.display()
+        );
+        assert!(
+            text.ends_with(&format!("END {n}\n")),
+            "record {n} of {} is torn",
+            path.display()
+        );
+        boots.push(words.next().unwrap_or("").to_string());
+    }
+    boots
+}
+
+/// `records`, for when only the count matters.
+fn whole_records(path: &Path) -> u64 {
+    records(path).len() as u64
+}
+
+fn state(name: &str) -> String {
+    docker(&["inspect", "--format", "{{.State.Status}}", name])
+}
+
+/// The snapshot's copy of the container's two logs, restored to a scratch directory.
+fn restored_logs(repo: &Repo, snap: &Value, name: &str) -> (PathBuf, PathBuf) {
+    let out = repo.scratch(&format!("restored-{}", &id(snap)[..12]));
+    repo.restore(&id(snap), &out);
+    (
+        out.join(format!("{name}-data")).join("log"),
+        out.join(format!("{name}-vol")).join("log"),
+    )
+}
+
+#[test]
+fn paused_snapshots_never_capture_a_torn_record_and_leave_the_container_running() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = writer(&repo, "torn");
+    let mut last = 0;
+    for _ in 0..4 {
+        let out: Value = repo.ok(["snapshot", "--container", &f.name, "--quiesce", "pause"]);
+        let snap = &out[0];
+        assert_eq!(snap["series"], f.name.as_str(), "{out}");
+        assert_eq!(state(&f.name), "running");
+        let (data, vol) = restored_logs(&repo, snap, &f.name);
+        let n = whole_records(&data);
+        assert!(n > last, "the writer did not move on ({n} after {last})");
+        last = n;
+        whole_records(&vol);
+    }
+    // The manifest names the container, its image and both mounts.
+    let shown = repo.ok(["show", &format!("{}@latest", f.name)]);
+    let c = &shown["containers"][0];
+    assert_eq!(c["name"], f.name.as_str(), "{shown}");
+    assert_eq!(c["image"], IMAGE, "{shown}");
+    assert!(
+        c["image_id"].as_str().unwrap().starts_with("sha256:"),
+        "{shown}"
+    );
+    assert_eq!(c["mounts"].as_array().unwrap().len(), 2, "{shown}");
+}
+
+#[test]
+fn a_failed_or_crashed_or_interrupted_snapshot_never_leaves_the_container_paused() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = writer(&repo, "resume");
+    // An error while paused.
+    let mut cmd = repo.command();
+    cmd.env("VOLSNAP_FAIL_AT", "docker quiesced")
+        .args(["snapshot", "--container", &f.name]);
+    let run = Run::from_command(cmd).code(1);
+    assert!(
+        run.error_line().contains("injected failure"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(state(&f.name), "running");
+    // A crash while paused: the container stays paused until the next command.
+    let crashed = repo.run_crashing_at(
+        "docker quiesced a container",
+        &["snapshot", "--container", &f.name],
+    );
+    assert_eq!(crashed.as_deref(), Some("docker quiesced a container"));
+    assert_eq!(state(&f.name), "paused");
+    let rec = repo.ok(["recover"]);
+    assert_eq!(rec["resumed_containers"][0], f.name.as_str(), "{rec}");
+    assert_eq!(state(&f.name), "running");
+    // Interrupted (SIGINT) while paused.
+    let flag = repo.scratch("pause-flag");
+    write(&flag, "");
+    let mut cmd = repo.command();
+    cmd.env("VOLSNAP_PAUSE_AT", "docker quiesced")
+        .env("VOLSNAP_PAUSE_FILE", &flag)
+        .args(["snapshot", "--container", &f.name]);
+    let mut child = cmd.spawn().unwrap();
+    let reached = PathBuf::from(format!("{}.reached", flag.display()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !reached.exists() {
+        assert!(std::time::Instant::now() < deadline, "never paused");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(state(&f.name), "paused");
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(state(&f.name), "running");
+    // And a normal snapshot afterwards still captures whole records.
+    let out: Value = repo.ok(["snapshot", "--container", &f.name]);
+    let (data, _) = restored_logs(&repo, &out[0], &f.name);
+    whole_records(&data);
+}
+
+#[test]
+fn live_restore_of_a_container_runs_it_on_the_restored_data_and_undo_brings_the_newer_back() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = writer(&repo, "restore");
+    let out: Value = repo.ok(["snapshot", "--container", &f.name]);
+    let snap = out[0].clone();
+    let (snap_data, _) = restored_logs(&repo, &snap, &f.name);
+    let at_snapshot = records(&snap_data);
+    // Newer data after the snapshot.
+    let log = f.bind.join("log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while whole_len(&log) < at_snapshot.len() + 5 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let restored = repo.ok(["restore", &id(&snap), "--container", &f.name, "--yes"]);
+    assert_eq!(restored["redeployed"], true, "{restored}");
+    assert_eq!(state(&f.name), "running");
+    // The container runs on the restored data: the snapshot's records, then new ones
+    // continuing its numbering, written by the restarted container.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while whole_len(&log) < at_snapshot.len() + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted container wrote nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let now = records(&log);
+    assert_eq!(
+        &now[..at_snapshot.len()],
+        &at_snapshot[..],
+        "the restored prefix differs"
+    );
+    let new_boot = &now[at_snapshot.len()];
+    assert!(
+        !at_snapshot.contains(new_boot),
+        "record {} was not written by the restarted container: the old data is still there",
+        at_snapshot.len() + 1
+    );
+    // Undo: the newer data (as it was when the restore stopped the container) is back.
+    let undo = repo.ok(["restore", "--undo", "--container", &f.name, "--yes"]);
+    assert_eq!(undo["snapshot"], restored["undo"], "{undo}");
+    assert_eq!(state(&f.name), "running");
+    let (undo_data, _) = restored_logs(
+        &repo,
+        &repo.ok(["show", restored["undo"].as_str().unwrap()]),
+        &f.name,
+    );
+    let newer = records(&undo_data);
+    assert!(
+        newer.len() >= at_snapshot.len() + 5,
+        "the undo snapshot lacks the newer data"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while whole_len(&log) < newer.len() + 1 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(&records(&log)[..newer.len()], &newer[..]);
+}
+
+/// Whole records in `path` now (a torn last one, being written, is not counted).
+fn whole_len(path: &Path) -> usize {
+    std::fs::metadata(path).map_or(0, |m| m.len() as usize / RECORD)
+}
+
+#[test]
+fn killed_during_a_container_restore_then_recovered_leaves_it_running_on_old_or_new_data() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = fixture(&repo, "kill");
+    docker(&["start", &f.name]);
+    let snap: Value = repo.ok(["snapshot", "--container", &f.name]);
+    let snap_id = id(&snap[0]);
+    let new = repo.scratch("new");
+    repo.restore(&snap_id, &new);
+    // The live data moves on.
+    write(f.bind.join("hello.txt"), "changed after the snapshot\n");
+    write(f.bind.join("added.txt"), "added after the snapshot\n");
+    let old = repo.mkdir("old");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&f.bind)
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let old = old.join(f.bind.file_name().unwrap());
+    let label = format!("{}-data", f.name);
+    let mut seen_old = false;
+    let mut seen_new = false;
+    for delay_ms in [0u64, 40, 80, 150, 250, 400, 700, 1000] {
+        let mut cmd = repo.command();
+        cmd.args(["restore", &snap_id, "--container", &f.name, "--yes"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        repo.ok(["recover"]);
+        assert_eq!(state(&f.name), "running", "after a kill at {delay_ms} ms");
+        let is = |want: &Path| tree_differences(want, &f.bind, &[]).is_empty();
+        if is(&new.join(&label)) {
+            seen_new = true;
+            // Back to the old data for the next round, the same way.
+            repo.ok(["restore", "--undo", "--container", &f.name, "--yes"]);
+            assert_eq!(state(&f.name), "running");
+        } else {
+            assert_same_tree(&old, &f.bind);
+            seen_old = true;
+        }
+        assert!(
+            tree_differences(&old, &f.bind, &[]).is_empty(),
+            "not back to old data"
+        );
+    }
+    assert!(seen_old, "no kill landed before the commit");
+    let _ = seen_new;
+}
