@@ -506,6 +506,17 @@ fn killed_during_a_container_restore_then_recovered_leaves_it_running_on_old_or_
     // The live data moves on.
     write(f.bind.join("hello.txt"), "changed after the snapshot\n");
     write(f.bind.join("added.txt"), "added after the snapshot\n");
+    let vol = PathBuf::from(docker(&[
+        "volume",
+        "inspect",
+        "--format",
+        "{{.Mountpoint}}",
+        &f.volume,
+    ]));
+    write(
+        vol.join("later.txt"),
+        "in the named volume after the snapshot\n",
+    );
     let old = repo.mkdir("old");
     let st = Command::new("cp")
         .arg("-a")
@@ -530,7 +541,14 @@ fn killed_during_a_container_restore_then_recovered_leaves_it_running_on_old_or_
         repo.ok(["recover"]);
         assert_eq!(state(&f.name), "running", "after a kill at {delay_ms} ms");
         let is = |want: &Path| tree_differences(want, &f.bind, &[]).is_empty();
-        if is(&new.join(&label)) {
+        let bind_new = is(&new.join(&label));
+        // The named volume went the same way as the bind mount.
+        assert_eq!(
+            !vol.join("later.txt").exists(),
+            bind_new,
+            "after a kill at {delay_ms} ms the volumes ended on different sides"
+        );
+        if bind_new {
             seen_new = true;
             // Back to the old data for the next round, the same way.
             repo.ok(["restore", "--undo", "--container", &f.name, "--yes"]);
@@ -546,4 +564,85 @@ fn killed_during_a_container_restore_then_recovered_leaves_it_running_on_old_or_
     }
     assert!(seen_old, "no kill landed before the commit");
     let _ = seen_new;
+}
+
+#[test]
+fn an_unhealthy_container_after_a_restore_is_rolled_back_when_asked() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let unique = format!("volsnap-it-health-{}", std::process::id());
+    let bind = repo.mkdir("bind");
+    write(bind.join("app.txt"), "version 1\n");
+    let f = Fixture {
+        name: unique.clone(),
+        volume: unique.clone(),
+        bind: bind.clone(),
+    };
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &unique,
+        "-v",
+        &format!("{}:/data", bind.display()),
+        "--health-cmd",
+        "test -e /data/ok",
+        "--health-interval",
+        "1s",
+        "--health-retries",
+        "1",
+        image(),
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 0.1; done",
+    ]);
+    // The snapshot has no /data/ok: restored, the app would be unhealthy.
+    let snap: Value = repo.ok(["snapshot", "--container", &f.name]);
+    write(bind.join("ok"), "");
+    write(bind.join("app.txt"), "version 2\n");
+    let health = || docker(&["inspect", "--format", "{{.State.Health.Status}}", &f.name]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while health() != "healthy" {
+        assert!(std::time::Instant::now() < deadline, "never healthy");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let run = repo
+        .run([
+            "restore",
+            &id(&snap[0]),
+            "--container",
+            &f.name,
+            "--yes",
+            "--health-timeout",
+            "6",
+            "--rollback-on-unhealthy",
+        ])
+        .code(1);
+    assert!(
+        run.all_output().contains("putting the previous data back"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.all_output().contains("rolled back"),
+        "{}",
+        run.describe()
+    );
+    // The newer data is back and the container is healthy on it.
+    assert_eq!(
+        std::fs::read_to_string(bind.join("app.txt")).unwrap(),
+        "version 2\n"
+    );
+    assert!(bind.join("ok").exists());
+    assert_eq!(state(&f.name), "running");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while health() != "healthy" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not healthy after the rollback"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
