@@ -402,11 +402,21 @@ fn container_snapshot(
     let mut docs = Vec::new();
     let mut text = String::new();
     let mut code = exit::OK;
+    let mut failed = Vec::new();
     for g in &groups {
         let progress = Progress::default();
-        let report = render::with_progress(show_progress, &progress, "snapshot", || {
+        let report = match render::with_progress(show_progress, &progress, "snapshot", || {
             dsnap::snapshot_group(&engine, &repo, g, opts, &progress)
-        })?;
+        }) {
+            Ok(r) => r,
+            // One group: its error is the command's.
+            Err(e) if groups.len() == 1 => return Err(e.into()),
+            Err(e) => {
+                eprintln!("error: series {}: {e}", g.series);
+                failed.push(g.series.clone());
+                continue;
+            }
+        };
         for s in &report.skipped {
             eprintln!("note: not snapshotted: {s}");
         }
@@ -435,6 +445,15 @@ fn container_snapshot(
         }
     }
     emit(json, &Value::Array(docs), || text)?;
+    if !failed.is_empty() {
+        return Err(Error::Engine(format!(
+            "no snapshot of series {} ({} of {} taken)",
+            failed.join(", "),
+            groups.len() - failed.len(),
+            groups.len()
+        ))
+        .into());
+    }
     Ok(code)
 }
 
@@ -446,6 +465,25 @@ fn parse_maps(maps: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
             _ => Err(Error::Usage(format!("--map {m:?}: expected LABEL=DIR")).into()),
         })
         .collect()
+}
+
+/// An in-place restore is all or nothing: SIGINT and SIGTERM do not interrupt it
+/// half-way (it finishes or rolls back by itself); SIGKILL still does, and recovery
+/// settles what it leaves.
+fn hold_signals_during_restore() -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            eprintln!(
+                "volsnap: an in-place restore is not interrupted half-way; it finishes or \
+                 rolls back on its own"
+            );
+        }
+    });
+    Ok(())
 }
 
 fn live_restore(
@@ -484,6 +522,9 @@ fn live_restore(
     if !yes && !opts.dry_run {
         confirm(&snap, &opts)?;
     }
+    if !opts.dry_run {
+        hold_signals_during_restore()?;
+    }
     let progress = Progress::default();
     let report = render::with_progress(show_progress, &progress, "restore", || {
         live::restore_in_place(&repo, &snap, &opts, &progress)
@@ -500,6 +541,7 @@ fn live_restore(
 struct ContainerRestore {
     /// Restore the pre-restore snapshot of the last in-place restore instead.
     undo: bool,
+    allow_copy: bool,
     health_timeout: u64,
     rollback: bool,
     dry_run: bool,
@@ -521,7 +563,18 @@ fn container_restore(
         eprintln!("volsnap: {}", render::recovered_text(&r));
     }
     let snap = match (how.undo, source) {
-        (true, _) => live::undo_snapshot(&repo, None)?.0,
+        (true, _) => {
+            // The last restore of these containers' volumes.
+            let engine = volsnap::docker::Engine::connect()?;
+            let dir = engine
+                .select(sel)?
+                .into_iter()
+                .flat_map(|c| c.mounts)
+                .find(|m| m.not_snapshottable.is_none())
+                .and_then(|m| m.source)
+                .ok_or_else(|| Error::Usage("the containers have no volume to undo".into()))?;
+            live::undo_snapshot(&repo, Some(&dir))?.0
+        }
         (false, Some(s)) => snapshot::resolve(&repo, &String::from_utf8_lossy(s.as_bytes()))?,
         (false, None) => {
             return Err(
@@ -539,10 +592,13 @@ fn container_restore(
         quiesce: hook.clone(),
         redeploy: hook,
         dry_run: how.dry_run,
-        allow_copy: false,
+        allow_copy: how.allow_copy,
     };
     if !how.yes && !how.dry_run {
         confirm(&snap, &opts)?;
+    }
+    if !how.dry_run {
+        hold_signals_during_restore()?;
     }
     let progress = Progress::default();
     let result = render::with_progress(show_progress, &progress, "restore", || {
@@ -662,7 +718,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     tags: tag,
                     quiesce: volsnap::docker::snapshot::Quiesce::parse(&quiesce)
                         .expect("clap checked the value"),
-                    stop_timeout_s: 30,
+                    stop_timeout_s: None,
                 };
                 return container_snapshot(&path, &sel, &opts, json, show_progress);
             }
@@ -770,6 +826,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 };
                 let how = ContainerRestore {
                     undo,
+                    allow_copy: allow_in_place_copy,
                     health_timeout,
                     rollback: rollback_on_unhealthy,
                     dry_run,

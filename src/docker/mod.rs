@@ -264,9 +264,14 @@ impl Engine {
             .map_err(|e| engine_error(e, Some(id)))
     }
 
-    /// Stops the container, giving it `timeout_s` seconds before SIGKILL.
-    pub fn stop(&self, id: &str, timeout_s: i32) -> Result<()> {
-        let opts = StopContainerOptionsBuilder::new().t(timeout_s).build();
+    /// Stops the container, giving it `timeout_s` seconds before SIGKILL (`None`: its
+    /// own stop timeout, e.g. compose's `stop_grace_period`).
+    pub fn stop(&self, id: &str, timeout_s: Option<i32>) -> Result<()> {
+        let mut opts = StopContainerOptionsBuilder::new();
+        if let Some(t) = timeout_s {
+            opts = opts.t(t);
+        }
+        let opts = opts.build();
         self.rt
             .block_on(self.docker.stop_container(id, Some(opts)))
             .map_err(|e| engine_error(e, Some(id)))

@@ -158,9 +158,9 @@ impl Redeploy {
                 RunState::Stopped => {}
                 RunState::Paused => {
                     engine.unpause(id)?;
-                    engine.stop(id, 30)?;
+                    engine.stop(id, None)?;
                 }
-                RunState::Running => engine.stop(id, 30)?,
+                RunState::Running => engine.stop(id, None)?,
             }
         }
         Ok(())
@@ -171,19 +171,19 @@ impl Redeploy {
     /// restore asked for may still be in flight in the engine (volsnap killed while it
     /// waited), and only a stop of our own waits for it to finish.
     pub fn start(&self, engine: &Engine) -> Result<()> {
-        for (id, _) in &self.containers {
+        let deadline = Instant::now() + Duration::from_secs(self.health_timeout_s);
+        // One at a time, each up (and healthy) before the next: a dependent starts only
+        // once what it depends on is ready.
+        for (id, name) in &self.containers {
             match engine.inspect(id)?.state {
                 RunState::Stopped => {}
                 RunState::Paused => {
                     engine.unpause(id)?;
-                    engine.stop(id, 30)?;
+                    engine.stop(id, None)?;
                 }
-                RunState::Running => engine.stop(id, 30)?,
+                RunState::Running => engine.stop(id, None)?,
             }
             engine.start(id)?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(self.health_timeout_s);
-        for (id, name) in &self.containers {
             loop {
                 let c = engine.inspect(id)?;
                 let ok = c.state == RunState::Running

@@ -59,7 +59,8 @@ pub struct Options {
     pub series: Option<String>,
     pub tags: Vec<String>,
     pub quiesce: Quiesce,
-    pub stop_timeout_s: i32,
+    /// Seconds a stopped container gets before SIGKILL; `None`: its own setting.
+    pub stop_timeout_s: Option<i32>,
 }
 
 /// Containers snapshotted together, into one series.
@@ -95,9 +96,6 @@ pub struct GroupReport {
     /// Hook output and resume problems worth showing.
     pub notes: Vec<String>,
 }
-
-/// The containers quiesced right now, for the signal handler.
-static QUIESCED: Mutex<Vec<Quiesced>> = Mutex::new(Vec::new());
 
 /// A container volsnap paused or stopped, recorded before it did.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -264,17 +262,45 @@ fn run_exec(
 
 /// How container `c` is quiesced: its label, else docker-volume-backup's stop label,
 /// else the command's choice. Only running containers are quiesced.
-fn quiesce_for(c: &Container, default: Quiesce) -> Quiesce {
+fn quiesce_for(c: &Container, default: Quiesce) -> Result<Quiesce> {
     if c.state != RunState::Running {
-        return Quiesce::None;
+        return Ok(Quiesce::None);
     }
-    if let Some(q) = c.labels.get(LABEL_QUIESCE).and_then(|l| Quiesce::parse(l)) {
-        return q;
+    if let Some(l) = c.labels.get(LABEL_QUIESCE) {
+        return Quiesce::parse(l).ok_or_else(|| {
+            Error::Usage(format!(
+                "container {}: label {LABEL_QUIESCE}={l:?} is not pause, stop or none",
+                c.name
+            ))
+        });
     }
-    if c.labels.get(DVB_STOP).is_some_and(|v| v == "true") {
-        return Quiesce::Stop;
+    if c.labels
+        .get(DVB_STOP)
+        .is_some_and(|v| matches!(v.as_str(), "true" | "1" | "yes"))
+    {
+        return Ok(Quiesce::Stop);
     }
-    default
+    Ok(default)
+}
+
+/// The quiesce in flight in this process, shared with the signal thread: a container
+/// is added (and journaled) before it is paused or stopped, under this lock, and the
+/// signal thread takes the same lock, so it never misses one.
+struct InFlight {
+    plan: Vec<Quiesced>,
+    journal: Option<QuiesceJournal>,
+    /// Set by the signal thread: quiesce nothing more.
+    stopping: bool,
+}
+
+static IN_FLIGHT: Mutex<InFlight> = Mutex::new(InFlight {
+    plan: Vec::new(),
+    journal: None,
+    stopping: false,
+});
+
+fn in_flight() -> std::sync::MutexGuard<'static, InFlight> {
+    IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Runs `work` with the group's containers quiesced, and resumes them however it ends.
@@ -285,36 +311,61 @@ fn quiesced<T>(
     opts: &Options,
     work: impl FnOnce(&Repository) -> Result<T>,
 ) -> Result<T> {
-    let plan: Vec<Quiesced> = group
-        .containers
-        .iter()
-        .map(|c| Quiesced {
-            id: c.id.clone(),
-            name: c.name.clone(),
-            how: quiesce_for(c, opts.quiesce),
-        })
-        .filter(|q| q.how != Quiesce::None)
-        .collect();
-    if plan.is_empty() {
+    let mut wanted = Vec::new();
+    for c in &group.containers {
+        let how = quiesce_for(c, opts.quiesce)?;
+        if how != Quiesce::None {
+            wanted.push((c, how));
+        }
+    }
+    if wanted.is_empty() {
         return work(repo);
     }
-    let journal = QuiesceJournal::write(repo, &plan)?;
-    crate::crash::point("docker quiesce journaled");
-    *QUIESCED.lock().expect("quiesced lock") = plan.clone();
-    let mut done = Vec::new();
     let mut result = Ok(());
-    for q in &plan {
-        let r = match q.how {
-            Quiesce::Pause => engine.pause(&q.id),
-            Quiesce::Stop => engine.stop(&q.id, opts.stop_timeout_s),
-            Quiesce::None => Ok(()),
-        };
-        match r {
-            Ok(()) => done.push(q.clone()),
+    for (c, how) in wanted {
+        let mut f = in_flight();
+        if f.stopping {
+            break;
+        }
+        // As it is now: a container paused or stopped since it was selected (by its
+        // user, or by its own exit) is not ours to touch.
+        match engine.inspect(&c.id) {
+            Ok(now) if now.state == RunState::Running => {}
+            Ok(_) => continue,
             Err(e) => {
                 result = Err(e);
                 break;
             }
+        }
+        let q = Quiesced {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            how,
+        };
+        f.plan.push(q);
+        // Journaled before it is acted on.
+        let written = match f.journal.take() {
+            Some(j) => j.rewrite(repo, &f.plan),
+            None => QuiesceJournal::write(repo, &f.plan),
+        };
+        match written {
+            Ok(j) => f.journal = Some(j),
+            Err(e) => {
+                f.plan.pop();
+                result = Err(e);
+                break;
+            }
+        }
+        crate::crash::point("docker quiesce journaled");
+        let r = match how {
+            Quiesce::Pause => engine.pause(&c.id),
+            Quiesce::Stop => engine.stop(&c.id, opts.stop_timeout_s),
+            Quiesce::None => Ok(()),
+        };
+        drop(f);
+        if let Err(e) = r {
+            result = Err(e);
+            break;
         }
         crate::crash::point("docker quiesced a container");
     }
@@ -324,27 +375,41 @@ fn quiesced<T>(
             crate::crash::fail_point("docker quiesced")
         })
         .and_then(|()| work(repo));
-    let resumed = resume(engine, &plan);
-    QUIESCED.lock().expect("quiesced lock").clear();
-    // The journal goes only once every container is back.
-    if resumed.is_ok() {
-        journal.remove()?;
-    }
+    let resumed = settle(engine);
     let out = out?;
     resumed?;
     Ok(out)
 }
 
-/// Brings back every container of `plan` that is paused or stopped now (a container
-/// that was never quiesced is left as it is). Tries them all; reports the first failure.
+/// Resumes every container of the quiesce in flight and, once all are back, removes
+/// its journal (a failure leaves it for the next command to retry).
+fn settle(engine: &Engine) -> Result<()> {
+    let mut f = in_flight();
+    let resumed = resume(engine, &f.plan);
+    if resumed.is_ok() {
+        if let Some(j) = f.journal.take() {
+            j.remove()?;
+        }
+        f.plan.clear();
+    }
+    resumed
+}
+
+/// Brings back every container of `plan` that is paused or stopped now. A container
+/// that no longer exists has nothing to resume. Tries them all; reports the first
+/// failure.
 fn resume(engine: &Engine, plan: &[Quiesced]) -> Result<()> {
     let mut first = None;
     for q in plan {
-        let r = engine.inspect(&q.id).and_then(|c| match (q.how, c.state) {
-            (Quiesce::Pause, RunState::Paused) => engine.unpause(&q.id),
-            (Quiesce::Stop, RunState::Stopped) => engine.start(&q.id),
-            _ => Ok(()),
-        });
+        let r = match engine.inspect(&q.id) {
+            Ok(c) => match (q.how, c.state) {
+                (Quiesce::Pause, RunState::Paused) => engine.unpause(&q.id),
+                (Quiesce::Stop, RunState::Stopped) => engine.start(&q.id),
+                _ => Ok(()),
+            },
+            Err(Error::Engine(why)) if why.contains("does not exist") => Ok(()),
+            Err(e) => Err(e),
+        };
         if let Err(e) = r {
             first.get_or_insert(Error::Engine(format!(
                 "container {} could not be resumed: {e}",
@@ -355,19 +420,26 @@ fn resume(engine: &Engine, plan: &[Quiesced]) -> Result<()> {
     first.map_or(Ok(()), Err)
 }
 
-/// Resumes the containers quiesced right now (for a signal handler about to exit).
+/// For a signal handler about to exit: stops any further quiesce, waits for the one
+/// in progress, resumes every container quiesced so far and removes the journal.
 pub fn resume_on_signal() {
-    let plan = std::mem::take(&mut *QUIESCED.lock().unwrap_or_else(|p| p.into_inner()));
-    if plan.is_empty() {
+    let mut f = in_flight();
+    f.stopping = true;
+    if f.plan.is_empty() {
         return;
     }
-    if let Ok(engine) = Engine::connect() {
-        let _ = resume(&engine, &plan);
+    if let Ok(engine) = Engine::connect()
+        && resume(&engine, &f.plan).is_ok()
+        && let Some(j) = f.journal.take()
+    {
+        let _ = j.remove();
+        f.plan.clear();
     }
 }
 
 /// The journal of a quiesce in flight: `<repo>/journals/quiesce-<id>.journal`, with a
-/// lock file held by the process, written before any container is paused or stopped.
+/// lock file held by the process, rewritten (atomically, fsynced) before each container
+/// is paused or stopped.
 struct QuiesceJournal {
     path: PathBuf,
     lock_path: PathBuf,
@@ -375,6 +447,12 @@ struct QuiesceJournal {
 }
 
 const QUIESCE_MAGIC: &[u8; 8] = b"VSNPQSCE";
+
+fn encode_plan(plan: &[Quiesced]) -> Vec<u8> {
+    let mut bytes = QUIESCE_MAGIC.to_vec();
+    postcard::to_io(plan, &mut bytes).expect("quiesce journals encode");
+    bytes
+}
 
 impl QuiesceJournal {
     fn write(repo: &Repository, plan: &[Quiesced]) -> Result<QuiesceJournal> {
@@ -398,15 +476,18 @@ impl QuiesceJournal {
             .open(&lock_path)
             .map_err(Error::io("create", &lock_path))?;
         lock.lock().map_err(Error::io("lock", &lock_path))?;
-        let mut bytes = QUIESCE_MAGIC.to_vec();
-        postcard::to_io(plan, &mut bytes).expect("quiesce journals encode");
         let path = dir.join(format!("{id}.journal"));
-        fsutil::atomic_write(&repo.tmp_dir(), &path, &bytes)?;
+        fsutil::atomic_write(&repo.tmp_dir(), &path, &encode_plan(plan))?;
         Ok(QuiesceJournal {
             path,
             lock_path,
             _lock: lock,
         })
+    }
+
+    fn rewrite(self, repo: &Repository, plan: &[Quiesced]) -> Result<QuiesceJournal> {
+        fsutil::atomic_write(&repo.tmp_dir(), &self.path, &encode_plan(plan))?;
+        Ok(self)
     }
 
     fn remove(self) -> Result<()> {
@@ -429,6 +510,7 @@ pub fn quiesce_pending(repo: &Repository) -> bool {
 }
 
 /// Resumes the containers of every quiesce whose process is gone. Returns their names.
+/// Each journal is settled on its own; failures are reported after all were tried.
 pub fn recover_quiesce(repo: &Repository) -> Result<Vec<String>> {
     let dir = crate::live::journal::dir(repo);
     let mut resumed = Vec::new();
@@ -436,6 +518,7 @@ pub fn recover_quiesce(repo: &Repository) -> Result<Vec<String>> {
         return Ok(resumed);
     };
     let mut engine = None;
+    let mut failed = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(id) = name
@@ -444,36 +527,58 @@ pub fn recover_quiesce(repo: &Repository) -> Result<Vec<String>> {
         else {
             continue;
         };
-        let lock_path = dir.join(format!("{id}.lock"));
-        let lock = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(Error::io("open", &lock_path))?;
-        if lock.try_lock().is_err() {
-            continue; // in flight
+        match recover_one(&dir, id, &e.path(), &mut engine) {
+            Ok(names) => resumed.extend(names),
+            Err(err) => failed.push(err.to_string()),
         }
-        let path = e.path();
-        let bytes = std::fs::read(&path).map_err(Error::io("read", &path))?;
-        let plan: Vec<Quiesced> = bytes
-            .strip_prefix(&QUIESCE_MAGIC[..])
-            .and_then(|b| postcard::from_bytes(b).ok())
-            .ok_or_else(|| Error::Corrupt {
-                what: "quiesce journal",
-                path: path.clone(),
-                detail: "does not decode".into(),
-            })?;
-        if engine.is_none() {
-            engine = Some(Engine::connect()?);
-        }
-        resume(engine.as_ref().expect("connected"), &plan)?;
-        resumed.extend(plan.into_iter().map(|q| q.name));
-        std::fs::remove_file(&path).map_err(Error::io("remove", &path))?;
-        fsutil::fsync_dir(&dir)?;
-        let _ = std::fs::remove_file(&lock_path);
+    }
+    if !failed.is_empty() {
+        return Err(Error::Engine(failed.join("; ")));
     }
     Ok(resumed)
+}
+
+fn recover_one(
+    dir: &std::path::Path,
+    id: &str,
+    path: &std::path::Path,
+    engine: &mut Option<Engine>,
+) -> Result<Vec<String>> {
+    let lock_path = dir.join(format!("{id}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(Error::io("open", &lock_path))?;
+    if lock.try_lock().is_err() {
+        return Ok(Vec::new()); // in flight
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        // Settled by its own process meanwhile.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let _ = std::fs::remove_file(&lock_path);
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(Error::io("read", path)(e)),
+    };
+    let plan: Vec<Quiesced> = bytes
+        .strip_prefix(&QUIESCE_MAGIC[..])
+        .and_then(|b| postcard::from_bytes(b).ok())
+        .ok_or_else(|| Error::Corrupt {
+            what: "quiesce journal",
+            path: path.to_path_buf(),
+            detail: "does not decode".into(),
+        })?;
+    if engine.is_none() {
+        *engine = Some(Engine::connect()?);
+    }
+    resume(engine.as_ref().expect("connected"), &plan)?;
+    std::fs::remove_file(path).map_err(Error::io("remove", path))?;
+    fsutil::fsync_dir(dir)?;
+    let _ = std::fs::remove_file(&lock_path);
+    Ok(plan.into_iter().map(|q| q.name).collect())
 }
 
 /// A volume label from a container name and a mount destination:

@@ -646,3 +646,24 @@ fn an_unhealthy_container_after_a_restore_is_rolled_back_when_asked() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+#[test]
+fn a_container_its_user_paused_stays_paused() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = fixture(&repo, "userpause");
+    docker(&["start", &f.name]);
+    docker(&["pause", &f.name]);
+    let out: Value = repo.ok(["snapshot", "--container", &f.name]);
+    assert_eq!(out[0]["series"], f.name.as_str(), "{out}");
+    assert_eq!(
+        state(&f.name),
+        "paused",
+        "volsnap unpaused a container it did not pause"
+    );
+    repo.ok(["recover"]);
+    assert_eq!(state(&f.name), "paused");
+    docker(&["unpause", &f.name]);
+}
