@@ -107,6 +107,7 @@ pub fn snapshot_json(l: &Listed, skipped: bool) -> Value {
             "id": c.id,
             "image": c.image,
             "image_id": c.image_id,
+            "repo_digests": c.repo_digests,
             "project": c.project,
             "service": c.service,
             "labels": c.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),

@@ -51,8 +51,11 @@ pub struct Container {
     pub name: String,
     /// The image as the container was created from it (`name:tag`).
     pub image: String,
-    /// The image's id (`sha256:...`).
+    /// The image's id (`sha256:...`): the digest of its configuration.
     pub image_id: String,
+    /// The image's registry digests (`name@sha256:...`); none for an image that was
+    /// built or imported locally.
+    pub repo_digests: Vec<String>,
     pub state: RunState,
     /// Health status when the container has a health check ("healthy", "starting"...).
     pub health: Option<String>,
@@ -176,6 +179,16 @@ impl Engine {
             }
         }
         mounts.sort_by(|a, b| a.destination.cmp(&b.destination));
+        let image_id = c.image.unwrap_or_default();
+        let repo_digests = if image_id.is_empty() {
+            Vec::new()
+        } else {
+            self.rt
+                .block_on(self.docker.inspect_image(&image_id))
+                .ok()
+                .and_then(|i| i.repo_digests)
+                .unwrap_or_default()
+        };
         Ok(Container {
             id: c.id.unwrap_or_default(),
             name: c
@@ -184,7 +197,8 @@ impl Engine {
                 .trim_start_matches('/')
                 .to_string(),
             image: config.image.unwrap_or_default(),
-            image_id: c.image.unwrap_or_default(),
+            image_id,
+            repo_digests,
             state: run_state,
             health: state
                 .health

@@ -164,6 +164,7 @@ pub fn snapshot_group(
             id: c.id.clone(),
             image: c.image.clone(),
             image_id: c.image_id.clone(),
+            repo_digests: c.repo_digests.clone(),
             project: c.project().map(str::to_string),
             service: c.service().map(str::to_string),
             labels: c
@@ -193,10 +194,31 @@ pub fn snapshot_group(
             }
         }
     }
+    // Containers outside the group that mount a directory being read are kept still
+    // too (they are quiesced, not snapshotted or hooked).
+    let mut still = group.containers.clone();
+    for other in engine.all()? {
+        let shares = other.mounts.iter().any(|m| {
+            m.source
+                .as_ref()
+                .is_some_and(|s| dirs.iter().any(|d| s.starts_with(d) || d.starts_with(s)))
+        });
+        if shares && !still.iter().any(|c| c.id == other.id) {
+            report.notes.push(format!(
+                "container {} shares a volume with series {}: quiesced too",
+                other.name, group.series
+            ));
+            still.push(other);
+        }
+    }
+    let still = Group {
+        series: group.series.clone(),
+        containers: still,
+    };
     let failed_pre = failed.is_some();
     let outcome = match failed {
         Some(e) => Err(e),
-        None => quiesced(engine, repo, group, opts, |repo| {
+        None => quiesced(engine, repo, &still, opts, |repo| {
             let sopts = snapshot::Options {
                 series: Some(group.series.clone()),
                 tags: opts.tags.clone(),

@@ -105,6 +105,8 @@ pub struct ContainerManifest {
     pub image: String,
     /// The image's id (`sha256:...`).
     pub image_id: String,
+    /// Its registry digests (`name@sha256:...`), if it came from a registry.
+    pub repo_digests: Vec<String>,
     pub project: Option<String>,
     pub service: Option<String>,
     pub labels: Vec<(String, String)>,

@@ -667,3 +667,130 @@ fn a_container_its_user_paused_stays_paused() {
     assert_eq!(state(&f.name), "paused");
     docker(&["unpause", &f.name]);
 }
+
+/// A running container with extra `docker run` arguments; removed (with its volume)
+/// when the fixture drops.
+fn running(repo: &Repo, tag: &str, extra: &[&str]) -> Fixture {
+    let unique = format!("volsnap-it-{tag}-{}", std::process::id());
+    let bind = repo.mkdir(&format!("bind-{tag}"));
+    write(bind.join("app.txt"), format!("{tag}\n"));
+    docker(&["volume", "create", &unique]);
+    let f = Fixture {
+        name: unique.clone(),
+        volume: unique.clone(),
+        bind: bind.clone(),
+    };
+    let mut args = vec![
+        "run".to_string(),
+        "-d".into(),
+        "--name".into(),
+        unique.clone(),
+        "-v".into(),
+        format!("{}:/data", bind.display()),
+        "-v".into(),
+        format!("{unique}:/vol"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend([
+        image().to_string(),
+        "sh".into(),
+        "-c".into(),
+        "trap 'exit 0' TERM; while true; do sleep 0.1; done".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    docker(&args);
+    f
+}
+
+#[test]
+fn exec_hooks_run_around_a_stopped_snapshot_and_the_container_comes_back() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = running(
+        &repo,
+        "hooks",
+        &[
+            "--label",
+            "volsnap.pre-snapshot=echo pre >> /data/hooks.log",
+            "--label",
+            "docker-volume-backup.archive-post=echo post >> /data/hooks.log",
+            "--label",
+            "docker-volume-backup.stop-during-backup=true",
+        ],
+    );
+    let started_before = docker(&["inspect", "--format", "{{.State.StartedAt}}", &f.name]);
+    let out: Value = repo.ok(["snapshot", "--container", &f.name]);
+    assert_eq!(state(&f.name), "running");
+    // It was stopped and started again (docker-volume-backup's stop label).
+    let started_after = docker(&["inspect", "--format", "{{.State.StartedAt}}", &f.name]);
+    assert_ne!(
+        started_before, started_after,
+        "the container was not stopped"
+    );
+    // The pre hook ran before the snapshot, the post hook after it.
+    assert_eq!(
+        std::fs::read_to_string(f.bind.join("hooks.log")).unwrap(),
+        "pre\npost\n"
+    );
+    let copy = repo.scratch("copy");
+    repo.restore(&id(&out[0]), &copy);
+    assert_eq!(
+        std::fs::read_to_string(copy.join(format!("{}-data", f.name)).join("hooks.log")).unwrap(),
+        "pre\n"
+    );
+}
+
+#[test]
+fn a_compose_project_is_one_series_with_every_container_and_its_manifest() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let project = format!("volsnap-it-proj-{}", std::process::id());
+    let label = format!("com.docker.compose.project={project}");
+    let web = running(
+        &repo,
+        "web",
+        &[
+            "--label",
+            &label,
+            "--label",
+            "com.docker.compose.service=web",
+        ],
+    );
+    let db = running(
+        &repo,
+        "db",
+        &[
+            "--label",
+            &label,
+            "--label",
+            "com.docker.compose.service=db",
+        ],
+    );
+    let out: Value = repo.ok(["snapshot", "--project", &project]);
+    assert_eq!(out.as_array().unwrap().len(), 1, "{out}");
+    let snap = &out[0];
+    assert_eq!(snap["series"], project.as_str());
+    let labels: Vec<&str> = snap["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["label"].as_str().unwrap())
+        .collect();
+    for c in [&web.name, &db.name] {
+        assert!(labels.contains(&format!("{c}-data").as_str()), "{labels:?}");
+        assert!(labels.contains(&format!("{c}-vol").as_str()), "{labels:?}");
+    }
+    let services: Vec<&str> = snap["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(services, ["db", "web"], "{snap}");
+    assert_eq!(state(&web.name), "running");
+    assert_eq!(state(&db.name), "running");
+}
