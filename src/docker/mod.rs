@@ -373,6 +373,28 @@ fn why_not_snapshottable(
 /// One line for an engine failure, with a hint where one helps.
 fn engine_error(e: EngineError, container: Option<&str>) -> Error {
     let socket = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "/var/run/docker.sock".into());
+    // A connection failure hides its cause a few sources down.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    return Error::Engine(format!(
+                        "permission denied on the Docker socket {socket}: run as root or as a \
+                         member of the docker group"
+                    ));
+                }
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                    return Error::Engine(format!(
+                        "no Docker engine at {socket}: is it running? (DOCKER_HOST names \
+                         another socket)"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        cause = c.source();
+    }
     Error::Engine(match &e {
         EngineError::SocketNotFoundError(path) => {
             format!("no Docker engine at {path}: is it running? (DOCKER_HOST names another socket)")

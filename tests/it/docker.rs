@@ -794,3 +794,21 @@ fn a_compose_project_is_one_series_with_every_container_and_its_manifest() {
     assert_eq!(state(&web.name), "running");
     assert_eq!(state(&db.name), "running");
 }
+
+#[test]
+fn permission_denied_on_the_socket_is_a_one_line_error_with_a_hint() {
+    if !engine() || !is_root() {
+        return;
+    }
+    let mut repo = Repo::new();
+    // nobody: neither root nor in the docker group.
+    repo.run_as = Some(65534);
+    let run = repo.run(["volumes", "anything"]).code(1);
+    let line = run.error_line();
+    assert!(
+        line.contains("permission denied on the Docker socket"),
+        "{}",
+        run.describe()
+    );
+    assert!(line.contains("docker group"), "{}", run.describe());
+}
