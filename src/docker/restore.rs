@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{Container, Engine, RunState, Selection};
+
+/// Compose's replica number of a service's container.
+const COMPOSE_NUMBER: &str = "com.docker.compose.container-number";
 use crate::error::{Error, Result};
 use crate::snapshot::Listed;
 
@@ -33,13 +36,15 @@ pub fn plan(
     let selected = engine.select(sel)?;
     let mut maps = Vec::new();
     for v in &snap.snapshot.volumes {
-        let recorded = snap
+        // Every container that mounted the directory this volume was read from.
+        let recorded: Vec<_> = snap
             .snapshot
             .containers
             .iter()
             .flat_map(|c| c.mounts.iter().map(move |m| (c, m)))
-            .find(|(_, m)| m.label.as_deref() == Some(v.label.as_str()));
-        let Some((was, mount)) = recorded else {
+            .filter(|(_, m)| m.label.as_deref() == Some(v.label.as_str()))
+            .collect();
+        if recorded.is_empty() {
             return Err(Error::Usage(format!(
                 "volume {} of snapshot {} did not come from a container; restore it with \
                  --in-place --map {}=DIR",
@@ -47,23 +52,36 @@ pub fn plan(
                 snap.id.short(),
                 v.label
             )));
+        }
+        // The same container now: by name, else by compose project, service and
+        // replica number (a container compose recreated under another name).
+        let found = recorded.iter().find_map(|(was, mount)| {
+            let label = |l: &[(String, String)], k: &str| {
+                l.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone())
+            };
+            let was_number = label(&was.labels, COMPOSE_NUMBER);
+            selected
+                .iter()
+                .find(|c| c.name == was.name)
+                .or_else(|| {
+                    selected.iter().find(|c| {
+                        was.service.is_some()
+                            && c.service() == was.service.as_deref()
+                            && c.project() == was.project.as_deref()
+                            && c.labels.get(COMPOSE_NUMBER) == was_number.as_ref()
+                    })
+                })
+                .map(|now| (now, *mount))
+        });
+        let Some((now, mount)) = found else {
+            let names: Vec<&str> = recorded.iter().map(|(c, _)| c.name.as_str()).collect();
+            return Err(Error::Usage(format!(
+                "volume {} belonged to container {}, which is not among the selected \
+                 containers now (select it with --container or --project)",
+                v.label,
+                names.join(", ")
+            )));
         };
-        // The same container now: by name, else by compose service.
-        let now = selected
-            .iter()
-            .find(|c| c.name == was.name)
-            .or_else(|| {
-                selected
-                    .iter()
-                    .find(|c| was.service.is_some() && c.service() == was.service.as_deref())
-            })
-            .ok_or_else(|| {
-                Error::Usage(format!(
-                    "volume {} belonged to container {}, which is not among the selected \
-                     containers now",
-                    v.label, was.name
-                ))
-            })?;
         let m = now
             .mounts
             .iter()

@@ -812,3 +812,58 @@ fn permission_denied_on_the_socket_is_a_one_line_error_with_a_hint() {
     );
     assert!(line.contains("docker group"), "{}", run.describe());
 }
+
+#[test]
+fn a_container_recreated_under_another_name_is_found_by_its_compose_service() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let project = format!("volsnap-it-recreate-{}", std::process::id());
+    let labels = [
+        "--label".to_string(),
+        format!("com.docker.compose.project={project}"),
+        "--label".into(),
+        "com.docker.compose.service=app".into(),
+        "--label".into(),
+        "com.docker.compose.container-number=1".into(),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let first = running(&repo, "first", &labels);
+    let snap: Value = repo.ok(["snapshot", "--project", &project]);
+    write(first.bind.join("app.txt"), "changed after the snapshot\n");
+    // Recreated, as `compose up` may do, under another name with the same volumes.
+    docker(&["rm", "-f", &first.name]);
+    let second = format!("{}-recreated", first.name);
+    let mut args = vec![
+        "run".to_string(),
+        "-d".into(),
+        "--name".into(),
+        second.clone(),
+        "-v".into(),
+        format!("{}:/data", first.bind.display()),
+        "-v".into(),
+        format!("{}:/vol", first.volume),
+    ];
+    args.extend(labels.iter().map(|s| s.to_string()));
+    args.extend([
+        image().to_string(),
+        "sh".into(),
+        "-c".into(),
+        "trap 'exit 0' TERM; while true; do sleep 0.1; done".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    docker(&args);
+    let _cleanup = Fixture {
+        name: second.clone(),
+        volume: first.volume.clone(),
+        bind: first.bind.clone(),
+    };
+    repo.ok(["restore", &id(&snap[0]), "--project", &project, "--yes"]);
+    assert_eq!(
+        std::fs::read_to_string(first.bind.join("app.txt")).unwrap(),
+        "first\n",
+        "the recreated container's volume was not restored"
+    );
+    assert_eq!(state(&second), "running");
+}
