@@ -479,10 +479,6 @@ fn encode_plan(plan: &[Quiesced]) -> Vec<u8> {
 impl QuiesceJournal {
     fn write(repo: &Repository, plan: &[Quiesced]) -> Result<QuiesceJournal> {
         let dir = crate::live::journal::dir(repo);
-        if !dir.exists() {
-            fsutil::create_dir_private(&dir)?;
-            fsutil::fsync_dir(&repo.root)?;
-        }
         let id = format!(
             "quiesce-{}-{}",
             std::process::id(),
@@ -490,14 +486,10 @@ impl QuiesceJournal {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         );
+        // The restore journals' lock files, for the same purpose: held while in flight.
+        let lock = crate::live::journal::lock(repo, &id)?
+            .ok_or_else(|| Error::Busy(format!("quiesce journal {id} is taken")))?;
         let lock_path = dir.join(format!("{id}.lock"));
-        let lock = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(Error::io("create", &lock_path))?;
-        lock.lock().map_err(Error::io("lock", &lock_path))?;
         let path = dir.join(format!("{id}.journal"));
         fsutil::atomic_write(&repo.tmp_dir(), &path, &encode_plan(plan))?;
         Ok(QuiesceJournal {
@@ -549,7 +541,7 @@ pub fn recover_quiesce(repo: &Repository) -> Result<Vec<String>> {
         else {
             continue;
         };
-        match recover_one(&dir, id, &e.path(), &mut engine) {
+        match recover_one(repo, id, &e.path(), &mut engine) {
             Ok(names) => resumed.extend(names),
             Err(err) => failed.push(err.to_string()),
         }
@@ -561,26 +553,19 @@ pub fn recover_quiesce(repo: &Repository) -> Result<Vec<String>> {
 }
 
 fn recover_one(
-    dir: &std::path::Path,
+    repo: &Repository,
     id: &str,
     path: &std::path::Path,
     engine: &mut Option<Engine>,
 ) -> Result<Vec<String>> {
-    let lock_path = dir.join(format!("{id}.lock"));
-    let lock = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(Error::io("open", &lock_path))?;
-    if lock.try_lock().is_err() {
+    let Some(_lock) = crate::live::journal::lock(repo, id)? else {
         return Ok(Vec::new()); // in flight
-    }
+    };
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         // Settled by its own process meanwhile.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let _ = std::fs::remove_file(&lock_path);
+            crate::live::journal::remove_lock(repo, id);
             return Ok(Vec::new());
         }
         Err(e) => return Err(Error::io("read", path)(e)),
@@ -598,8 +583,8 @@ fn recover_one(
     }
     resume(engine.as_ref().expect("connected"), &plan)?;
     std::fs::remove_file(path).map_err(Error::io("remove", path))?;
-    fsutil::fsync_dir(dir)?;
-    let _ = std::fs::remove_file(&lock_path);
+    fsutil::fsync_dir(&crate::live::journal::dir(repo))?;
+    crate::live::journal::remove_lock(repo, id);
     Ok(plan.into_iter().map(|q| q.name).collect())
 }
 
