@@ -519,23 +519,42 @@ fn live_restore(
         }
         snapshot::resolve(&repo, &reference)?
     };
+    let report = run_in_place(&repo, &snap, &opts, yes, show_progress)??;
+    emit_in_place(json, &report)?;
+    Ok(exit::OK)
+}
+
+/// An in-place restore as the CLI runs it: confirmed (unless `yes` or a dry run),
+/// SIGINT/SIGTERM held, with a progress bar.
+fn run_in_place(
+    repo: &Repository,
+    snap: &snapshot::Listed,
+    opts: &live::Options,
+    yes: bool,
+    show_progress: bool,
+) -> anyhow::Result<volsnap::Result<live::Report>> {
     if !yes && !opts.dry_run {
-        confirm(&snap, &opts)?;
+        confirm(snap, opts)?;
     }
     if !opts.dry_run {
         hold_signals_during_restore()?;
     }
     let progress = Progress::default();
-    let report = render::with_progress(show_progress, &progress, "restore", || {
-        live::restore_in_place(&repo, &snap, &opts, &progress)
-    })?;
+    Ok(render::with_progress(
+        show_progress,
+        &progress,
+        "restore",
+        || live::restore_in_place(repo, snap, opts, &progress),
+    ))
+}
+
+fn emit_in_place(json: bool, report: &live::Report) -> anyhow::Result<()> {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    emit(json, &render::live_json(&report), || {
-        render::live_text(&report)
-    })?;
-    Ok(exit::OK)
+    emit(json, &render::live_json(report), || {
+        render::live_text(report)
+    })
 }
 
 struct ContainerRestore {
@@ -594,17 +613,7 @@ fn container_restore(
         dry_run: how.dry_run,
         allow_copy: how.allow_copy,
     };
-    if !how.yes && !how.dry_run {
-        confirm(&snap, &opts)?;
-    }
-    if !how.dry_run {
-        hold_signals_during_restore()?;
-    }
-    let progress = Progress::default();
-    let result = render::with_progress(show_progress, &progress, "restore", || {
-        live::restore_in_place(&repo, &snap, &opts, &progress)
-    });
-    let (report, code) = match result {
+    let (report, code) = match run_in_place(&repo, &snap, &opts, how.yes, show_progress)? {
         Ok(r) => (r, exit::OK),
         Err(Error::Redeploy(why)) if how.rollback => {
             eprintln!("volsnap: {why}; putting the previous data back");
@@ -613,18 +622,13 @@ fn container_restore(
                 maps: Vec::new(),
                 ..opts.clone()
             };
-            let report = live::restore_in_place(&repo, &undo, &back, &progress)?;
+            let report = live::restore_in_place(&repo, &undo, &back, &Progress::default())?;
             eprintln!("volsnap: rolled back to snapshot {}", undo.id.short());
             (report, exit::ERROR)
         }
         Err(e) => return Err(e.into()),
     };
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
-    emit(json, &render::live_json(&report), || {
-        render::live_text(&report)
-    })?;
+    emit_in_place(json, &report)?;
     Ok(code)
 }
 
