@@ -265,22 +265,36 @@ fn fill_mount(mount: &Path, like: &Path) {
     set_mtime(mount, sec, nsec);
 }
 
-/// Runs the in-place restore of `w` aborted at its 1st, 2nd, ... crash point until it
-/// completes, from the same start each time; after each abort, `recover` must leave
-/// every volume wholly old or wholly new, all the same way, with no staging left, no
-/// journal, and the hooks run in pairs. Returns the crash points reached.
-fn crash_at_every_step(w: &World, extra: &[&str], refill: &dyn Fn()) -> Vec<String> {
-    let pristine_repo = w.repo.scratch("pristine-repo");
-    cp_a(&w.repo.path, &pristine_repo);
-    let log = w.repo.scratch("hooks.log");
-    let pre = format!("echo stop >> {}", log.display());
-    let post = format!(
-        "echo \"start $VOLSNAP_RESTORE_OUTCOME\" >> {}",
-        log.display()
-    );
-    let reset = || {
+/// The start every aborted run is replayed from: a copy of the repository, the live
+/// volumes as the application left them (`World::changed_copy`), and hooks that log to
+/// a file.
+struct Replay {
+    pristine_repo: PathBuf,
+    log: PathBuf,
+    pre: String,
+    post: String,
+}
+
+impl Replay {
+    fn new(w: &World) -> Replay {
+        let pristine_repo = w.repo.scratch("pristine-repo");
+        cp_a(&w.repo.path, &pristine_repo);
+        let log = w.repo.scratch("hooks.log");
+        Replay {
+            pre: format!("echo stop >> {}", log.display()),
+            post: format!(
+                "echo \"start $VOLSNAP_RESTORE_OUTCOME\" >> {}",
+                log.display()
+            ),
+            pristine_repo,
+            log,
+        }
+    }
+
+    /// Puts back the repository and every volume under `w.parent`, and empties the log.
+    fn reset(&self, w: &World) {
         fs::remove_dir_all(&w.repo.path).unwrap();
-        cp_a(&pristine_repo, &w.repo.path);
+        cp_a(&self.pristine_repo, &w.repo.path);
         for (v, label) in w.vols.iter().zip(LABELS) {
             if v.parent() == Some(w.parent.as_path()) {
                 if v.exists() {
@@ -289,8 +303,24 @@ fn crash_at_every_step(w: &World, extra: &[&str], refill: &dyn Fn()) -> Vec<Stri
                 cp_a(&w.changed_copy.join(label), &w.parent);
             }
         }
+        let _ = fs::remove_file(&self.log);
+    }
+
+    fn hooks(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Runs the in-place restore of `w` aborted at its 1st, 2nd, ... crash point until it
+/// completes, from the same start each time; after each abort, `recover` must leave
+/// every volume wholly old or wholly new, all the same way, with no staging left, no
+/// journal, and the hooks run in pairs. Returns the crash points reached.
+fn crash_at_every_step(w: &World, extra: &[&str], refill: &dyn Fn()) -> Vec<String> {
+    let replay = Replay::new(w);
+    let (pre, post) = (&replay.pre, &replay.post);
+    let reset = || {
+        replay.reset(w);
         refill();
-        let _ = fs::remove_file(&log);
     };
     let mut args = vec![
         "restore",
@@ -298,9 +328,9 @@ fn crash_at_every_step(w: &World, extra: &[&str], refill: &dyn Fn()) -> Vec<Stri
         "--in-place",
         "--yes",
         "--pre-cmd",
-        &pre,
+        pre,
         "--post-cmd",
-        &post,
+        post,
     ];
     args.extend_from_slice(extra);
     let mut seen = Vec::new();
@@ -330,7 +360,7 @@ fn crash_at_every_step(w: &World, extra: &[&str], refill: &dyn Fn()) -> Vec<Stri
             "after {crashed:?}: {:?}",
             journals(&w.repo)
         );
-        let hooks = fs::read_to_string(&log).unwrap_or_default();
+        let hooks = replay.hooks();
         let expected = match (state, hooks.starts_with("stop")) {
             (_, false) => "",
             ("old", true) => "stop\nstart rolled-back\n",
@@ -649,14 +679,7 @@ fn a_mount_point_is_restored_by_moving_its_entries_when_allowed_and_undone() {
 #[test]
 fn recovery_aborted_at_every_step_still_settles_all_old_or_all_new() {
     let w = world();
-    let pristine_repo = w.repo.scratch("pristine-repo");
-    cp_a(&w.repo.path, &pristine_repo);
-    let log = w.repo.scratch("hooks.log");
-    let pre = format!("echo stop >> {}", log.display());
-    let post = format!(
-        "echo \"start $VOLSNAP_RESTORE_OUTCOME\" >> {}",
-        log.display()
-    );
+    let replay = Replay::new(&w);
     // Interrupted before the commit (rolled back) and after it (finished).
     for (interrupt, settled, outcome) in [
         ("live swapped a volume", "old", "rolled-back"),
@@ -664,24 +687,16 @@ fn recovery_aborted_at_every_step_still_settles_all_old_or_all_new() {
     ] {
         let mut k = 1;
         loop {
-            fs::remove_dir_all(&w.repo.path).unwrap();
-            cp_a(&pristine_repo, &w.repo.path);
-            for v in &w.vols {
-                fs::remove_dir_all(v).unwrap();
-            }
-            for label in LABELS {
-                cp_a(&w.changed_copy.join(label), &w.parent);
-            }
-            let _ = fs::remove_file(&log);
+            replay.reset(&w);
             let args = [
                 "restore",
                 &w.snap,
                 "--in-place",
                 "--yes",
                 "--pre-cmd",
-                &pre,
+                &replay.pre,
                 "--post-cmd",
-                &post,
+                &replay.post,
             ];
             assert_eq!(
                 w.repo.run_crashing_at(interrupt, &args).as_deref(),
@@ -698,7 +713,7 @@ fn recovery_aborted_at_every_step_still_settles_all_old_or_all_new() {
                 leftovers(&w.parent)
             );
             assert!(journals(&w.repo).is_empty(), "{:?}", journals(&w.repo));
-            let hooks = fs::read_to_string(&log).unwrap();
+            let hooks = replay.hooks();
             assert_eq!(
                 hooks,
                 format!("stop\nstart {outcome}\n"),
