@@ -680,15 +680,22 @@ fn running(repo: &Repo, tag: &str, extra: &[&str]) -> Fixture {
         volume: unique.clone(),
         bind: bind.clone(),
     };
+    run_idle(&f, &unique, extra);
+    f
+}
+
+/// Starts an idle container named `name` (it exits on SIGTERM) with `f`'s bind mount
+/// at /data and named volume at /vol, plus `extra` `docker run` arguments.
+fn run_idle(f: &Fixture, name: &str, extra: &[&str]) {
     let mut args = vec![
         "run".to_string(),
         "-d".into(),
         "--name".into(),
-        unique.clone(),
+        name.to_string(),
         "-v".into(),
-        format!("{}:/data", bind.display()),
+        format!("{}:/data", f.bind.display()),
         "-v".into(),
-        format!("{unique}:/vol"),
+        format!("{}:/vol", f.volume),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend([
@@ -699,7 +706,6 @@ fn running(repo: &Repo, tag: &str, extra: &[&str]) -> Fixture {
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     docker(&args);
-    f
 }
 
 #[test]
@@ -835,25 +841,7 @@ fn a_container_recreated_under_another_name_is_found_by_its_compose_service() {
     // Recreated, as `compose up` may do, under another name with the same volumes.
     docker(&["rm", "-f", &first.name]);
     let second = format!("{}-recreated", first.name);
-    let mut args = vec![
-        "run".to_string(),
-        "-d".into(),
-        "--name".into(),
-        second.clone(),
-        "-v".into(),
-        format!("{}:/data", first.bind.display()),
-        "-v".into(),
-        format!("{}:/vol", first.volume),
-    ];
-    args.extend(labels.iter().map(|s| s.to_string()));
-    args.extend([
-        image().to_string(),
-        "sh".into(),
-        "-c".into(),
-        "trap 'exit 0' TERM; while true; do sleep 0.1; done".into(),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    docker(&args);
+    run_idle(&first, &second, &labels);
     let _cleanup = Fixture {
         name: second.clone(),
         volume: first.volume.clone(),
