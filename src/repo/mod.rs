@@ -115,8 +115,8 @@ pub struct Repository {
     reader: PackReader,
     /// Pack shards this process has made durable (see `ensure_shard`).
     shards: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
-    /// Trees built by dry-run snapshots in this process: read like stored blobs, never
-    /// written (see `Packer::dry`).
+    /// Trees built by dry-run snapshots in this process: `tree::load` reads them like
+    /// stored ones; they are never written (see `Packer::dry`).
     pub(crate) unstored: std::sync::Mutex<std::collections::HashMap<Id, Vec<u8>>>,
 }
 
@@ -292,9 +292,6 @@ impl Repository {
 
     /// Reads and verifies the blob `id`.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
-        if let Some(bytes) = self.unstored.lock().expect("unstored lock").get(id) {
-            return Ok(bytes.clone());
-        }
         let loc = self
             .index
             .lookup(id)?

@@ -157,7 +157,11 @@ impl Tree {
 
 /// Loads and verifies the tree `id`.
 pub fn load(repo: &Repository, id: &Id) -> Result<Tree> {
-    let bytes = repo.read_blob(id)?;
+    let unstored = repo.unstored.lock().expect("unstored lock").get(id).cloned();
+    let bytes = match unstored {
+        Some(b) => b,
+        None => repo.read_blob(id)?,
+    };
     Tree::decode(&bytes).map_err(|detail| Error::CorruptTree { id: *id, detail })
 }
 
