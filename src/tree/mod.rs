@@ -157,7 +157,12 @@ impl Tree {
 
 /// Loads and verifies the tree `id`.
 pub fn load(repo: &Repository, id: &Id) -> Result<Tree> {
-    let unstored = repo.unstored.lock().expect("unstored lock").get(id).cloned();
+    let unstored = repo
+        .unstored
+        .lock()
+        .expect("unstored lock")
+        .get(id)
+        .cloned();
     let bytes = match unstored {
         Some(b) => b,
         None => repo.read_blob(id)?,
