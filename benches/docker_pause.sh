@@ -20,6 +20,7 @@ mkdir -p "$work/data"
 for i in $(seq 1 "$files"); do head -c 65536 /dev/urandom > "$work/data/f$i"; done
 docker run -d --name "$name" -v "$work/data:/data" volsnap-test:busybox-2 \
   sh -c "trap 'exit 0' TERM; while true; do sleep 0.1; done" >/dev/null
+"$bin" --repo "$work/repo" init >/dev/null
 "$bin" --repo "$work/repo" snapshot --container "$name" >/dev/null
 sleep 1.2
 for r in $(seq 1 "$runs"); do

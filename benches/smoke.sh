@@ -25,6 +25,7 @@ find "$DIR" -type f -print0 | xargs -0 cat >/dev/null 2>&1 || true   # warm the 
 first=(); unchanged=(); walk=(); restore=(); untar=(); targz=()
 for _ in $(seq "$RUNS"); do
   rm -rf "$WORK/repo" "$WORK/out" "$WORK/x" "$WORK/a.tar"
+  "$V" --repo "$WORK/repo" init >/dev/null
   first+=("$(t "$V" --repo "$WORK/repo" snapshot "$DIR" --name smoke)")
   sleep 1.2
   unchanged+=("$(t "$V" --repo "$WORK/repo" snapshot "$DIR" --name smoke)")

@@ -24,9 +24,9 @@ pub enum Error {
         path: PathBuf,
         cause: std::io::Error,
     },
-    /// No repository exists at the path.
-    #[error("no repository at {}: run `volsnap init` or pass --repo", path.display())]
-    NoRepository { path: PathBuf },
+    /// No repository exists at the path (exit code 10).
+    #[error("no repository at {}: {why}; {}", path.display(), why.hint(path))]
+    NoRepository { path: PathBuf, why: Absence },
     /// The repository was written by a newer volsnap.
     #[error(
         "repository {} has format version {found}; this volsnap reads up to {supported}: upgrade volsnap",
@@ -110,6 +110,52 @@ impl Error {
     /// Whether this error means there is no repository (exit code 10).
     pub fn is_no_repository(&self) -> bool {
         matches!(self, Error::NoRepository { .. })
+    }
+}
+
+/// Why a path holds no repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Absence {
+    /// The directory does not exist, but its parent does.
+    Missing,
+    /// Neither the directory nor its parent exists: most often a disk that is not
+    /// mounted, or a mistyped path.
+    ParentMissing { parent: PathBuf },
+    /// The path (or one of its parents) is not a directory.
+    NotADirectory,
+    /// A directory without a repository `config`.
+    NoConfig,
+}
+
+impl Absence {
+    /// The command that mends it.
+    fn hint(&self, path: &std::path::Path) -> String {
+        match self {
+            Absence::NotADirectory => {
+                "pass a repository's directory, or create one with `volsnap init --repo DIR`".into()
+            }
+            Absence::ParentMissing { parent } => format!(
+                "mount or create {} first, then `volsnap init --repo {}`",
+                parent.display(),
+                path.display()
+            ),
+            _ => format!("create one with `volsnap init --repo {}`", path.display()),
+        }
+    }
+}
+
+impl std::fmt::Display for Absence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Absence::Missing => write!(f, "the directory does not exist"),
+            Absence::ParentMissing { parent } => write!(
+                f,
+                "neither it nor {} exists (a disk not mounted, or a mistyped path?)",
+                parent.display()
+            ),
+            Absence::NotADirectory => write!(f, "it is not a directory"),
+            Absence::NoConfig => write!(f, "the directory holds no volsnap config"),
+        }
     }
 }
 

@@ -27,6 +27,15 @@ pub fn create_dir_private(path: &Path) -> Result<()> {
         .map_err(Error::io("create directory", path))
 }
 
+/// Creates one directory (mode 0700) whose parent must exist; one that exists already
+/// is fine.
+pub fn create_dir_private_here(path: &Path) -> Result<()> {
+    match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        r => r.map_err(Error::io("create directory", path)),
+    }
+}
+
 /// Fsyncs a directory so that renames and creations in it are durable.
 pub fn fsync_dir(path: &Path) -> Result<()> {
     let dir = File::open(path).map_err(Error::io("open directory", path))?;

@@ -10,14 +10,15 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use volsnap::progress::Progress;
-use volsnap::repo::{Config, Repository};
+use volsnap::repo::Repository;
 use volsnap::{Error, live, snapshot};
 
-use crate::{emit, exit, recover_quietly, render, split_ref};
+use crate::{emit, exit, open_for_snapshot, render, split_ref};
 
 /// `snapshot --container/--project/--label`: one snapshot per group of containers.
 pub fn container_snapshot(
     path: &std::path::Path,
+    named: bool,
     sel: &volsnap::docker::Selection,
     opts: &volsnap::docker::snapshot::Options,
     json: bool,
@@ -26,8 +27,7 @@ pub fn container_snapshot(
     use volsnap::docker::snapshot as dsnap;
     let engine = volsnap::docker::Engine::connect()?;
     let groups = dsnap::groups(engine.select(sel)?, opts.series.as_deref());
-    let (repo, _) = Repository::init(path, Config::default())?;
-    recover_quietly(&repo);
+    let repo = open_for_snapshot(path, named)?;
     // A signal while containers are paused or stopped resumes them before exiting.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,

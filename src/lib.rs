@@ -9,6 +9,7 @@
 //! use std::path::PathBuf;
 //! use volsnap::{progress::Progress, repo::{Config, Repository}, snapshot};
 //!
+//! // Creates /var/lib/volsnap (not its parents) unless a repository is there already.
 //! let (repo, _created) = Repository::init(&PathBuf::from("/var/lib/volsnap"), Config::default())?;
 //! let outcome = snapshot::create(
 //!     &repo,

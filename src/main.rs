@@ -34,7 +34,8 @@ mod exit {
     about = "Fast, deduplicating, incremental snapshots of container data volumes"
 )]
 struct Cli {
-    /// Repository path [default: $XDG_DATA_HOME/volsnap or ~/.local/share/volsnap]
+    /// Repository path; it must have been made by `init` [default: $XDG_DATA_HOME/volsnap
+    /// or ~/.local/share/volsnap, created by the first snapshot]
     #[arg(long, global = true, env = "VOLSNAP_REPO")]
     repo: Option<PathBuf>,
     /// Print one JSON document on stdout instead of text
@@ -46,7 +47,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a repository
+    /// Create a repository (the directory, not its missing parents)
     Init {
         /// Average chunk size in bytes (fixed for the repository's life)
         #[arg(long)]
@@ -341,6 +342,23 @@ fn split_ref(arg: &OsString) -> (String, Vec<u8>) {
     }
 }
 
+/// The repository a snapshot writes to: the default one is created on first use (said
+/// once, on stderr); one named by `--repo` or `VOLSNAP_REPO` must exist already, so a
+/// mistyped path or an unmounted disk is an error rather than a new repository.
+fn open_for_snapshot(path: &std::path::Path, named: bool) -> anyhow::Result<Repository> {
+    let repo = if named {
+        Repository::open(path)?
+    } else {
+        let (repo, created) = Repository::init_default(Config::default())?;
+        if created {
+            eprintln!("volsnap: created repository {}", repo.root.display());
+        }
+        repo
+    };
+    recover_quietly(&repo);
+    Ok(repo)
+}
+
 /// Opens the repository and first recovers any interrupted in-place restore.
 fn open(path: &std::path::Path) -> anyhow::Result<Repository> {
     let repo = Repository::open(path)?;
@@ -378,6 +396,7 @@ fn recover_quietly(repo: &Repository) {
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     let path = repo_path(&cli);
+    let named = cli.repo.is_some();
     let json = cli.json;
     let show_progress = !json && std::io::stderr().is_terminal();
     match cli.command {
@@ -400,7 +419,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             config
                 .validate()
                 .map_err(|e| Error::Usage(format!("init: {e}")))?;
-            let (repo, created) = Repository::init(&path, config)?;
+            let (repo, created) = if named {
+                Repository::init(&path, config)?
+            } else {
+                Repository::init_default(config)?
+            };
             let value = json!({"repo": repo.root, "format_version": volsnap::limits::FORMAT_VERSION, "created": created});
             emit(json, &value, || {
                 if created {
@@ -435,14 +458,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                         .expect("clap checked the value"),
                     stop_timeout_s: None,
                 };
-                return in_place::container_snapshot(&path, &sel, &opts, json, show_progress);
+                return in_place::container_snapshot(
+                    &path,
+                    named,
+                    &sel,
+                    &opts,
+                    json,
+                    show_progress,
+                );
             }
             // Refuse bad sources before creating a repository for them.
             for d in &dirs {
                 std::fs::metadata(d).map_err(Error::io("snapshot source", d))?;
             }
-            let (repo, _) = Repository::init(&path, Config::default())?;
-            recover_quietly(&repo);
+            let repo = open_for_snapshot(&path, named)?;
             let opts = snapshot::Options {
                 series: name,
                 tags: tag,

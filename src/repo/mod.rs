@@ -11,11 +11,12 @@
 //! Compatibility policy: a build reads every format version up to its own and refuses
 //! newer ones with a message; the version only changes with a migration.
 
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Absence, Error, Result};
 use crate::fsutil;
 use crate::id::Id;
 use crate::index::Index;
@@ -137,7 +138,8 @@ const LAYOUT: [&str; 9] = [
 fn refuse_foreign_directory(root: &Path) -> Result<()> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotADirectory => return Err(not_a_directory(root)),
         Err(e) => return Err(Error::io("read directory", root)(e)),
     };
     for entry in entries {
@@ -154,6 +156,50 @@ fn refuse_foreign_directory(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Reads `root/config`; a path that holds no repository is `Error::NoRepository`
+/// with the reason.
+fn read_config(root: &Path) -> Result<Vec<u8>> {
+    let config_path = root.join("config");
+    std::fs::read(&config_path).map_err(|e| match absence(root) {
+        Some(why) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+            Error::NoRepository {
+                path: root.to_path_buf(),
+                why,
+            }
+        }
+        _ => Error::io("read", &config_path)(e),
+    })
+}
+
+/// Why `root` holds no repository, or `None` when it has a config (or cannot be told).
+fn absence(root: &Path) -> Option<Absence> {
+    match std::fs::metadata(root) {
+        Ok(m) if !m.is_dir() => Some(Absence::NotADirectory),
+        Ok(_) => match std::fs::symlink_metadata(root.join("config")) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Some(Absence::NoConfig),
+            _ => None,
+        },
+        Err(e) if e.kind() == ErrorKind::NotADirectory => Some(Absence::NotADirectory),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let parent = root.parent().filter(|p| !p.as_os_str().is_empty());
+            match parent.map(std::fs::metadata) {
+                Some(Err(e)) if e.kind() == ErrorKind::NotFound => Some(Absence::ParentMissing {
+                    parent: parent.expect("matched Some").to_path_buf(),
+                }),
+                _ => Some(Absence::Missing),
+            }
+        }
+        Err(_) => None,
+    }
+}
+
+fn not_a_directory(root: &Path) -> Error {
+    Error::Usage(format!(
+        "{} is not a directory; choose another --repo",
+        root.display()
+    ))
+}
+
 /// The repository used when neither `--repo` nor `VOLSNAP_REPO` is given:
 /// `$XDG_DATA_HOME/volsnap`, else `$HOME/.local/share/volsnap`.
 pub fn default_path() -> PathBuf {
@@ -168,13 +214,29 @@ pub fn default_path() -> PathBuf {
 
 impl Repository {
     /// Creates a repository at `root` if none is there. Returns it and whether it was created.
+    ///
+    /// Only `root` itself is created, never a missing parent: a repository path whose
+    /// parent is missing is a mistyped path or a disk that is not mounted, and filling
+    /// the root filesystem instead is the failure this refuses (see `init_default`
+    /// for the one path whose parents are created).
     pub fn init(root: &Path, config: Config) -> Result<(Repository, bool)> {
         let config_path = root.join("config");
         if config_path.exists() {
             return Ok((Repository::open(root)?, false));
         }
         refuse_foreign_directory(root)?;
-        fsutil::create_dir_private(root)?;
+        if let Err(e) = fsutil::create_dir_private_here(root) {
+            return Err(match absence(root) {
+                Some(Absence::ParentMissing { parent }) => Error::Usage(format!(
+                    "cannot create repository {}: {} does not exist (a disk not mounted, or a \
+                     mistyped path?); create it first",
+                    root.display(),
+                    parent.display()
+                )),
+                Some(Absence::NotADirectory) => not_a_directory(root),
+                _ => e,
+            });
+        }
         for dir in ["packs", "snapshots", "tmp", "locks"] {
             fsutil::create_dir_private(&root.join(dir))?;
         }
@@ -186,19 +248,21 @@ impl Repository {
         Ok((Repository::open(root)?, created))
     }
 
+    /// Opens the default repository (`default_path`), creating it and its missing
+    /// parents on first use. Returns it and whether it was created.
+    pub fn init_default(config: Config) -> Result<(Repository, bool)> {
+        let root = default_path();
+        if let Some(parent) = root.parent() {
+            fsutil::create_dir_private(parent)?;
+        }
+        Repository::init(&root, config)
+    }
+
     /// Opens an existing repository with a new, empty index in place of the old one,
     /// which is kept as `index.redb.old` (see `repair`).
     pub fn open_with_new_index(root: &Path) -> Result<Repository> {
         let config_path = root.join("config");
-        let bytes = std::fs::read(&config_path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::NoRepository {
-                    path: root.to_path_buf(),
-                }
-            } else {
-                Error::io("read", &config_path)(e)
-            }
-        })?;
+        let bytes = read_config(root)?;
         let config = Config::decode(&config_path, &bytes)?;
         let path = root.join("index.redb");
         if path.exists() {
@@ -222,15 +286,7 @@ impl Repository {
     /// Opens an existing repository.
     pub fn open(root: &Path) -> Result<Repository> {
         let config_path = root.join("config");
-        let bytes = match std::fs::read(&config_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NoRepository {
-                    path: root.to_path_buf(),
-                });
-            }
-            Err(e) => return Err(Error::io("read", &config_path)(e)),
-        };
+        let bytes = read_config(root)?;
         let config = Config::decode(&config_path, &bytes)?;
         let index = Index::open(&root.join("index.redb"), false)?;
         Ok(Repository::assemble(root, config, index))

@@ -40,7 +40,7 @@ fn assert_private(dir: &Path) {
 
 #[test]
 fn init_creates_a_private_repository() {
-    let repo = Repo::new();
+    let repo = Repo::uninit();
     let out = repo.ok(["init"]);
     assert_eq!(out["repo"], repo.path.to_str().unwrap(), "{out}");
     assert_eq!(out["format_version"], 1, "{out}");
@@ -62,17 +62,13 @@ fn init_creates_a_private_repository() {
 }
 
 #[test]
-fn snapshot_creates_the_repository_and_describes_itself() {
+fn snapshot_describes_itself() {
     let repo = Repo::new();
     let data = repo.mkdir("data");
     write(data.join("one"), "1234567");
     write(data.join("sub/two"), "12");
     write(data.join("sub/deeper/three"), "");
     let snap = repo.snapshot(&[&data], &["--tag", "first", "--tag", "daily"]);
-    assert!(
-        repo.path.join("config").is_file(),
-        "snapshot should initialise the repository"
-    );
     assert_eq!(snap["version"], 1);
     assert_eq!(snap["parent"], Value::Null);
     assert_eq!(snap["skipped"], false);
@@ -218,7 +214,7 @@ fn list_filters_by_series_and_tag_oldest_first() {
 
 #[test]
 fn commands_on_a_missing_repository_exit_10() {
-    let repo = Repo::new();
+    let repo = Repo::uninit();
     let to = repo.scratch("to");
     let to = to.to_str().unwrap();
     let some_id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -234,6 +230,152 @@ fn commands_on_a_missing_repository_exit_10() {
         run.error_line();
     }
     assert!(!repo.path.exists(), "a read command created the repository");
+}
+
+/// Runs the binary with no `--repo` and no `VOLSNAP_REPO`, with `XDG_DATA_HOME` and
+/// `HOME` as given.
+fn run_on_default(xdg: Option<&Path>, home: &Path, args: &[&std::ffi::OsStr]) -> Run {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.env_remove("VOLSNAP_REPO").env("HOME", home).args(args);
+    match xdg {
+        Some(x) => cmd.env("XDG_DATA_HOME", x),
+        None => cmd.env_remove("XDG_DATA_HOME"),
+    };
+    Run::from_command(cmd)
+}
+
+#[test]
+fn snapshot_never_creates_a_repository_at_a_named_path() {
+    let repo = Repo::uninit();
+    let data = repo.mkdir("data");
+    write(data.join("f"), "precious");
+    // A mistyped path, a path on a disk that is not mounted (its mount point exists,
+    // empty), and a path whose parents are missing too.
+    let mount_point = repo.mkdir("mnt-backup");
+    let missing_parent = repo.scratch("unmounted/backup/repo");
+    for (path, why) in [
+        (&repo.path, "does not exist"),
+        (&mount_point, "holds no volsnap config"),
+        (&missing_parent, "a disk not mounted"),
+    ] {
+        let run = Run::from_command({
+            let mut cmd = std::process::Command::new(bin());
+            cmd.env_remove("VOLSNAP_REPO")
+                .arg("--repo")
+                .arg(path)
+                .arg("snapshot")
+                .arg(&data);
+            cmd
+        })
+        .code(10);
+        let line = run.error_line();
+        assert!(line.contains(why), "{}", run.describe());
+        assert!(
+            line.contains(&format!("volsnap init --repo {}", path.display())),
+            "{}",
+            run.describe()
+        );
+        // VOLSNAP_REPO names a repository as --repo does.
+        let mut cmd = std::process::Command::new(bin());
+        cmd.env("VOLSNAP_REPO", path).arg("snapshot").arg(&data);
+        Run::from_command(cmd).code(10).error_line();
+    }
+    assert!(!repo.path.exists(), "snapshot created the repository");
+    assert_eq!(fs::read_dir(&mount_point).unwrap().count(), 0);
+    assert!(
+        !repo.scratch("unmounted").exists(),
+        "snapshot created missing parents"
+    );
+    // Once made by init, the same path takes snapshots.
+    repo.ok(["init"]);
+    repo.snapshot(&[&data], &[]);
+}
+
+#[test]
+fn a_repository_path_that_is_a_file_exits_10() {
+    let repo = Repo::uninit();
+    let data = repo.mkdir("data");
+    write(&repo.path, "not a repository");
+    for args in [
+        vec!["snapshot".as_ref(), data.as_os_str()],
+        vec!["list".as_ref()],
+    ] {
+        let run = repo.run(&args).code(10);
+        let line = run.error_line();
+        assert!(line.contains("not a directory"), "{}", run.describe());
+    }
+    let run = repo.run(["init"]).code(1);
+    assert!(
+        run.error_line().contains("not a directory"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(fs::read(&repo.path).unwrap(), b"not a repository");
+}
+
+#[test]
+fn init_creates_the_repository_but_not_its_missing_parents() {
+    let repo = Repo::uninit();
+    let parent = repo.scratch("backup");
+    let path = parent.join("repo");
+    let init = |path: &Path| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.env_remove("VOLSNAP_REPO")
+            .arg("--repo")
+            .arg(path)
+            .arg("init");
+        Run::from_command(cmd)
+    };
+    let run = init(&path).code(1);
+    let line = run.error_line();
+    assert!(
+        line.contains(&format!("{} does not exist", parent.display())),
+        "{}",
+        run.describe()
+    );
+    assert!(!parent.exists(), "init created a missing parent");
+    fs::create_dir(&parent).unwrap();
+    init(&path).code(0);
+    assert!(path.join("config").is_file());
+}
+
+#[test]
+fn the_default_repository_is_created_by_the_first_snapshot_and_says_so_once() {
+    let scratch = Repo::uninit();
+    let data = scratch.mkdir("data");
+    write(data.join("f"), "contents");
+    let home = scratch.mkdir("home");
+    // $XDG_DATA_HOME, with missing parents, then ~/.local/share when it is unset.
+    let xdg = scratch.scratch("xdg/data");
+    for (xdg, expected) in [
+        (Some(xdg.as_path()), xdg.join("volsnap")),
+        (None, home.join(".local/share/volsnap")),
+    ] {
+        // A read command never creates it.
+        run_on_default(xdg, &home, &["list".as_ref()]).code(10);
+        assert!(!expected.exists(), "list created the default repository");
+
+        let snap = ["snapshot".as_ref(), data.as_os_str()];
+        let first = run_on_default(xdg, &home, &snap).code(0);
+        let said = format!("created repository {}", expected.display());
+        assert_eq!(
+            first.stderr.matches(&said).count(),
+            1,
+            "{}",
+            first.describe()
+        );
+        assert!(expected.join("config").is_file());
+        let second = run_on_default(xdg, &home, &snap).code(0);
+        assert!(
+            !second.stderr.contains("created repository"),
+            "{}",
+            second.describe()
+        );
+        let listed = run_on_default(xdg, &home, &["--json".as_ref(), "list".as_ref()])
+            .code(0)
+            .json();
+        assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    }
 }
 
 #[test]
@@ -644,7 +786,6 @@ fn bad_arguments_get_one_clear_error_line() {
 #[test]
 fn a_repository_of_a_newer_format_is_refused_clearly() {
     let repo = Repo::new();
-    repo.ok(["init"]);
     let config = repo.path.join("config");
     let mut bytes = fs::read(&config).unwrap();
     bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
@@ -662,7 +803,7 @@ fn a_repository_of_a_newer_format_is_refused_clearly() {
 
 #[test]
 fn init_refuses_a_directory_that_holds_other_things() {
-    let repo = Repo::new();
+    let repo = Repo::uninit();
     fs::create_dir_all(&repo.path).unwrap();
     write(repo.path.join("precious.txt"), "not a repository");
     let run = repo.run(["init"]);

@@ -53,7 +53,6 @@ fn finish(child: Child, what: &str) -> serde_json::Value {
 #[test]
 fn concurrent_snapshots_and_readers_all_succeed() {
     let repo = Repo::new();
-    repo.ok(["init"]);
     let a = repo.mkdir("alpha");
     let b = repo.mkdir("beta");
     build_tree(&a, "alpha", 2500);
@@ -132,7 +131,6 @@ fn concurrent_first_snapshots_create_the_repository_once() {
 #[test]
 fn interrupted_snapshot_leaves_a_consistent_repository() {
     let repo = Repo::new();
-    repo.ok(["init"]);
     let data = repo.mkdir("data");
     for i in 0..8 {
         write(
@@ -178,7 +176,6 @@ fn concurrent_snapshots_of_identical_data_all_succeed() {
     // narrow, so run a few rounds.
     for round in 0..5 {
         let repo = Repo::new();
-        repo.ok(["init"]);
         let data = repo.mkdir("shared");
         for i in 0..50 {
             write(

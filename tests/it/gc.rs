@@ -302,7 +302,6 @@ fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() 
 #[test]
 fn snapshots_keep_running_while_forget_and_gc_loop() {
     let repo = Repo::new();
-    repo.ok(["init"]);
     let deadline = Instant::now() + Duration::from_secs(8);
     let mut writers = Vec::new();
     for w in 0..2 {

@@ -27,8 +27,8 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// A scratch directory on the real disk holding a repository path (not
-/// created: `snapshot` or `init` creates it) and any data directories.
+/// A scratch directory on the real disk holding a repository (`new`: made by
+/// `volsnap init`; `uninit`: only a path) and any data directories.
 pub struct Repo {
     pub tmp: tempfile::TempDir,
     pub path: PathBuf,
@@ -37,7 +37,15 @@ pub struct Repo {
 }
 
 impl Repo {
+    /// A scratch directory with an initialised repository at `path`.
     pub fn new() -> Repo {
+        let repo = Repo::uninit();
+        repo.ok(["init"]);
+        repo
+    }
+
+    /// A scratch directory whose repository `path` does not exist yet.
+    pub fn uninit() -> Repo {
         let tmp = tempfile::Builder::new()
             .prefix("volsnap-it-")
             .tempdir_in(std::env::temp_dir())
