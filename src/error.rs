@@ -59,6 +59,9 @@ pub enum Error {
     /// The index file is missing while the repository exists.
     #[error("index {} is missing: run `volsnap repair index` to rebuild it from the packs", path.display())]
     IndexMissing { path: PathBuf },
+    /// The index file is damaged (redb reports corruption or asserts on it).
+    #[error("index {} is damaged ({detail}): run `volsnap repair index` to rebuild it from the packs", path.display())]
+    IndexDamaged { path: PathBuf, detail: String },
     /// A snapshot reference did not resolve.
     #[error("snapshot {reference:?}: {detail}")]
     SnapshotRef { reference: String, detail: String },
@@ -105,6 +108,11 @@ impl Error {
     /// Whether this error means another process holds what was needed (exit code 11).
     pub fn is_busy(&self) -> bool {
         matches!(self, Error::Busy(_))
+    }
+
+    /// Whether the index is damaged or missing (the record files may still be read).
+    pub fn is_index_unusable(&self) -> bool {
+        matches!(self, Error::IndexDamaged { .. } | Error::IndexMissing { .. })
     }
 
     /// Whether this error means there is no repository (exit code 10).

@@ -505,7 +505,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::List { name, tag } => {
             let repo = open(&path)?;
-            let all: Vec<_> = snapshot::list_all(&repo)?
+            let scan = snapshot::record::scan(&repo)?;
+            let all: Vec<_> = scan
+                .snapshots
                 .into_iter()
                 .filter(|l| name.as_ref().is_none_or(|n| &l.snapshot.series == n))
                 .filter(|l| tag.as_ref().is_none_or(|t| l.snapshot.tags.contains(t)))
@@ -515,7 +517,29 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     .map(|l| render::snapshot_json(l, false))
                     .collect(),
             );
-            emit(json, &value, || render::list_text(&all))?;
+            if scan.problems.is_empty() {
+                emit(json, &value, || render::list_text(&all))?;
+            } else {
+                // Snapshots that cannot be listed are never silently missing.
+                for (path, why) in &scan.problems {
+                    if path.ends_with("index.redb") {
+                        eprintln!("error: {why}");
+                    } else {
+                        eprintln!(
+                            "error: snapshot record {} cannot be read: {why} (run `volsnap check`, then `volsnap repair index` or restore the file)",
+                            path.display()
+                        );
+                    }
+                }
+                let problems: Vec<Value> = scan
+                    .problems
+                    .iter()
+                    .map(|(path, why)| json!({"path": path, "error": why}))
+                    .collect();
+                let value = json!({"snapshots": value, "problems": problems});
+                emit(json, &value, || render::list_text(&all))?;
+                return Ok(exit::ERROR);
+            }
         }
         Command::Show {
             snapshot: reference,
@@ -753,7 +777,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 tags: keep_tag,
             };
             let decisions = if refs.is_empty() {
-                forget::plan(&snapshot::list_all(&repo)?, &policy, name.as_deref())?
+                forget::plan(
+                    &snapshot::record::list_complete(&repo, "forget")?,
+                    &policy,
+                    name.as_deref(),
+                )?
             } else {
                 if !policy.is_empty() || name.is_some() {
                     return Err(Error::Usage(

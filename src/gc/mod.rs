@@ -287,7 +287,8 @@ pub fn gc(
 fn mark(repo: &Repository, progress: &Progress) -> Result<(Bloom, u64)> {
     let mut bloom = Bloom::new(repo.index.chunk_count()?);
     let mut trees = HashSet::new();
-    let snapshots = snapshot::list_all(repo)?;
+    // A record that cannot be read makes reachability unknowable: delete nothing.
+    let snapshots = snapshot::record::list_complete(repo, "gc")?;
     for s in &snapshots {
         for v in &s.snapshot.volumes {
             mark_tree(repo, &v.tree, &mut bloom, &mut trees, progress)?;

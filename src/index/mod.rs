@@ -103,38 +103,57 @@ pub enum Commit {
 /// The redb database of a repository.
 pub struct Index {
     /// Shared by every operation; taken exclusively only to compact the file.
-    db: std::sync::RwLock<Database>,
+    /// `None` when the file was found damaged (every call then says so).
+    db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
+    /// Why the file is known to be damaged, once it is (see `guard`).
+    damage: Mutex<Option<String>>,
     /// A shared read snapshot of the chunk table: opening a read transaction costs
     /// several microseconds (file locks), more than the lookup itself.
     chunk_reader: Mutex<Option<(Arc<ChunkTables>, Instant)>>,
 }
 
 impl Index {
-    /// Opens `path`, creating it when `create` is set.
+    /// Opens `path`, creating it when `create` is set. A file that redb finds damaged
+    /// (or panics on) still opens: every call then returns `Error::IndexDamaged`, so
+    /// commands that can work from the record files (`list`) still do.
     pub fn open(path: &Path, create: bool) -> Result<Index> {
         if !create && !path.exists() {
             return Err(Error::IndexMissing {
                 path: path.to_path_buf(),
             });
         }
+        quiet_panics_in_index_calls();
         let mut builder = Database::builder();
         builder.set_concurrency_mode(redb::ConcurrencyMode::MultiWriter);
         if create {
             crate::fsutil::ensure_private_file(path)?;
         }
-        let db = if create {
-            builder.create(path)
-        } else {
-            builder.open(path)
+        let opened = catch_quietly(|| {
+            if create {
+                builder.create(path)
+            } else {
+                builder.open(path)
+            }
+        });
+        let (db, damage) = match opened {
+            Ok(Ok(db)) => (Some(db), None),
+            Ok(Err(e)) => {
+                let e: redb::Error = e.into();
+                if !matches!(e, redb::Error::Corrupted(_)) {
+                    return Err(Error::Index {
+                        path: path.to_path_buf(),
+                        detail: e.to_string(),
+                    });
+                }
+                (None, Some(e.to_string()))
+            }
+            Err(why) => (None, Some(why)),
         };
-        let db = db.map_err(|e| Error::Index {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
         let index = Index {
             db: std::sync::RwLock::new(db),
             path: path.to_path_buf(),
+            damage: Mutex::new(damage),
             chunk_reader: Mutex::new(None),
         };
         if create {
@@ -154,34 +173,72 @@ impl Index {
         Ok(index)
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Index {
+    /// Why the index is known to be damaged, if it is.
+    pub fn damage(&self) -> Option<String> {
+        self.damage.lock().map_or_else(
+            |_| Some("damaged".to_string()),
+            |d| d.clone(),
+        )
+    }
+
+    fn damaged_error(&self, detail: String) -> Error {
+        Error::IndexDamaged {
             path: self.path.clone(),
-            detail: e.to_string(),
+            detail,
         }
+    }
+
+    /// Runs one index operation. redb asserts on some damaged files instead of
+    /// returning an error: a panic here (or a `Corrupted` error) marks the index
+    /// damaged for the rest of the process, and this and every later call return
+    /// `Error::IndexDamaged`, which names `volsnap repair index`. Bytes on disk never
+    /// crash a command.
+    fn guard<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if let Some(why) = self.damage() {
+            return Err(self.damaged_error(why));
+        }
+        let why = match catch_quietly(f) {
+            Ok(Err(Error::IndexDamaged { detail, .. })) => detail,
+            Ok(other) => return other,
+            Err(panic) => panic,
+        };
+        if let Ok(mut d) = self.damage.lock() {
+            d.get_or_insert(why.clone());
+        }
+        Err(self.damaged_error(why))
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> Error {
+        match e.into() {
+            redb::Error::Corrupted(why) => self.damaged_error(why),
+            e => Error::Index {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            },
+        }
+    }
+
+    /// A row or key that does not decode: the file is damaged.
+    fn bad(&self, what: impl std::fmt::Display) -> Error {
+        self.damaged_error(what.to_string())
     }
 
     fn write<T>(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> std::result::Result<T, redb::Error>,
     ) -> Result<T> {
-        let txn = self
-            .db
-            .read()
-            .expect("index lock")
-            .begin_write()
-            .map_err(|e| self.err(e))?;
+        let db = self.db.read().expect("index lock");
+        let db = db.as_ref().ok_or_else(|| self.bad("damaged"))?;
+        let txn = db.begin_write().map_err(|e| self.err(e))?;
         let out = f(&txn).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))?;
         Ok(out)
     }
 
     fn read(&self) -> Result<redb::ReadTransaction> {
-        self.db
-            .read()
-            .expect("index lock")
-            .begin_read()
-            .map_err(|e| self.err(e))
+        let db = self.db.read().expect("index lock");
+        let db = db.as_ref().ok_or_else(|| self.bad("damaged"))?;
+        db.begin_read().map_err(|e| self.err(e))
     }
 
     fn chunk_tables(&self) -> Result<Arc<ChunkTables>> {
@@ -204,7 +261,10 @@ impl Index {
     pub fn compact(&self) -> std::result::Result<bool, String> {
         self.refresh();
         let mut db = self.db.write().expect("index lock");
-        db.compact().map_err(|e| e.to_string())
+        match db.as_mut() {
+            Some(db) => catch_quietly(|| db.compact().map_err(|e| e.to_string()))?,
+            None => Err("the index is damaged".to_string()),
+        }
     }
 
     /// Drops the shared read snapshot, so the next lookup sees every commit made so far.
@@ -217,28 +277,32 @@ impl Index {
     /// snapshot is looked up again in a fresh one, so a reader never misses a blob
     /// committed before its lookup.
     pub fn lookup(&self, id: &Id) -> Result<Option<Location>> {
-        for attempt in 0..2 {
-            if attempt == 1 {
-                self.refresh();
+        self.guard(|| {
+            for attempt in 0..2 {
+                if attempt == 1 {
+                    self.refresh();
+                }
+                let tables = self.chunk_tables()?;
+                if let Some(value) = tables.0.get(&id.0[..]).map_err(|e| self.err(e))? {
+                    return Location::decode(value.value())
+                        .map(Some)
+                        .ok_or_else(|| self.bad(format!("bad location row for chunk {id}")));
+                }
             }
-            let tables = self.chunk_tables()?;
-            if let Some(value) = tables.0.get(&id.0[..]).map_err(|e| self.err(e))? {
-                return Location::decode(value.value())
-                    .map(Some)
-                    .ok_or_else(|| self.err(format!("bad location row for chunk {id}")));
-            }
-        }
-        Ok(None)
+            Ok(None)
+        })
     }
 
     /// Whether a writer may reuse the stored blob `id` instead of storing it: it is
     /// indexed and not condemned by a running gc.
     pub fn is_stored(&self, id: &Id) -> Result<bool> {
-        let tables = self.chunk_tables()?;
-        if tables.0.get(&id.0[..]).map_err(|e| self.err(e))?.is_none() {
-            return Ok(false);
-        }
-        Ok(tables.1.get(&id.0[..]).map_err(|e| self.err(e))?.is_none())
+        self.guard(|| {
+            let tables = self.chunk_tables()?;
+            if tables.0.get(&id.0[..]).map_err(|e| self.err(e))?.is_none() {
+                return Ok(false);
+            }
+            Ok(tables.1.get(&id.0[..]).map_err(|e| self.err(e))?.is_none())
+        })
     }
 
     /// Records a pack and the blobs in it, in one transaction (see `Commit` for blobs
@@ -250,36 +314,40 @@ impl Index {
         blobs: &[(Id, Location)],
         mode: Commit,
     ) -> Result<()> {
-        let row_bytes = postcard::to_stdvec(row).expect("pack rows encode");
-        self.write(|txn| {
-            let mut chunks = txn.open_table(CHUNKS)?;
-            let mut condemned = txn.open_table(CONDEMNED)?;
-            for (id, loc) in blobs {
-                let current = chunks
-                    .get(&id.0[..])?
-                    .and_then(|v| Location::decode(v.value()));
-                let replace = match (mode, current) {
-                    (Commit::Store, None) => true,
-                    (Commit::Store, Some(_)) => condemned.remove(&id.0[..])?.is_some(),
-                    // A repack only moves rows still pointing into the old pack; it
-                    // never brings back a row deleted meanwhile.
-                    (Commit::Repack { from }, Some(cur)) => cur.pack == from,
-                    (Commit::Repack { .. }, None) => false,
-                };
-                if replace {
-                    chunks.insert(&id.0[..], &loc.encode()[..])?;
+        self.guard(|| {
+            let row_bytes = postcard::to_stdvec(row).expect("pack rows encode");
+            self.write(|txn| {
+                let mut chunks = txn.open_table(CHUNKS)?;
+                let mut condemned = txn.open_table(CONDEMNED)?;
+                for (id, loc) in blobs {
+                    let current = chunks
+                        .get(&id.0[..])?
+                        .and_then(|v| Location::decode(v.value()));
+                    let replace = match (mode, current) {
+                        (Commit::Store, None) => true,
+                        (Commit::Store, Some(_)) => condemned.remove(&id.0[..])?.is_some(),
+                        // A repack only moves rows still pointing into the old pack; it
+                        // never brings back a row deleted meanwhile.
+                        (Commit::Repack { from }, Some(cur)) => cur.pack == from,
+                        (Commit::Repack { .. }, None) => false,
+                    };
+                    if replace {
+                        chunks.insert(&id.0[..], &loc.encode()[..])?;
+                    }
                 }
-            }
-            txn.open_table(PACKS)?.insert(&pack.0[..], &row_bytes[..])?;
-            Ok(())
+                txn.open_table(PACKS)?.insert(&pack.0[..], &row_bytes[..])?;
+                Ok(())
+            })
         })
     }
 
     /// Number of indexed blobs.
     pub fn chunk_count(&self) -> Result<u64> {
-        let txn = self.read()?;
-        let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
-        table.len().map_err(|e| self.err(e))
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+            table.len().map_err(|e| self.err(e))
+        })
     }
 
     /// gc step 2: in one transaction, condemns every indexed blob `reachable` rejects
@@ -290,33 +358,35 @@ impl Index {
         reachable: impl Fn(&Id) -> bool,
         stale_cache_row: impl Fn(&[u8]) -> bool,
     ) -> Result<(u64, u64)> {
-        self.write(|txn| {
-            txn.delete_table(CONDEMNED)?;
-            let mut condemned = txn.open_table(CONDEMNED)?;
-            let chunks = txn.open_table(CHUNKS)?;
-            let (mut n, mut bytes) = (0, 0);
-            for item in chunks.iter()? {
-                let (k, v) = item?;
-                let Ok(raw) = <[u8; 32]>::try_from(k.value()) else {
-                    continue;
-                };
-                if !reachable(&Id(raw)) {
-                    condemned.insert(&raw[..], 1)?;
-                    n += 1;
-                    bytes += Location::decode(v.value()).map_or(0, |l| u64::from(l.stored_len));
+        self.guard(|| {
+            self.write(|txn| {
+                txn.delete_table(CONDEMNED)?;
+                let mut condemned = txn.open_table(CONDEMNED)?;
+                let chunks = txn.open_table(CHUNKS)?;
+                let (mut n, mut bytes) = (0, 0);
+                for item in chunks.iter()? {
+                    let (k, v) = item?;
+                    let Ok(raw) = <[u8; 32]>::try_from(k.value()) else {
+                        continue;
+                    };
+                    if !reachable(&Id(raw)) {
+                        condemned.insert(&raw[..], 1)?;
+                        n += 1;
+                        bytes += Location::decode(v.value()).map_or(0, |l| u64::from(l.stored_len));
+                    }
                 }
-            }
-            let mut files = txn.open_table(FILES)?;
-            let stale: Vec<Vec<u8>> = files
-                .iter()?
-                .filter_map(|item| item.ok())
-                .filter(|(_, v)| stale_cache_row(v.value()))
-                .map(|(k, _)| k.value().to_vec())
-                .collect();
-            for k in stale {
-                files.remove(&k[..])?;
-            }
-            Ok((n, bytes))
+                let mut files = txn.open_table(FILES)?;
+                let stale: Vec<Vec<u8>> = files
+                    .iter()?
+                    .filter_map(|item| item.ok())
+                    .filter(|(_, v)| stale_cache_row(v.value()))
+                    .map(|(k, _)| k.value().to_vec())
+                    .collect();
+                for k in stale {
+                    files.remove(&k[..])?;
+                }
+                Ok((n, bytes))
+            })
         })
     }
 
@@ -329,141 +399,161 @@ impl Index {
         reachable: impl Fn(&Id) -> bool,
         stale_cache_row: impl Fn(&[u8], &std::collections::HashSet<Id>) -> bool,
     ) -> Result<Vec<(Id, Location)>> {
-        self.write(|txn| {
-            let mut deleted = Vec::new();
-            {
-                let condemned = txn.open_table(CONDEMNED)?;
-                let mut chunks = txn.open_table(CHUNKS)?;
-                for item in condemned.iter()? {
-                    let (k, _) = item?;
-                    let Ok(raw) = <[u8; 32]>::try_from(k.value()) else {
-                        continue;
-                    };
-                    let id = Id(raw);
-                    if reachable(&id) {
-                        continue;
-                    }
-                    if let Some(v) = chunks.remove(&raw[..])?
-                        && let Some(loc) = Location::decode(v.value())
-                    {
-                        deleted.push((id, loc));
+        self.guard(|| {
+            self.write(|txn| {
+                let mut deleted = Vec::new();
+                {
+                    let condemned = txn.open_table(CONDEMNED)?;
+                    let mut chunks = txn.open_table(CHUNKS)?;
+                    for item in condemned.iter()? {
+                        let (k, _) = item?;
+                        let Ok(raw) = <[u8; 32]>::try_from(k.value()) else {
+                            continue;
+                        };
+                        let id = Id(raw);
+                        if reachable(&id) {
+                            continue;
+                        }
+                        if let Some(v) = chunks.remove(&raw[..])?
+                            && let Some(loc) = Location::decode(v.value())
+                        {
+                            deleted.push((id, loc));
+                        }
                     }
                 }
-            }
-            txn.delete_table(CONDEMNED)?;
-            txn.open_table(CONDEMNED)?;
-            let gone: std::collections::HashSet<Id> = deleted.iter().map(|(id, _)| *id).collect();
-            let mut files = txn.open_table(FILES)?;
-            let stale: Vec<Vec<u8>> = files
-                .iter()?
-                .filter_map(|item| item.ok())
-                .filter(|(_, v)| stale_cache_row(v.value(), &gone))
-                .map(|(k, _)| k.value().to_vec())
-                .collect();
-            for k in stale {
-                files.remove(&k[..])?;
-            }
-            Ok(deleted)
+                txn.delete_table(CONDEMNED)?;
+                txn.open_table(CONDEMNED)?;
+                let gone: std::collections::HashSet<Id> = deleted.iter().map(|(id, _)| *id).collect();
+                let mut files = txn.open_table(FILES)?;
+                let stale: Vec<Vec<u8>> = files
+                    .iter()?
+                    .filter_map(|item| item.ok())
+                    .filter(|(_, v)| stale_cache_row(v.value(), &gone))
+                    .map(|(k, _)| k.value().to_vec())
+                    .collect();
+                for k in stale {
+                    files.remove(&k[..])?;
+                }
+                Ok(deleted)
+            })
         })
     }
 
     /// Whether any blob is condemned (a gc is between its condemn and sweep steps).
     pub fn any_condemned(&self) -> Result<bool> {
-        let txn = self.read()?;
-        let table = txn.open_table(CONDEMNED).map_err(|e| self.err(e))?;
-        Ok(!table.is_empty().map_err(|e| self.err(e))?)
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = txn.open_table(CONDEMNED).map_err(|e| self.err(e))?;
+            Ok(!table.is_empty().map_err(|e| self.err(e))?)
+        })
     }
 
     /// Live stored bytes (headers included) per pack, from the chunk rows.
     pub fn pack_live_bytes(&self) -> Result<std::collections::HashMap<Id, u64>> {
-        let mut live = std::collections::HashMap::new();
-        self.for_each_chunk(|_, loc| {
-            *live.entry(loc.pack).or_insert(0) +=
-                crate::pack::blob::HEADER_LEN as u64 + u64::from(loc.stored_len);
-        })?;
-        Ok(live)
+        self.guard(|| {
+            let mut live = std::collections::HashMap::new();
+            self.for_each_chunk(|_, loc| {
+                *live.entry(loc.pack).or_insert(0) +=
+                    crate::pack::blob::HEADER_LEN as u64 + u64::from(loc.stored_len);
+            })?;
+            Ok(live)
+        })
     }
 
     /// Forgets a pack's row (its blobs' rows must already point elsewhere or be gone).
     pub fn remove_pack(&self, pack: &Id) -> Result<()> {
-        self.write(|txn| {
-            txn.open_table(PACKS)?.remove(&pack.0[..])?;
-            Ok(())
+        self.guard(|| {
+            self.write(|txn| {
+                txn.open_table(PACKS)?.remove(&pack.0[..])?;
+                Ok(())
+            })
         })
     }
 
     /// Removes a snapshot's row (its record file is already gone).
     pub fn remove_snapshot(&self, id: &Id) -> Result<()> {
-        self.write(|txn| {
-            txn.open_table(SNAPSHOTS)?.remove(&id.0[..])?;
-            Ok(())
+        self.guard(|| {
+            self.write(|txn| {
+                txn.open_table(SNAPSHOTS)?.remove(&id.0[..])?;
+                Ok(())
+            })
         })
     }
 
     /// Every pack the index knows.
     pub fn packs(&self) -> Result<Vec<(Id, PackRow)>> {
-        let txn = self.read()?;
-        let table = txn.open_table(PACKS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = Id(k.value().try_into().map_err(|_| self.err("bad pack key"))?);
-            let row = postcard::from_bytes(v.value())
-                .map_err(|e| self.err(format!("pack row {id}: {e}")))?;
-            out.push((id, row));
-        }
-        Ok(out)
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = txn.open_table(PACKS).map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let id = Id(k.value().try_into().map_err(|_| self.bad("bad pack key"))?);
+                let row = postcard::from_bytes(v.value())
+                    .map_err(|e| self.bad(format!("pack row {id}: {e}")))?;
+                out.push((id, row));
+            }
+            Ok(out)
+        })
     }
 
     /// Every chunk row (id, location), for check.
     pub fn for_each_chunk(&self, mut f: impl FnMut(Id, Location)) -> Result<()> {
-        let txn = self.read()?;
-        let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
-        for item in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = Id(k
-                .value()
-                .try_into()
-                .map_err(|_| self.err("bad chunk key"))?);
-            let loc = Location::decode(v.value()).ok_or_else(|| self.err("bad location row"))?;
-            f(id, loc);
-        }
-        Ok(())
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+            for item in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let id = Id(k
+                    .value()
+                    .try_into()
+                    .map_err(|_| self.bad("bad chunk key"))?);
+                let loc = Location::decode(v.value()).ok_or_else(|| self.bad("bad location row"))?;
+                f(id, loc);
+            }
+            Ok(())
+        })
     }
 
     /// All snapshot rows: id → record bytes.
     pub fn snapshots(&self) -> Result<Vec<(Id, Vec<u8>)>> {
-        let txn = self.read()?;
-        let table = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            let id = Id(k
-                .value()
-                .try_into()
-                .map_err(|_| self.err("bad snapshot key"))?);
-            out.push((id, v.value().to_vec()));
-        }
-        Ok(out)
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = txn.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let id = Id(k
+                    .value()
+                    .try_into()
+                    .map_err(|_| self.bad("bad snapshot key"))?);
+                out.push((id, v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// Reserves the next version number of `series` in its own transaction, so no
     /// version is ever handed out twice: a crash after this leaves a gap, never a
     /// duplicate.
     pub fn reserve_version(&self, series: &str) -> Result<u64> {
-        self.write(|txn| {
-            let mut table = txn.open_table(SERIES)?;
-            let version = table.get(series)?.map_or(0, |v| v.value()) + 1;
-            table.insert(series, version)?;
-            Ok(version)
+        self.guard(|| {
+            self.write(|txn| {
+                let mut table = txn.open_table(SERIES)?;
+                let version = table.get(series)?.map_or(0, |v| v.value()) + 1;
+                table.insert(series, version)?;
+                Ok(version)
+            })
         })
     }
 
     /// Adds the index row of a committed snapshot record.
     pub fn insert_snapshot(&self, id: &Id, record: &[u8]) -> Result<()> {
-        self.write(|txn| {
-            txn.open_table(SNAPSHOTS)?.insert(&id.0[..], record)?;
-            Ok(())
+        self.guard(|| {
+            self.write(|txn| {
+                txn.open_table(SNAPSHOTS)?.insert(&id.0[..], record)?;
+                Ok(())
+            })
         })
     }
 
@@ -474,97 +564,161 @@ impl Index {
         on_disk: &[(Id, Vec<u8>, String, u64)],
         gone: &[Id],
     ) -> Result<()> {
-        if on_disk.is_empty() && gone.is_empty() {
-            return Ok(());
-        }
-        self.write(|txn| {
-            let mut snaps = txn.open_table(SNAPSHOTS)?;
-            let mut series = txn.open_table(SERIES)?;
-            for (id, bytes, name, version) in on_disk {
-                snaps.insert(&id.0[..], &bytes[..])?;
-                let current = series.get(name.as_str())?.map_or(0, |v| v.value());
-                if *version > current {
-                    series.insert(name.as_str(), *version)?;
+        self.guard(|| {
+            if on_disk.is_empty() && gone.is_empty() {
+                return Ok(());
+            }
+            self.write(|txn| {
+                let mut snaps = txn.open_table(SNAPSHOTS)?;
+                let mut series = txn.open_table(SERIES)?;
+                for (id, bytes, name, version) in on_disk {
+                    snaps.insert(&id.0[..], &bytes[..])?;
+                    let current = series.get(name.as_str())?.map_or(0, |v| v.value());
+                    if *version > current {
+                        series.insert(name.as_str(), *version)?;
+                    }
                 }
-            }
-            for id in gone {
-                snaps.remove(&id.0[..])?;
-            }
-            Ok(())
+                for id in gone {
+                    snaps.remove(&id.0[..])?;
+                }
+                Ok(())
+            })
         })
     }
 
     /// Registers a lease: allocates its id (ids only grow) and stores its row, in one
     /// transaction.
     pub fn insert_lease(&self, row: &[u8]) -> Result<u64> {
-        self.write(|txn| {
-            let mut counters = txn.open_table(COUNTERS)?;
-            let id = counters.get("lease")?.map_or(0, |v| v.value()) + 1;
-            counters.insert("lease", id)?;
-            txn.open_table(LEASES)?.insert(id, row)?;
-            Ok(id)
+        self.guard(|| {
+            self.write(|txn| {
+                let mut counters = txn.open_table(COUNTERS)?;
+                let id = counters.get("lease")?.map_or(0, |v| v.value()) + 1;
+                counters.insert("lease", id)?;
+                txn.open_table(LEASES)?.insert(id, row)?;
+                Ok(id)
+            })
         })
     }
 
     /// The id the next lease will get: every lease registered so far has a smaller one.
     pub fn next_lease_id(&self) -> Result<u64> {
-        let txn = self.read()?;
-        let counters = match txn.open_table(COUNTERS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(1),
-            Err(e) => return Err(self.err(e)),
-        };
-        Ok(counters
-            .get("lease")
-            .map_err(|e| self.err(e))?
-            .map_or(0, |v| v.value())
-            + 1)
+        self.guard(|| {
+            let txn = self.read()?;
+            let counters = match txn.open_table(COUNTERS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(1),
+                Err(e) => return Err(self.err(e)),
+            };
+            Ok(counters
+                .get("lease")
+                .map_err(|e| self.err(e))?
+                .map_or(0, |v| v.value())
+                + 1)
+        })
     }
 
     pub fn remove_lease(&self, id: u64) -> Result<()> {
-        self.write(|txn| {
-            txn.open_table(LEASES)?.remove(id)?;
-            Ok(())
+        self.guard(|| {
+            self.write(|txn| {
+                txn.open_table(LEASES)?.remove(id)?;
+                Ok(())
+            })
         })
     }
 
     /// Every registered lease (alive or left by a dead process).
     pub fn leases(&self) -> Result<Vec<(u64, Vec<u8>)>> {
-        let txn = self.read()?;
-        let table = match txn.open_table(LEASES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
-        };
-        let mut out = Vec::new();
-        for item in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            out.push((k.value(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = match txn.open_table(LEASES) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(self.err(e)),
+            };
+            let mut out = Vec::new();
+            for item in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// Reads one files-cache row.
     pub fn cache_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let txn = self.read()?;
-        let table = txn.open_table(FILES).map_err(|e| self.err(e))?;
-        Ok(table
-            .get(key)
-            .map_err(|e| self.err(e))?
-            .map(|v| v.value().to_vec()))
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = txn.open_table(FILES).map_err(|e| self.err(e))?;
+            Ok(table
+                .get(key)
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value().to_vec()))
+        })
     }
 
     /// Writes files-cache rows, in one transaction (callers bound the batch).
     pub fn cache_put(&self, rows: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        self.write(|txn| {
-            let mut table = txn.open_table(FILES)?;
-            for (k, v) in rows {
-                table.insert(&k[..], &v[..])?;
+        self.guard(|| {
+            if rows.is_empty() {
+                return Ok(());
             }
-            Ok(())
+            self.write(|txn| {
+                let mut table = txn.open_table(FILES)?;
+                for (k, v) in rows {
+                    table.insert(&k[..], &v[..])?;
+                }
+                Ok(())
+            })
         })
+    }
+}
+
+thread_local! {
+    /// Depth of index calls on this thread: a panic inside one is turned into
+    /// `Error::IndexDamaged`, so the panic message must not reach the user.
+    static IN_INDEX: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Installs (once) a panic hook that stays silent for panics inside index calls and
+/// defers to the previous hook for every other panic (our own bugs still print).
+fn quiet_panics_in_index_calls() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_INDEX.with(|d| d.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs `f`, turning a panic into its message.
+fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    IN_INDEX.with(|d| d.set(d.get() + 1));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_INDEX.with(|d| d.set(d.get() - 1));
+    out.map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "redb panicked".to_string());
+        format!("redb: {msg}")
+    })
+}
+
+impl Drop for Index {
+    fn drop(&mut self) {
+        // A database redb panicked on may panic again while closing: leave it to the
+        // kernel (the process is ending, or the index is abandoned).
+        if self.damage().is_some() {
+            if let Ok(mut cached) = self.chunk_reader.lock() {
+                std::mem::forget(cached.take());
+            }
+            if let Ok(mut db) = self.db.write() {
+                std::mem::forget(db.take());
+            }
+        }
     }
 }

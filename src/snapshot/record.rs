@@ -9,7 +9,7 @@
 //! The index holds a copy of each record for fast listing; `list_all` reconciles the
 //! two, so a crash between the record and its index row loses nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -222,11 +222,12 @@ pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
     Ok(Listed { id, snapshot })
 }
 
-/// Every snapshot, and the record files that could not be used.
+/// Every snapshot, and what could not be used.
 #[derive(Debug, Default)]
 pub struct Scan {
     pub snapshots: Vec<Listed>,
-    /// Record files that do not match their name or do not decode, with why.
+    /// Record files that cannot be read, do not match their name or do not decode
+    /// (and have no sound copy in the index), and a damaged index, each with why.
     pub problems: Vec<(std::path::PathBuf, String)>,
 }
 
@@ -236,52 +237,77 @@ pub fn list_all(repo: &Repository) -> Result<Vec<Listed>> {
     Ok(scan(repo)?.snapshots)
 }
 
-/// Reconciles the index with the record files: adopts records without a row (a crash
-/// after the commit point), drops rows whose record is gone (forgotten by another
-/// process), and sets aside records that are damaged. Never fails on a bad record, so
-/// one damaged file cannot make the others unusable.
+/// Every snapshot, from the record files (the ground truth), with the index's copies
+/// used only where they hash to the record's name. Mends the index: adopts records
+/// without a row (a crash after the commit point), replaces rows that do not hash to
+/// their id (damage), drops rows whose record is gone (forgotten by another process).
+/// A record that cannot be read anywhere is reported, never silently left out, and
+/// one damaged file never makes the others unusable. A damaged index is reported and
+/// the records are read from their files alone.
 pub fn scan(repo: &Repository) -> Result<Scan> {
+    let mut out = Scan::default();
+    let mut rows: HashMap<Id, Vec<u8>> = match repo.index.snapshots() {
+        Ok(rows) => rows.into_iter().collect(),
+        Err(e) if e.is_index_unusable() => {
+            out.problems.push((repo.root.join("index.redb"), e.to_string()));
+            HashMap::new()
+        }
+        Err(e) => return Err(e),
+    };
+    let index_usable = out.problems.is_empty();
+    // Listed after the rows were read: a record committed in between has a file and
+    // no row (adopted below), never a row whose file was not looked for.
     let dir = repo.snapshots_dir();
-    let mut on_disk = HashSet::new();
+    let mut on_disk = Vec::new();
     for entry in std::fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
         let entry = entry.map_err(Error::io("read directory", &dir))?;
         if let Some(id) = entry.file_name().to_str().and_then(Id::from_hex) {
-            on_disk.insert(id);
+            on_disk.push(id);
         }
     }
-    let rows = repo.index.snapshots()?;
-    let indexed: HashSet<Id> = rows.iter().map(|(id, _)| *id).collect();
-    let gone: Vec<Id> = indexed.difference(&on_disk).copied().collect();
-    let mut out = Scan::default();
-    let mut adopted = Vec::new();
-    for id in on_disk.difference(&indexed) {
-        let path = dir.join(id.hex());
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) => {
-                out.problems.push((path, e.to_string()));
-                continue;
+    let mut mend = Vec::new();
+    for id in &on_disk {
+        // The index's copy, if it is the record byte for byte (it hashes to the name).
+        let row = rows.remove(id).filter(|bytes| Id::of(bytes) == *id);
+        let (bytes, from_file) = match row {
+            Some(bytes) => (bytes, false),
+            None => {
+                let path = dir.join(id.hex());
+                match std::fs::read(&path) {
+                    Ok(b) if Id::of(&b) == *id => (b, true),
+                    Ok(_) => {
+                        out.problems
+                            .push((path, "record does not match its name (damaged)".into()));
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // forgotten meanwhile
+                    Err(e) => {
+                        out.problems.push((path, e.to_string()));
+                        continue;
+                    }
+                }
             }
         };
-        if Id::of(&bytes) != *id {
-            out.problems
-                .push((path, "record does not match its name (damaged)".into()));
-            continue;
-        }
         match Snapshot::decode(&bytes) {
-            Ok(s) => adopted.push((*id, bytes, s.series, s.version)),
-            Err(e) => out.problems.push((path, e)),
+            Ok(snapshot) => {
+                if from_file {
+                    mend.push((*id, bytes, snapshot.series.clone(), snapshot.version));
+                }
+                out.snapshots.push(Listed { id: *id, snapshot });
+            }
+            Err(e) => out.problems.push((dir.join(id.hex()), e)),
         }
     }
-    repo.index.reconcile_snapshots(&adopted, &gone)?;
-    for (id, bytes) in rows
-        .into_iter()
-        .filter(|(id, _)| on_disk.contains(id))
-        .chain(adopted.into_iter().map(|(id, b, _, _)| (id, b)))
-    {
-        match Snapshot::decode(&bytes) {
-            Ok(snapshot) => out.snapshots.push(Listed { id, snapshot }),
-            Err(e) => out.problems.push((dir.join(id.hex()), e)),
+    // Rows left over name no record file: forgotten, or keys damaged in the index.
+    let gone: Vec<Id> = rows.into_keys().collect();
+    if index_usable {
+        match repo.index.reconcile_snapshots(&mend, &gone) {
+            Ok(()) => {}
+            // Mending is best effort: the records were read from their files.
+            Err(e) if e.is_index_unusable() => {
+                out.problems.push((repo.root.join("index.redb"), e.to_string()));
+            }
+            Err(e) => return Err(e),
         }
     }
     out.snapshots.sort_by(|a, b| {
@@ -292,6 +318,20 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
         ))
     });
     Ok(out)
+}
+
+/// Every snapshot, or an error naming the first record that cannot be read (and the
+/// commands that mend it). For operations that decide from the whole set what to
+/// delete (`gc`, `forget` by policy): a snapshot they cannot see must stop them.
+pub fn list_complete(repo: &Repository, operation: &str) -> Result<Vec<Listed>> {
+    let scan = scan(repo)?;
+    if let Some((path, why)) = scan.problems.first() {
+        return Err(Error::Refused(format!(
+            "{operation} refused, nothing was changed: {} cannot be read ({why}); run `volsnap check`, then `volsnap repair index` or restore the file",
+            path.display()
+        )));
+    }
+    Ok(scan.snapshots)
 }
 
 /// The newest snapshot of a series.
