@@ -48,10 +48,14 @@ pub enum Error {
     #[error("tree {id}: {detail}")]
     CorruptTree { id: Id, detail: String },
     /// A blob's bytes do not hash to its id.
-    #[error("chunk {id} in pack {pack}: {detail}")]
+    #[error(
+        "chunk {id} in pack {pack}: {detail} (run `volsnap check`; if the index is at fault, `volsnap repair index` mends it)"
+    )]
     BadBlob { id: Id, pack: Id, detail: String },
     /// A chunk referenced by a tree is not in the index.
-    #[error("chunk {id} is not in the index (repository damaged; run `volsnap check`)")]
+    #[error(
+        "chunk {id} is not in the index (repository damaged; run `volsnap check`, then `volsnap repair index`)"
+    )]
     MissingChunk { id: Id },
     /// The index database failed.
     #[error("index {}: {detail}", path.display())]
@@ -112,7 +116,10 @@ impl Error {
 
     /// Whether the index is damaged or missing (the record files may still be read).
     pub fn is_index_unusable(&self) -> bool {
-        matches!(self, Error::IndexDamaged { .. } | Error::IndexMissing { .. })
+        matches!(
+            self,
+            Error::IndexDamaged { .. } | Error::IndexMissing { .. }
+        )
     }
 
     /// Whether this error means there is no repository (exit code 10).

@@ -175,10 +175,9 @@ impl Index {
 
     /// Why the index is known to be damaged, if it is.
     pub fn damage(&self) -> Option<String> {
-        self.damage.lock().map_or_else(
-            |_| Some("damaged".to_string()),
-            |d| d.clone(),
-        )
+        self.damage
+            .lock()
+            .map_or_else(|_| Some("damaged".to_string()), |d| d.clone())
     }
 
     fn damaged_error(&self, detail: String) -> Error {
@@ -423,7 +422,8 @@ impl Index {
                 }
                 txn.delete_table(CONDEMNED)?;
                 txn.open_table(CONDEMNED)?;
-                let gone: std::collections::HashSet<Id> = deleted.iter().map(|(id, _)| *id).collect();
+                let gone: std::collections::HashSet<Id> =
+                    deleted.iter().map(|(id, _)| *id).collect();
                 let mut files = txn.open_table(FILES)?;
                 let stale: Vec<Vec<u8>> = files
                     .iter()?
@@ -508,7 +508,8 @@ impl Index {
                     .value()
                     .try_into()
                     .map_err(|_| self.bad("bad chunk key"))?);
-                let loc = Location::decode(v.value()).ok_or_else(|| self.bad("bad location row"))?;
+                let loc =
+                    Location::decode(v.value()).ok_or_else(|| self.bad("bad location row"))?;
                 f(id, loc);
             }
             Ok(())

@@ -247,7 +247,18 @@ impl PackReader {
             return Ok(f.clone());
         }
         let path = repo.pack_path(pack);
-        let file = Arc::new(File::open(&path).map_err(Error::io("open pack", &path))?);
+        let file = Arc::new(File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                // The pack is gone, or a damaged index row names a pack that never was.
+                Error::Corrupt {
+                    what: "repository: missing pack",
+                    path: path.clone(),
+                    detail: "run `volsnap check`, then `volsnap repair index`".into(),
+                }
+            } else {
+                Error::io("open pack", &path)(e)
+            }
+        })?);
         if open.len() >= OPEN_PACKS_MAX {
             open.clear();
         }

@@ -249,7 +249,8 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
     let mut rows: HashMap<Id, Vec<u8>> = match repo.index.snapshots() {
         Ok(rows) => rows.into_iter().collect(),
         Err(e) if e.is_index_unusable() => {
-            out.problems.push((repo.root.join("index.redb"), e.to_string()));
+            out.problems
+                .push((repo.root.join("index.redb"), e.to_string()));
             HashMap::new()
         }
         Err(e) => return Err(e),
@@ -305,7 +306,8 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
             Ok(()) => {}
             // Mending is best effort: the records were read from their files.
             Err(e) if e.is_index_unusable() => {
-                out.problems.push((repo.root.join("index.redb"), e.to_string()));
+                out.problems
+                    .push((repo.root.join("index.redb"), e.to_string()));
             }
             Err(e) => return Err(e),
         }

@@ -19,4 +19,5 @@ mod hostile;
 mod incremental;
 mod live;
 mod roundtrip;
+mod trust;
 mod unreadable;
