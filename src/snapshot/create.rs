@@ -501,21 +501,21 @@ fn read_file(
     rel: &[u8],
     stat: Stat,
 ) -> Result<Visited> {
-    let fd: OwnedFd = match walk::open_file_at(dir, name) {
-        Ok(fd) => fd,
+    // Between the walk's stat and this open: where a test swaps the entry.
+    crate::crash::pause("snapshot before file open");
+    let (fd, before): (OwnedFd, Stat) = match walk::open_regular_at(dir, name, &stat) {
+        Ok(walk::Opened::File(fd, before)) => (fd, before),
+        Ok(walk::Opened::Replaced(now)) => {
+            let what = if now.file_type == FileType::RegularFile {
+                "replaced by a file of another filesystem during the snapshot"
+            } else {
+                "replaced by another kind of file during the snapshot"
+            };
+            ctx.unreadable(rel, what);
+            return Ok(None);
+        }
         Err(Errno::NOENT) => {
             ctx.unreadable(rel, "vanished during the snapshot");
-            return Ok(None);
-        }
-        Err(e) => {
-            ctx.unreadable(rel, errno(e));
-            return Ok(None);
-        }
-    };
-    let before = match walk::stat_fd(fd.as_fd()) {
-        Ok(s) if s.file_type == FileType::RegularFile => s,
-        Ok(_) => {
-            ctx.unreadable(rel, "replaced by another kind of file during the snapshot");
             return Ok(None);
         }
         Err(e) => {

@@ -4,12 +4,14 @@
 //! Working from descriptors (`openat`, `fstatat`, `readlinkat`) rather than paths means
 //! no path length limit (trees deeper than PATH_MAX walk fine), no symlink is ever
 //! followed (every open uses `O_NOFOLLOW`), and a directory renamed during the walk
-//! cannot redirect it outside the volume.
+//! cannot redirect it outside the volume. Nothing but a regular file is ever opened for
+//! reading: file contents are opened through an `O_PATH` descriptor checked first
+//! (`open_regular_at`), so a device node swapped in after the stat is never opened.
 //! Deliberately absent: content reads and chunking (`snapshot` owns them), and mmap of
 //! live files.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -84,14 +86,52 @@ pub fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd, Errno> {
     )
 }
 
-/// Opens the regular file `name` of `dir` for reading, without following symlinks and
-/// without blocking on a fifo swapped in since the stat.
-pub fn open_file_at(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd, Errno> {
-    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK;
-    match rustix::fs::openat(dir, name, flags | OFlags::NOATIME, Mode::empty()) {
-        Err(Errno::PERM) => rustix::fs::openat(dir, name, flags, Mode::empty()),
-        other => other,
+/// What `open_regular_at` found under a name the walk had seen as a regular file.
+#[derive(Debug)]
+pub enum Opened {
+    /// The regular file, open for reading, with its `fstat`.
+    File(OwnedFd, Stat),
+    /// Something else now: another kind of entry, or an entry of another filesystem
+    /// (a mount placed over the name). Never opened for reading.
+    Replaced(Stat),
+}
+
+/// Opens `name` in `dir` for reading only if it is still a regular file on the device
+/// the walk saw (`seen`), without ever opening anything else.
+///
+/// A container can replace a file by a device node or a fifo between the walk's
+/// `fstatat` and this open; opening a device runs its driver's `open` (a watchdog
+/// arms, a tape rewinds). So the name is first opened with `O_PATH | O_NOFOLLOW`, which
+/// runs no driver code and blocks on nothing, the descriptor is `fstat`ed, and only a
+/// regular file is reopened for reading through `/proc/self/fd/N`: that magic link
+/// names the inode the `O_PATH` descriptor holds, whatever the name holds by then.
+/// A regular file replaced by another regular file (an atomic rename over it) is read:
+/// it is what the name holds, and the caller records this descriptor's `fstat`.
+pub fn open_regular_at(dir: BorrowedFd<'_>, name: &CStr, seen: &Stat) -> Result<Opened, Errno> {
+    let path_fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let found = stat_fd(path_fd.as_fd())?;
+    if found.file_type != FileType::RegularFile || found.dev != seen.dev {
+        return Ok(Opened::Replaced(found));
     }
+    let proc =
+        CString::new(format!("/proc/self/fd/{}", path_fd.as_raw_fd())).expect("no NUL in a number");
+    // No O_NOFOLLOW: the final component is the magic link itself. NOCTTY and NONBLOCK
+    // change nothing for a regular file; they are there should anything else get through.
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+    let fd = match rustix::fs::open(&*proc, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(Errno::PERM) => rustix::fs::open(&*proc, flags, Mode::empty()),
+        other => other,
+    }?;
+    let stat = stat_fd(fd.as_fd())?;
+    if stat.file_type != FileType::RegularFile || (stat.dev, stat.ino) != (found.dev, found.ino) {
+        return Ok(Opened::Replaced(stat));
+    }
+    Ok(Opened::File(fd, stat))
 }
 
 /// The names in a directory, except `.` and `..`, sorted by raw bytes.

@@ -19,5 +19,6 @@ mod hostile;
 mod incremental;
 mod live;
 mod roundtrip;
+mod swap;
 mod trust;
 mod unreadable;
