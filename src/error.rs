@@ -87,6 +87,14 @@ pub enum Error {
     #[error("{0}")]
     Redeploy(String),
 
+    /// An entry volsnap made was replaced by something else while it worked on it (a
+    /// racing or hostile writer in the target); nothing was applied through it.
+    #[error(
+        "{} was replaced while volsnap was restoring it ({detail}); nothing was applied to what is there now",
+        path.display()
+    )]
+    Replaced { path: PathBuf, detail: String },
+
     /// A failure a test asked for (`VOLSNAP_FAIL_AT`).
     #[error("injected failure at {0:?}")]
     Injected(String),

@@ -6,8 +6,10 @@
 //! fatal for that write and never retried (after a failed fsync the page cache may
 //! already have dropped the dirty pages).
 
+use std::ffi::CStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -126,6 +128,44 @@ pub fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
         rustix::fs::RenameFlags::NOREPLACE,
     )
     .map_err(std::io::Error::from)
+}
+
+/// `rename_new` between two open directories: `from_name` in `from` to `to_name` in
+/// `to`, unless that exists. Neither directory is looked up by path, so one renamed or
+/// replaced meanwhile cannot redirect the move. The caller fsyncs both.
+pub fn rename_new_at(
+    from: BorrowedFd<'_>,
+    from_name: &CStr,
+    to: BorrowedFd<'_>,
+    to_name: &CStr,
+) -> std::io::Result<()> {
+    rustix::fs::renameat_with(
+        from,
+        from_name,
+        to,
+        to_name,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Opens (creating it if needed) a lock file in a repository with mode 0600; a lock
+/// file an older volsnap left readable by others is made private on the way.
+pub fn open_lock_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(Error::io("open lock file", path))?;
+    let meta = file.metadata().map_err(Error::io("stat", path))?;
+    if meta.permissions().mode() & 0o7777 != FILE_MODE {
+        file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
+            .map_err(Error::io("change mode of", path))?;
+    }
+    Ok(file)
 }
 
 #[cfg(test)]

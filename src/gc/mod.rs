@@ -415,12 +415,7 @@ fn list_dir(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
 /// Only one gc runs at a time; a second one stops at once with a clear error.
 fn lock_gc(repo: &Repository) -> Result<File> {
     let path = repo.root.join("locks").join("gc.lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(Error::io("open", &path))?;
+    let file = crate::fsutil::open_lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy(

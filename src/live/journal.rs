@@ -24,7 +24,8 @@ use crate::id::Id;
 use crate::repo::Repository;
 
 const MAGIC: &[u8; 8] = b"VSNPJRNL";
-const VERSION: u32 = 2;
+/// Version 3 added `EntrySwap::held_ino`.
+const VERSION: u32 = 3;
 const RECORD_MAGIC: &[u8; 8] = b"VSNPREST";
 const RECORD_VERSION: u32 = 1;
 
@@ -85,6 +86,10 @@ pub struct EntrySwap {
     pub phase: EntryPhase,
     /// Where the old entries go: `<target>/.volsnap-old-<id>-<n>`.
     pub held: PathBuf,
+    /// The holding directory's identity, recorded when it is created (exclusively),
+    /// before anything moves into it: recovery moves entries out of, and deletes, only
+    /// that directory.
+    pub held_ino: Option<Ino>,
     /// The target directory's own attributes before the restore.
     pub old_root: RootAttrs,
     /// The snapshot's attributes for it, read from the staged tree before it moves in.
@@ -171,12 +176,68 @@ impl Journal {
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if version != VERSION {
             return Err(corrupt(format!(
-                "journal version {version} is not {VERSION}"
+                "journal version {version} is not {VERSION}: settle it with the volsnap \
+                 version that wrote it (`volsnap recover`)"
             )));
         }
-        postcard::from_bytes(&bytes[12..])
-            .map(Some)
-            .map_err(|e| corrupt(e.to_string()))
+        let j: Journal = postcard::from_bytes(&bytes[12..]).map_err(|e| corrupt(e.to_string()))?;
+        j.check_paths(id).map_err(|detail| {
+            corrupt(format!(
+                "{detail}; nothing was moved or deleted (settle the restore by hand and \
+                 remove the journal)"
+            ))
+        })?;
+        Ok(Some(j))
+    }
+
+    /// Checks every path recovery would move or delete against the only shapes this
+    /// restore gives them: the journal's own id, absolute targets without `.` or `..`,
+    /// `.volsnap-stage-<id>-<n>` beside the target (inside it for an entry swap) and
+    /// `.volsnap-old-<id>-<n>` inside it. A journal naming anything else (damaged, or
+    /// written by someone else) is never acted on.
+    fn check_paths(&self, id: &str) -> std::result::Result<(), String> {
+        if self.id != id || !is_restore_id(id) {
+            return Err(format!("it holds restore id {:?}", self.id));
+        }
+        for (n, v) in self.volumes.iter().enumerate() {
+            let normal = v.target.is_absolute()
+                && v.target.file_name().is_some()
+                && v.target.components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_)
+                    )
+                });
+            if !normal {
+                return Err(format!(
+                    "target {} is not an absolute path",
+                    v.target.display()
+                ));
+            }
+            let stage_dir = match &v.entries {
+                Some(_) => v.target.as_path(),
+                None => v.target.parent().expect("has a file name"),
+            };
+            let stage = stage_dir.join(format!(".volsnap-stage-{id}-{n}"));
+            if v.stage != stage {
+                return Err(format!(
+                    "staging path {} is not {}",
+                    v.stage.display(),
+                    stage.display()
+                ));
+            }
+            if let Some(e) = &v.entries {
+                let held = v.target.join(format!(".volsnap-old-{id}-{n}"));
+                if e.held != held {
+                    return Err(format!(
+                        "holding path {} is not {}",
+                        e.held.display(),
+                        held.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes the journal (durably) and then its lock file.
@@ -191,6 +252,14 @@ impl Journal {
         remove_lock(repo, &self.id);
         Ok(())
     }
+}
+
+/// Whether `id` has the shape of a restore id (16 lowercase hex digits).
+pub fn is_restore_id(id: &str) -> bool {
+    id.len() == 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Removes the lock file of journal `id` (best effort: a leftover is harmless).
@@ -290,12 +359,7 @@ pub fn restores(repo: &Repository) -> Result<Vec<Restore>> {
 pub fn lock(repo: &Repository, id: &str) -> Result<Option<File>> {
     ensure_dir(repo, &dir(repo))?;
     let p = lock_path(repo, id);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&p)
-        .map_err(Error::io("open journal lock", &p))?;
+    let file = fsutil::open_lock_file(&p)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),

@@ -32,7 +32,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use fs::{parent, read_root_attrs, remove_tree, sync_tree};
+use std::os::fd::AsFd;
+
+use fs::{parent, read_root_attrs, sync_tree};
 use journal::{EntryPhase, EntrySwap, Hook, Ino, Journal, State};
 
 use crate::error::{Error, Result};
@@ -161,7 +163,8 @@ pub fn restore_in_place(
                 Some(EntrySwap {
                     phase: EntryPhase::Staged,
                     held: t.path.join(format!(".volsnap-old-{id}-{n}")),
-                    old_root: read_root_attrs(&t.path)?,
+                    held_ino: None,
+                    old_root: read_root_attrs(fs::open_dir(&t.path)?.as_fd(), &t.path)?,
                     new_root: None,
                 })
             } else {
@@ -357,16 +360,27 @@ fn swap_in(
             force: false,
             volume: Some(v.label.clone()),
         };
-        let report = crate::restore::restore(repo, snap, b"/", &v.stage, &opts, progress)?;
+        // Beside the target, or inside it for an entry swap: made exclusively and
+        // restored into through its descriptor, so nothing planted at its name is used.
+        let at = fs::open_dir(parent(&v.stage))?;
+        let (stage, staged) = fs::make_dir(at.as_fd(), &fs::name_of(&v.stage), &v.stage)?;
+        let report = crate::restore::restore_into(
+            repo,
+            snap,
+            b"/",
+            stage.as_fd(),
+            &v.stage,
+            &opts,
+            progress,
+        )?;
         warnings.extend(report.warnings);
-        sync_tree(&v.stage)?;
+        sync_tree(stage.as_fd(), at.as_fd(), &v.stage)?;
         if let Some(e) = &v.entries {
             // Staging inside the target changed its mtime: the undo snapshot must see
-            // the target as it was.
-            fs::apply_root_attrs(&v.target, &e.old_root)?;
+            // the target as it was (`at` is the target).
+            fs::apply_root_attrs(at.as_fd(), &v.target, &e.old_root)?;
         }
-        let staged = journal::ino(&v.stage)?;
-        j.volumes[n].new = staged;
+        j.volumes[n].new = Some(staged);
         crate::crash::point("live staged a volume");
     }
     let live: Vec<&journal::Volume> = j.volumes.iter().filter(|v| v.old.is_some()).collect();
@@ -557,7 +571,9 @@ fn cleanup(j: &Journal) -> Result<()> {
 /// Removes the staging directory of `v`: the staged tree before a commit (`old_tree`
 /// false), the old tree after it. Refuses to delete anything else.
 fn remove_stage(v: &journal::Volume, old_tree: bool) -> Result<()> {
-    let Some(now) = journal::ino(&v.stage)? else {
+    let at = fs::open_dir(parent(&v.stage))?;
+    let name = fs::name_of(&v.stage);
+    let Some(now) = fs::ino_at(at.as_fd(), &name, &v.stage)? else {
         return Ok(());
     };
     let expected = if old_tree {
@@ -571,7 +587,7 @@ fn remove_stage(v: &journal::Volume, old_tree: bool) -> Result<()> {
             v.stage.display()
         )));
     }
-    remove_tree(&v.stage)
+    fs::remove_tree(at.as_fd(), &name, now, &v.stage)
 }
 
 /// Which end of the protocol a hook is run for.

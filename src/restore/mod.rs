@@ -10,6 +10,12 @@
 //!
 //! All operations are relative to directory descriptors opened with `O_NOFOLLOW`:
 //! no path length limit, and no symlink in the snapshot can redirect a write.
+//! The target may be shared with an untrusted writer (a container's volume) that
+//! renames and swaps entries while restore works, so metadata is only ever applied
+//! through a descriptor of the entry restore made: a file it wrote, a directory
+//! reopened with `O_NOFOLLOW` whose inode is the one restore created, or an `O_PATH`
+//! descriptor of a symlink or node whose type was checked. An entry found replaced is
+//! an error ([`Error::Replaced`]); whatever replaced it is left untouched.
 //! A file whose content cannot be verified is removed and the restore fails: wrong
 //! bytes are never left behind.
 //! Deliberately absent: fsync (restore to a new directory; the live restore issue
@@ -88,7 +94,16 @@ struct Ctx<'a> {
     /// Hardlinks only ever link to files this restore created, never to something
     /// that was already in the target.
     written: Mutex<WrittenFiles>,
-    dir_meta: Mutex<Vec<(Vec<u8>, Entry)>>,
+    dir_meta: Mutex<Vec<DirMeta>>,
+}
+
+/// A directory whose metadata pass 3 applies.
+struct DirMeta {
+    dest: Vec<u8>,
+    entry: Entry,
+    /// (device, inode) of the directory restore created (or, with `--force`, reused):
+    /// the metadata goes to that inode or nowhere.
+    ino: (u64, u64),
 }
 
 impl Ctx<'_> {
@@ -111,6 +126,51 @@ pub fn restore(
     let jobs = select::select(repo, snap, path, opts.volume.as_deref())?;
     prepare_target(target, opts.force)?;
     let root_fd = walk::open_root(target).map_err(|e| Error::io("open", target)(errno(e)))?;
+    materialize(
+        repo,
+        snap,
+        path,
+        &jobs,
+        root_fd.as_fd(),
+        target,
+        opts,
+        progress,
+        started,
+    )
+}
+
+/// Restores `snap` (or `path` inside it) into the open directory `root`, an empty
+/// directory the caller made for it; `target` names it in messages.
+pub fn restore_into(
+    repo: &Repository,
+    snap: &Listed,
+    path: &[u8],
+    root: BorrowedFd<'_>,
+    target: &Path,
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Report> {
+    let started = Instant::now();
+    let _lease = repo.lease("restore")?;
+    let jobs = select::select(repo, snap, path, opts.volume.as_deref())?;
+    materialize(
+        repo, snap, path, &jobs, root, target, opts, progress, started,
+    )
+}
+
+/// The three passes, into the open directory `root`.
+#[allow(clippy::too_many_arguments)]
+fn materialize(
+    repo: &Repository,
+    snap: &Listed,
+    path: &[u8],
+    jobs: &[Selection],
+    root: BorrowedFd<'_>,
+    target: &Path,
+    opts: &Options,
+    progress: &Progress,
+    started: Instant,
+) -> Result<Report> {
     // The whole snapshot's size is known from its stats; a part's is not.
     if path.iter().all(|&b| b == b'/')
         && (opts.volume.is_none() || snap.snapshot.volumes.len() == 1)
@@ -130,26 +190,25 @@ pub fn restore(
         written: Mutex::new(HashMap::new()),
         dir_meta: Mutex::new(Vec::new()),
     };
-    for job in &jobs {
-        materialize_job(&ctx, root_fd.as_fd(), job, target)?;
+    for job in jobs {
+        materialize_job(&ctx, root, job, target)?;
     }
     // Pass 2: hardlinks.
     let links = std::mem::take(&mut *ctx.hardlinks.lock().expect("lock"));
     let mut written = std::mem::take(&mut *ctx.written.lock().expect("lock"));
     for link in links {
-        make_hardlink(&ctx, root_fd.as_fd(), &link, &mut written, target)?;
+        make_hardlink(&ctx, root, &link, &mut written, target)?;
     }
     // Pass 3: directory metadata, deepest first.
     let mut dirs = std::mem::take(&mut *ctx.dir_meta.lock().expect("lock"));
-    dirs.sort_by_key(|(p, _)| {
+    dirs.sort_by_key(|d| {
+        let p = &d.dest;
         std::cmp::Reverse(p.iter().filter(|&&b| b == b'/').count() + usize::from(!p.is_empty()))
     });
-    for (dest, entry) in dirs {
-        let (parent, name) = open_parent(root_fd.as_fd(), &dest, target)?;
-        match name {
-            Some(name) => apply_meta(&ctx, parent.as_fd(), &name, &entry, &dest, target)?,
-            None => apply_meta_fd(&ctx, parent.as_fd(), &entry, &dest, target)?,
-        }
+    crate::crash::pause("restore before directory metadata");
+    for d in dirs {
+        let fd = reopen_dir(root, &d, target)?;
+        apply_meta_fd(&ctx, fd.as_fd(), &d.entry, &d.dest, target)?;
     }
     let mut warnings = ctx.warnings.into_inner().expect("lock");
     warnings.sort();
@@ -198,10 +257,12 @@ fn materialize_job(
             unreachable!("only directories map onto the target")
         };
         ctx.dirs.fetch_add(1, Ordering::Relaxed);
-        ctx.dir_meta
-            .lock()
-            .expect("lock")
-            .push((Vec::new(), job.entry.clone()));
+        let st = walk::stat_fd(root).map_err(io_err("stat", target, b""))?;
+        ctx.dir_meta.lock().expect("lock").push(DirMeta {
+            dest: Vec::new(),
+            entry: job.entry.clone(),
+            ino: (st.dev, st.ino),
+        });
         return restore_dir(ctx, root, &tree, b"", &job.source_path, job, target);
     }
     let name = CString::new(job.dest.clone()).map_err(|_| Error::Usage("bad name".into()))?;
@@ -295,13 +356,15 @@ fn restore_entry(
                 Err(Errno::EXIST) if ctx.force => {}
                 Err(e) => return Err(io_err("create directory", target, dest)(e)),
             }
-            let fd =
-                walk::open_dir_at(dir, name).map_err(io_err("open directory", target, dest))?;
+            let fd = walk::open_dir_at(dir, name)
+                .map_err(|e| replaced_or(e, "open directory", target, dest))?;
+            let st = walk::stat_fd(fd.as_fd()).map_err(io_err("stat", target, dest))?;
             ctx.dirs.fetch_add(1, Ordering::Relaxed);
-            ctx.dir_meta
-                .lock()
-                .expect("lock")
-                .push((dest.to_vec(), entry.clone()));
+            ctx.dir_meta.lock().expect("lock").push(DirMeta {
+                dest: dest.to_vec(),
+                entry: entry.clone(),
+                ino: (st.dev, st.ino),
+            });
             restore_dir(ctx, fd.as_fd(), tree, dest, src, job, target)
         }
         Kind::File { size, chunks } => {
@@ -334,7 +397,7 @@ fn restore_entry(
                 dest,
             ))?;
             ctx.files.fetch_add(1, Ordering::Relaxed);
-            apply_meta(ctx, dir, name, entry, dest, target)
+            apply_meta_at(ctx, dir, name, entry, dest, target)
         }
         Kind::Fifo | Kind::CharDevice { .. } | Kind::BlockDevice { .. } => {
             let (ft, rdev) = match entry.kind {
@@ -352,8 +415,9 @@ fn restore_entry(
             }
             rustix::fs::mknodat(dir, name.as_c_str(), ft, Mode::from_raw_mode(0o600), rdev)
                 .map_err(io_err("create node", target, dest))?;
+            crate::crash::pause("restore created a node");
             ctx.files.fetch_add(1, Ordering::Relaxed);
-            apply_meta(ctx, dir, name, entry, dest, target)
+            apply_meta_at(ctx, dir, name, entry, dest, target)
         }
     }
 }
@@ -441,8 +505,11 @@ pub(crate) fn timestamps(mtime_ns: i64) -> Timestamps {
     }
 }
 
-/// Owner, mode, xattrs, then times of `name` in `dir` (owner first: chown clears setuid).
-fn apply_meta(
+/// Owner, mode, xattrs, then times of the symlink, fifo or device `name` in `dir`
+/// (owner first: chown clears setuid), through an `O_PATH` descriptor of the entry:
+/// calls on `/proc/self/fd/N` act on the inode it holds, never on a symlink's target.
+/// The entry must still be of the kind restore just created, else it was replaced.
+fn apply_meta_at(
     ctx: &Ctx<'_>,
     dir: BorrowedFd<'_>,
     name: &CString,
@@ -450,51 +517,98 @@ fn apply_meta(
     dest: &[u8],
     target: &Path,
 ) -> Result<()> {
-    let is_link = matches!(entry.kind, Kind::Symlink { .. });
+    let fd = rustix::fs::openat(
+        dir,
+        name.as_c_str(),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| replaced_or(e, "open", target, dest))?;
+    let st = walk::stat_fd(fd.as_fd()).map_err(io_err("stat", target, dest))?;
+    let (kind, rdev) = match entry.kind {
+        Kind::Symlink { .. } => (FileType::Symlink, None),
+        Kind::Fifo => (FileType::Fifo, None),
+        Kind::CharDevice { rdev } => (FileType::CharacterDevice, Some(rdev)),
+        Kind::BlockDevice { rdev } => (FileType::BlockDevice, Some(rdev)),
+        _ => unreachable!("files and directories have descriptors of their own"),
+    };
+    if st.file_type != kind || rdev.is_some_and(|r| r != st.rdev) {
+        return Err(Error::Replaced {
+            path: walk::display_path(target, dest),
+            detail: format!("it is now a {:?}", st.file_type),
+        });
+    }
+    let path = walk::proc_fd_path(fd.as_fd());
     if ctx.as_root {
-        rustix::fs::chownat(
-            dir,
-            name.as_c_str(),
+        rustix::fs::chown(
+            &*path,
             Some(rustix::fs::Uid::from_raw(entry.uid)),
             Some(rustix::fs::Gid::from_raw(entry.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
         )
         .map_err(io_err("change owner of", target, dest))?;
     }
-    if !is_link {
-        rustix::fs::chmodat(
-            dir,
-            name.as_c_str(),
-            Mode::from_raw_mode(entry.mode),
-            AtFlags::empty(),
-        )
-        .map_err(io_err("change mode of", target, dest))?;
+    if kind != FileType::Symlink {
+        rustix::fs::chmod(&*path, Mode::from_raw_mode(entry.mode)).map_err(io_err(
+            "change mode of",
+            target,
+            dest,
+        ))?;
     }
-    if !entry.xattrs.is_empty() {
-        let path = walk::proc_path(dir, name);
-        for x in &entry.xattrs {
-            if let Err(e) =
-                rustix::fs::lsetxattr(&*path, x.name.as_slice(), &x.value, XattrFlags::empty())
-            {
-                ctx.warn(format!(
-                    "{}: extended attribute {} not restored: {}",
-                    walk::display_path(target, dest).display(),
-                    String::from_utf8_lossy(&x.name),
-                    errno(e)
-                ));
-            }
+    for x in &entry.xattrs {
+        if let Err(e) =
+            rustix::fs::setxattr(&*path, x.name.as_slice(), &x.value, XattrFlags::empty())
+        {
+            ctx.warn(format!(
+                "{}: extended attribute {} not restored: {}",
+                walk::display_path(target, dest).display(),
+                String::from_utf8_lossy(&x.name),
+                errno(e)
+            ));
         }
     }
     rustix::fs::utimensat(
-        dir,
-        name.as_c_str(),
+        rustix::fs::CWD,
+        &*path,
         &timestamps(entry.mtime_ns),
-        AtFlags::SYMLINK_NOFOLLOW,
+        AtFlags::empty(),
     )
     .map_err(io_err("set times of", target, dest))
 }
 
-/// Like `apply_meta`, through a descriptor (a file just written, or the target itself).
+/// An error for a failed open of an entry restore made: a symlink, a non-directory
+/// or nothing where restore's entry was means something replaced it.
+fn replaced_or(e: Errno, op: &'static str, target: &Path, dest: &[u8]) -> Error {
+    match e {
+        Errno::LOOP | Errno::NOTDIR | Errno::NOENT => Error::Replaced {
+            path: walk::display_path(target, dest),
+            detail: format!("{op}: {}", errno(e)),
+        },
+        other => io_err(op, target, dest)(other),
+    }
+}
+
+/// Reopens a directory restore created, for its metadata: each level without
+/// following symlinks, and the directory itself only if it is still the inode restore
+/// made (a directory renamed away and replaced, by a symlink or anything else, gets
+/// nothing).
+fn reopen_dir(root: BorrowedFd<'_>, d: &DirMeta, target: &Path) -> Result<OwnedFd> {
+    let fd = match open_parent(root, &d.dest, target)? {
+        (parent, Some(name)) => walk::open_dir_at(parent.as_fd(), &name)
+            .map_err(|e| replaced_or(e, "open directory", target, &d.dest))?,
+        (fd, None) => fd,
+    };
+    let st = walk::stat_fd(fd.as_fd()).map_err(io_err("stat", target, &d.dest))?;
+    if (st.dev, st.ino) != d.ino {
+        return Err(Error::Replaced {
+            path: walk::display_path(target, &d.dest),
+            detail: "it is another directory than the one restore created".into(),
+        });
+    }
+    Ok(fd)
+}
+
+/// Owner, mode, xattrs, then times, through a descriptor of a file restore wrote or a
+/// directory it created.
 fn apply_meta_fd(
     ctx: &Ctx<'_>,
     fd: BorrowedFd<'_>,
@@ -548,11 +662,8 @@ fn open_parent(
     let parts: Vec<&[u8]> = dest.split(|&b| b == b'/').collect();
     for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
         let name = CString::new(*part).expect("names hold no NUL");
-        fd = walk::open_dir_at(fd.as_fd(), &name).map_err(io_err(
-            "open directory",
-            target,
-            &parts[..=i].join(&b'/'),
-        ))?;
+        fd = walk::open_dir_at(fd.as_fd(), &name)
+            .map_err(|e| replaced_or(e, "open directory", target, &parts[..=i].join(&b'/')))?;
     }
     Ok((
         fd,

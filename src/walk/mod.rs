@@ -163,6 +163,13 @@ pub fn proc_path(dir: BorrowedFd<'_>, name: &CStr) -> CString {
     CString::new(p).expect("names hold no NUL")
 }
 
+/// `/proc/self/fd/N` for an open descriptor: calls that take a path act through it on
+/// the inode the descriptor holds (even an `O_PATH` descriptor of a symlink: the
+/// symlink itself, never its target).
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL")
+}
+
 fn list_with(mut get: impl FnMut(&mut [u8]) -> Result<usize, Errno>) -> Result<Vec<u8>, Errno> {
     let mut buf = vec![0u8; 1024];
     loop {
