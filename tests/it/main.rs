@@ -16,6 +16,7 @@ mod docker;
 mod export;
 mod gc;
 mod hostile;
+mod hostile_restore;
 mod incremental;
 mod live;
 mod roundtrip;

@@ -12,7 +12,8 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 use serde_json::Value;
@@ -826,5 +827,96 @@ impl Repo {
             run.describe()
         );
         point
+    }
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs (these tests run as root)");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A volsnap process held at a named pause point (`VOLSNAP_PAUSE_AT`), so a test can
+/// act at exactly that step, then let it go on.
+pub struct Paused {
+    child: Child,
+    flag: PathBuf,
+    cmd: String,
+}
+
+impl Repo {
+    /// Starts `volsnap --json ARGS...` and returns once it waits at pause point `at`
+    /// (it has created `<flag>.reached` and waits for `<flag>` to be removed).
+    pub fn spawn_paused(&self, at: &str, args: &[&str]) -> Paused {
+        let flag = self.scratch(&format!("pause-{}", at.replace(' ', "-")));
+        write(&flag, "hold");
+        let reached = PathBuf::from(format!("{}.reached", flag.display()));
+        let _ = std::fs::remove_file(&reached);
+        let mut cmd = self.command();
+        cmd.env("VOLSNAP_PAUSE_AT", at)
+            .env("VOLSNAP_PAUSE_FILE", &flag)
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let desc = format!("{cmd:?}");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
+        let start = Instant::now();
+        while !reached.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "{desc} ended ({status}) before pause point {at:?}\nstderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{desc} never reached pause point {at:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Paused {
+            child,
+            flag,
+            cmd: desc,
+        }
+    }
+}
+
+impl Paused {
+    /// Lets the process go on and waits for it to end.
+    pub fn finish(self) -> Run {
+        std::fs::remove_file(&self.flag).unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        let run = Run {
+            cmd: self.cmd,
+            status: out.status.code().unwrap_or(-1),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(
+            !run.stderr.contains("panicked"),
+            "the binary panicked:\n{}",
+            run.describe()
+        );
+        run
     }
 }
