@@ -27,12 +27,11 @@ mod fs;
 pub mod journal;
 mod preflight;
 
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
-
-use std::os::fd::AsFd;
 
 use fs::{parent, read_root_attrs, sync_tree};
 use journal::{EntryPhase, EntrySwap, Hook, Ino, Journal, State};

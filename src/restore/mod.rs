@@ -535,7 +535,7 @@ fn apply_meta_at(
     if st.file_type != kind || rdev.is_some_and(|r| r != st.rdev) {
         return Err(Error::Replaced {
             path: walk::display_path(target, dest),
-            detail: format!("it is now a {:?}", st.file_type),
+            detail: format!("it is now {}", kind_name(st.file_type)),
         });
     }
     let path = walk::proc_fd_path(fd.as_fd());
@@ -573,6 +573,19 @@ fn apply_meta_at(
         AtFlags::empty(),
     )
     .map_err(io_err("set times of", target, dest))
+}
+
+fn kind_name(t: FileType) -> &'static str {
+    match t {
+        FileType::RegularFile => "a file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symlink",
+        FileType::Fifo => "a fifo",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        _ => "something else",
+    }
 }
 
 /// An error for a failed open of an entry restore made: a symlink, a non-directory

@@ -173,7 +173,7 @@ fn restore_never_applies_node_metadata_through_a_node_swapped_for_a_symlink() {
     let run = paused.finish();
     assert_eq!(run.status, 1, "{}", run.describe());
     assert!(
-        run.error_line().contains("was replaced"),
+        run.error_line().contains("was replaced") && run.error_line().contains("a symlink"),
         "{}",
         run.describe()
     );
