@@ -33,8 +33,15 @@ pub const RACY_WINDOW_NS: i64 = 1_000_000_000;
 /// Open pack files kept per reader.
 pub const OPEN_PACKS_MAX: usize = 64;
 
+/// Retention policies keep the undo snapshots of this many latest committed in-place
+/// restores of each target (the first is what `restore --undo` uses; the others let
+/// a user go back past a restore that was itself a mistake). Older ones, outside the
+/// `--keep-*` rules, go with the next policy run: this bounds how many accumulate.
+pub const UNDO_RESTORES_KEPT: usize = 3;
+
 const _: () = assert!(CHUNK_SIZE_MIN_DEFAULT < CHUNK_SIZE_AVG_DEFAULT);
 const _: () = assert!(CHUNK_SIZE_AVG_DEFAULT < CHUNK_SIZE_MAX_DEFAULT);
 const _: () = assert!(CHUNK_SIZE_MAX_DEFAULT as usize * 4 <= READ_BATCH_BYTES);
 const _: () = assert!((CHUNK_SIZE_MAX_DEFAULT as usize) < PACK_SIZE_TARGET);
 const _: () = assert!(CHUNK_SIZE_MAX_DEFAULT <= BLOB_SIZE_MAX);
+const _: () = assert!(UNDO_RESTORES_KEPT >= 1);

@@ -231,6 +231,11 @@ enum Command {
         /// Keep every snapshot with this tag (repeatable)
         #[arg(long)]
         keep_tag: Vec<String>,
+        /// Forget every snapshot (of --name's series); a policy that keeps nothing is
+        /// refused without it
+        #[arg(long, conflicts_with_all = ["snapshots", "keep_last", "keep_hourly", "keep_daily",
+            "keep_weekly", "keep_monthly", "keep_yearly", "keep_within", "keep_tag"])]
+        keep_none: bool,
         /// Show what would be kept and removed, and why, without removing anything
         #[arg(long)]
         dry_run: bool,
@@ -445,6 +450,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             exclude,
             cross_filesystems,
         } => {
+            if tag.iter().any(|t| t == snapshot::UNDO_TAG) {
+                return Err(Error::Usage(format!(
+                    "the tag {:?} is reserved for the undo snapshots of in-place restores",
+                    snapshot::UNDO_TAG
+                ))
+                .into());
+            }
             if dirs.is_empty() {
                 let sel = match (project, label) {
                     (Some(p), _) => volsnap::docker::Selection::Project(p),
@@ -754,6 +766,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             keep_yearly,
             keep_within,
             keep_tag,
+            keep_none,
             dry_run,
         } => {
             use volsnap::gc::forget;
@@ -775,13 +788,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 yearly: keep_yearly,
                 within_ns,
                 tags: keep_tag,
+                keep_none,
             };
             let decisions = if refs.is_empty() {
-                forget::plan(
-                    &snapshot::record::list_complete(&repo, "forget")?,
-                    &policy,
-                    name.as_deref(),
-                )?
+                // Listed before the undo lifetime is read (see `live::undo_lifetime`).
+                let all = snapshot::record::list_complete(&repo, "forget")?;
+                let undos = live::undo_lifetime(&repo)?;
+                forget::plan(&all, &policy, name.as_deref(), &undos)?
             } else {
                 if !policy.is_empty() || name.is_some() {
                     return Err(Error::Usage(

@@ -6,7 +6,18 @@
 //! boundaries, ISO weeks) that hold one; `--keep-within D` keeps everything within D of
 //! the series' newest snapshot; `--keep-tag T` keeps every snapshot tagged T. A
 //! snapshot kept by any rule is kept, and each rule it satisfied is reported.
+//! A policy with no rule, or whose rules would keep nothing (every count 0), is refused
+//! unless it says `keep_none`, as restic refuses "no policy was specified".
+//!
+//! Undo snapshots (tagged `pre-restore`) are outside those rules: they neither fill
+//! nor satisfy a `--keep-last`/calendar/`--keep-within` rule, so they never displace a
+//! real backup. They have their own lifetime (`Undos`): kept while they belong to one of
+//! the `UNDO_RESTORES_KEPT` latest committed in-place restores of a target, or while an
+//! in-place restore is in flight; otherwise forgotten by the next policy run. Only
+//! `--keep-tag` (explicit) also keeps them.
 //! Forgetting removes records only; the data goes when `gc` finds it unreferenced.
+
+use std::collections::HashMap;
 
 use crate::calendar;
 use crate::error::{Error, Result};
@@ -15,7 +26,8 @@ use crate::id::Id;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
 
-/// A retention policy. Empty keeps nothing, which `plan` refuses.
+/// A retention policy. One without rules, or whose rules keep nothing, is refused by
+/// `plan` unless `keep_none` says that forgetting everything is meant.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     pub last: Option<usize>,
@@ -26,19 +38,74 @@ pub struct Policy {
     pub yearly: Option<usize>,
     pub within_ns: Option<i64>,
     pub tags: Vec<String>,
+    /// Forget every (ordinary) snapshot: the explicit way to ask for what an empty
+    /// policy would do.
+    pub keep_none: bool,
 }
 
 impl Policy {
+    /// No rule was given (`keep_none` aside).
     pub fn is_empty(&self) -> bool {
-        self.last.is_none()
-            && self.hourly.is_none()
-            && self.daily.is_none()
-            && self.weekly.is_none()
-            && self.monthly.is_none()
-            && self.yearly.is_none()
+        self.counts().iter().all(Option::is_none)
             && self.within_ns.is_none()
             && self.tags.is_empty()
     }
+
+    /// No rule can keep anything: every count is absent or 0, no duration, no tag.
+    pub fn keeps_nothing(&self) -> bool {
+        self.counts().iter().all(|c| c.unwrap_or(0) == 0)
+            && self.within_ns.is_none_or(|w| w <= 0)
+            && self.tags.is_empty()
+    }
+
+    fn counts(&self) -> [Option<usize>; 6] {
+        [
+            self.last,
+            self.hourly,
+            self.daily,
+            self.weekly,
+            self.monthly,
+            self.yearly,
+        ]
+    }
+
+    /// Refuses a policy that would forget everything without saying so.
+    fn check(&self) -> Result<()> {
+        if self.keep_none {
+            if !self.is_empty() {
+                return Err(Error::Usage(
+                    "--keep-none forgets every snapshot; it goes without --keep-* rules".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if self.is_empty() {
+            return Err(Error::Usage(
+                "no policy was specified: give --keep-last, --keep-daily, ... rules or \
+                 snapshot ids, or --keep-none to forget every snapshot"
+                    .into(),
+            ));
+        }
+        if self.keeps_nothing() {
+            return Err(Error::Usage(
+                "the policy would keep nothing (every --keep-* rule is 0); pass --keep-none \
+                 to forget every snapshot"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What keeps undo snapshots alive, gathered by `live::undo_lifetime` (after the
+/// snapshots were listed, so an undo snapshot taken meanwhile is not in the list).
+#[derive(Clone, Debug, Default)]
+pub struct Undos {
+    /// Undo snapshot → why it is kept ("undo of the latest in-place restore of /srv/x").
+    pub kept: HashMap<Id, String>,
+    /// An in-place restore is in flight or unsettled: its undo snapshot may not be in
+    /// a restore record yet, so every undo snapshot is kept.
+    pub restore_in_flight: bool,
 }
 
 /// The decision for one snapshot.
@@ -100,20 +167,23 @@ fn yearly(ns: i64) -> String {
 
 /// Applies `policy` to every series (or only `series`). Snapshots of other series are
 /// not in the result.
-pub fn plan(all: &[Listed], policy: &Policy, series: Option<&str>) -> Result<Vec<Decision>> {
-    if policy.is_empty() {
-        return Err(Error::Usage(
-            "forget needs a policy (--keep-last, --keep-daily, ...) or snapshot ids; \
-             refusing to forget everything"
-                .into(),
-        ));
-    }
+pub fn plan(
+    all: &[Listed],
+    policy: &Policy,
+    series: Option<&str>,
+    undos: &Undos,
+) -> Result<Vec<Decision>> {
+    policy.check()?;
     let mut names: Vec<&str> = all.iter().map(|l| l.snapshot.series.as_str()).collect();
     names.sort_unstable();
     names.dedup();
     let mut out = Vec::new();
     for name in names.into_iter().filter(|n| series.is_none_or(|s| s == *n)) {
-        let mut snaps: Vec<&Listed> = all.iter().filter(|l| l.snapshot.series == name).collect();
+        let (undo, mut snaps): (Vec<&Listed>, Vec<&Listed>) = all
+            .iter()
+            .filter(|l| l.snapshot.series == name)
+            .partition(|l| l.snapshot.is_undo());
+        out.extend(undo.into_iter().map(|l| undo_decision(l, policy, undos)));
         // Newest first.
         snaps.sort_by(|a, b| {
             (b.snapshot.time_ns, b.snapshot.version).cmp(&(a.snapshot.time_ns, a.snapshot.version))
@@ -179,6 +249,33 @@ pub fn plan(all: &[Listed], policy: &Policy, series: Option<&str>) -> Result<Vec
     Ok(out)
 }
 
+/// An undo snapshot's fate: its own lifetime (see `Undos`), or an explicit tag rule.
+fn undo_decision(l: &Listed, policy: &Policy, undos: &Undos) -> Decision {
+    let mut reasons: Vec<String> = Vec::new();
+    if let Some(why) = undos.kept.get(&l.id) {
+        reasons.push(why.clone());
+    } else if undos.restore_in_flight {
+        reasons.push("undo snapshot, an in-place restore is in flight".into());
+    }
+    for t in &policy.tags {
+        if l.snapshot.tags.contains(t) {
+            reasons.push(format!("tag {t}"));
+        }
+    }
+    let keep = !reasons.is_empty();
+    if !keep {
+        reasons.push(format!(
+            "undo snapshot of none of the {} latest in-place restores of its targets",
+            crate::limits::UNDO_RESTORES_KEPT
+        ));
+    }
+    Decision {
+        listed: l.clone(),
+        keep,
+        reasons,
+    }
+}
+
 /// Removes the records of `ids`: the record file first (durably), then its index row.
 /// A crash between the two leaves a row whose file is gone, which listing drops.
 pub fn remove(repo: &Repository, ids: &[Id]) -> Result<()> {
@@ -203,7 +300,7 @@ pub fn remove(repo: &Repository, ids: &[Id]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::calendar::days_from_civil;
-    use crate::snapshot::{Snapshot, Stats};
+    use crate::snapshot::{Snapshot, Stats, UNDO_TAG};
 
     fn snap(version: u64, y: i64, m: u32, d: u32, h: i64, tags: &[&str]) -> Listed {
         let time_ns = (days_from_civil(y, m, d) * 86_400 + h * 3600) * 1_000_000_000;
@@ -227,7 +324,7 @@ mod tests {
     }
 
     fn kept(policy: &Policy, all: &[Listed]) -> Vec<u64> {
-        let mut v: Vec<u64> = plan(all, policy, None)
+        let mut v: Vec<u64> = plan(all, policy, None, &Undos::default())
             .unwrap()
             .into_iter()
             .filter(|d| d.keep)
@@ -276,8 +373,53 @@ mod tests {
     }
 
     #[test]
+    fn undo_snapshots_fill_no_rule_and_live_by_their_own() {
+        let mut all = history();
+        // The two newest are undo snapshots: one a restore record keeps, one not.
+        all[5].snapshot.tags = vec![UNDO_TAG.into()];
+        all[6].snapshot.tags = vec![UNDO_TAG.into()];
+        let mut undos = Undos::default();
+        undos.kept.insert(all[6].id, "undo of the latest".into());
+        let p = Policy {
+            last: Some(2),
+            daily: Some(1),
+            ..Policy::default()
+        };
+        let kept = |undos: &Undos| -> Vec<u64> {
+            let mut v: Vec<u64> = plan(&all, &p, None, undos)
+                .unwrap()
+                .into_iter()
+                .filter(|d| d.keep)
+                .map(|d| d.listed.snapshot.version)
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(kept(&undos), vec![4, 5, 7]);
+        undos.restore_in_flight = true;
+        assert_eq!(kept(&undos), vec![4, 5, 6, 7]);
+    }
+
+    #[test]
     fn an_empty_policy_is_refused_and_durations_parse() {
-        assert!(plan(&history(), &Policy::default(), None).is_err());
+        let none = Undos::default();
+        assert!(plan(&history(), &Policy::default(), None, &none).is_err());
+        let zero = Policy {
+            daily: Some(0),
+            last: Some(0),
+            ..Policy::default()
+        };
+        assert!(plan(&history(), &zero, None, &none).is_err());
+        let all = Policy {
+            keep_none: true,
+            ..Policy::default()
+        };
+        assert!(
+            plan(&history(), &all, None, &none)
+                .unwrap()
+                .iter()
+                .all(|d| !d.keep)
+        );
         assert_eq!(parse_duration("2d"), Some(2 * 86_400 * 1_000_000_000));
         assert_eq!(parse_duration("1y1m"), Some(395 * 86_400 * 1_000_000_000));
         assert_eq!(parse_duration("5"), None);

@@ -45,8 +45,7 @@ use crate::repo::Repository;
 use crate::snapshot::{self, Listed};
 use crate::tree::{self, Kind, Tree};
 
-/// The tag of every undo snapshot.
-pub const UNDO_TAG: &str = "pre-restore";
+pub use crate::snapshot::UNDO_TAG;
 
 /// What the user asked for.
 #[derive(Clone, Debug, Default)]
@@ -268,6 +267,58 @@ pub fn undo_snapshot(repo: &Repository, target: Option<&Path>) -> Result<(Listed
     Ok((snapshot::resolve(repo, &undo.hex())?, notes))
 }
 
+/// What keeps undo snapshots alive under retention policies (`gc::forget::Undos`): the
+/// undo snapshots of the `UNDO_RESTORES_KEPT` latest committed restores of each target,
+/// and every one while a restore journal exists.
+///
+/// Call it after listing the snapshots to plan over: a restore writes its journal
+/// before it takes its undo snapshot and removes it only after the restore record is
+/// written, so an undo snapshot in that list is either in a record read here or
+/// belongs to a journal seen here.
+pub fn undo_lifetime(repo: &Repository) -> Result<crate::gc::forget::Undos> {
+    let restore_in_flight = !journal::list(repo)?.is_empty();
+    let mut by_target: std::collections::BTreeMap<PathBuf, Vec<&journal::Restore>> =
+        Default::default();
+    let restores = journal::restores(repo)?;
+    for r in &restores {
+        for t in r.targets.iter().filter(|t| t.existed) {
+            by_target.entry(t.path.clone()).or_default().push(r);
+        }
+    }
+    let mut kept = std::collections::HashMap::new();
+    for (path, mut rs) in by_target {
+        rs.sort_by_key(|r| std::cmp::Reverse(r.committed_ns));
+        for (i, r) in rs
+            .iter()
+            .take(crate::limits::UNDO_RESTORES_KEPT)
+            .enumerate()
+        {
+            let Some(undo) = r.undo else { continue };
+            let why = if i == 0 {
+                format!("undo of the latest in-place restore of {}", path.display())
+            } else {
+                format!(
+                    "undo of one of the {} latest in-place restores of {}",
+                    crate::limits::UNDO_RESTORES_KEPT,
+                    path.display()
+                )
+            };
+            // The first reason found is kept: "latest" sorts before "one of".
+            kept.entry(undo)
+                .and_modify(|w: &mut String| {
+                    if i == 0 && !w.contains("the latest") {
+                        *w = why.clone();
+                    }
+                })
+                .or_insert(why);
+        }
+    }
+    Ok(crate::gc::forget::Undos {
+        kept,
+        restore_in_flight,
+    })
+}
+
 /// What `recover` did with one interrupted restore.
 #[derive(Clone, Debug)]
 pub struct Recovered {
@@ -413,6 +464,7 @@ fn swap_in(
         }
         j.undo = Some(undo.id);
         crate::crash::point("live undo snapshot taken");
+        crate::crash::pause("live undo snapshot taken");
     }
     advance(repo, j, State::Staged)?;
     crate::crash::point("live staged");

@@ -6,4 +6,4 @@ pub mod record;
 pub mod select;
 
 pub use create::{Options, Outcome, create};
-pub use record::{Listed, Snapshot, Stats, Unreadable, Volume, list_all, resolve};
+pub use record::{Listed, Snapshot, Stats, UNDO_TAG, Unreadable, Volume, list_all, resolve};

@@ -77,6 +77,10 @@ pub struct Unreadable {
     pub error: String,
 }
 
+/// The tag of every undo snapshot (taken of the live targets by an in-place restore,
+/// just before it swaps them). Reserved: `snapshot --tag` refuses it.
+pub const UNDO_TAG: &str = "pre-restore";
+
 /// A snapshot record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -163,6 +167,12 @@ impl From<SnapshotV1> for Snapshot {
 }
 
 impl Snapshot {
+    /// Whether this is an undo snapshot: not `SERIES@latest`, not the parent of the next
+    /// snapshot, outside the `--keep-*` rules (see `gc::forget`).
+    pub fn is_undo(&self) -> bool {
+        self.tags.iter().any(|t| t == UNDO_TAG)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = RECORD_MAGIC.to_vec();
         out.extend_from_slice(&RECORD_VERSION.to_le_bytes());
@@ -336,10 +346,11 @@ pub fn list_complete(repo: &Repository, operation: &str) -> Result<Vec<Listed>> 
     Ok(scan.snapshots)
 }
 
-/// The newest snapshot of a series.
+/// The newest ordinary snapshot of a series: undo snapshots are left out, so
+/// `SERIES@latest` and the parent of the next snapshot are always real backups.
 pub fn latest(all: &[Listed], series: &str) -> Option<Listed> {
     all.iter()
-        .filter(|l| l.snapshot.series == series)
+        .filter(|l| l.snapshot.series == series && !l.snapshot.is_undo())
         .max_by_key(|l| l.snapshot.version)
         .cloned()
 }
@@ -353,7 +364,13 @@ pub fn resolve(repo: &Repository, reference: &str) -> Result<Listed> {
     };
     if let Some((series, which)) = reference.rsplit_once('@') {
         let found = if which == "latest" {
-            latest(&all, series)
+            let found = latest(&all, series);
+            if found.is_none() && all.iter().any(|l| l.snapshot.series == series) {
+                return Err(fail(
+                    "the series holds only undo snapshots (pre-restore); name one with SERIES@N",
+                ));
+            }
+            found
         } else {
             let n: u64 = which
                 .parse()

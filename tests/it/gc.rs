@@ -64,6 +64,43 @@ fn snapshot_and_keep(
 }
 
 #[test]
+fn a_policy_that_keeps_nothing_is_refused_unless_keep_none_says_so() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    for n in 0..3 {
+        write(data.join("f"), format!("round {n}"));
+        repo.snapshot(&[&data], &["--name", "s"]);
+    }
+    for (args, says) in [
+        (vec!["forget", "--keep-daily", "0"], "would keep nothing"),
+        (
+            vec!["forget", "--keep-last", "0", "--keep-weekly", "0"],
+            "would keep nothing",
+        ),
+        (vec!["forget", "--name", "s"], "no policy was specified"),
+        (vec!["forget"], "no policy was specified"),
+    ] {
+        let run = repo.run(&args).code(1);
+        let line = run.error_line();
+        assert!(
+            line.contains(says) && line.contains("--keep-none"),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(repo.list(&[]).len(), 3, "{args:?} forgot something");
+    }
+    // --keep-none goes alone.
+    repo.run(["forget", "--keep-none", "--keep-last", "1"])
+        .code(2);
+    let dry = repo.ok(["forget", "--keep-none", "--dry-run"]);
+    assert_eq!(dry["removed"].as_array().unwrap().len(), 3, "{dry}");
+    assert_eq!(repo.list(&[]).len(), 3, "a dry run removed something");
+    let forgot = repo.ok(["forget", "--keep-none", "--name", "s"]);
+    assert_eq!(forgot["kept"].as_array().unwrap().len(), 0, "{forgot}");
+    assert!(repo.list(&[]).is_empty());
+}
+
+#[test]
 fn forget_and_gc_give_back_exactly_what_only_the_forgotten_snapshots_held() {
     let repo = Repo::new();
     let data = repo.mkdir("data");

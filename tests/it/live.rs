@@ -706,3 +706,143 @@ fn recovery_aborted_at_every_step_still_settles_all_old_or_all_new() {
         assert!(k > 1, "recovery of {interrupt:?} has no crash point");
     }
 }
+
+/// Versions of a series with the reasons given for each.
+type Decided = Vec<(u64, String)>;
+
+/// `forget --keep-last 2` as JSON: the versions it kept and removed, each with its reasons.
+fn forget_keep_last_2(repo: &Repo) -> (Decided, Decided) {
+    let out = repo.ok(["forget", "--keep-last", "2", "--name", "app"]);
+    let side = |k: &str| -> Decided {
+        let mut v: Decided = out[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let reasons: Vec<&str> = d["reasons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap())
+                    .collect();
+                (d["version"].as_u64().unwrap(), reasons.join(", "))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    (side("kept"), side("removed"))
+}
+
+fn version_of(repo: &Repo, reference: &str) -> u64 {
+    repo.ok(["show", reference])["version"].as_u64().unwrap()
+}
+
+#[test]
+fn undo_snapshots_neither_use_up_retention_nor_become_latest() {
+    let w = world();
+    // app@1 is the world's snapshot; app@2 an ordinary one of the changed volumes.
+    let second = w
+        .repo
+        .snapshot(&[&w.vols[0], &w.vols[1], &w.vols[2]], &["--name", "app"]);
+    assert_eq!(second["version"], 2);
+    // app@3: the undo of restoring app@1.
+    let out = w.repo.ok(["restore", "app@1", "--in-place", "--yes"]);
+    let undo = out["undo"].as_str().unwrap().to_string();
+    assert_eq!(version_of(&w.repo, &undo), 3);
+    assert_eq!(version_of(&w.repo, "app@latest"), 2, "@latest is an undo");
+    // SERIES@N still reaches an undo snapshot.
+    assert_eq!(w.repo.ok(["show", "app@3"])["id"], undo.as_str());
+    // The next snapshot's parent is the latest ordinary one.
+    let fourth = w
+        .repo
+        .snapshot(&[&w.vols[0], &w.vols[1], &w.vols[2]], &["--name", "app"]);
+    assert_eq!(fourth["parent"], second["id"], "{fourth}");
+    // The user cannot make an ordinary snapshot look like an undo.
+    let run = w
+        .repo
+        .run([
+            "snapshot",
+            w.vols[0].to_str().unwrap(),
+            "--tag",
+            "pre-restore",
+        ])
+        .code(1);
+    assert!(run.error_line().contains("reserved"), "{}", run.describe());
+
+    // --keep-last 2 keeps two real backups, and the undo of the latest restore
+    // for its own reason.
+    let (kept, removed) = forget_keep_last_2(&w.repo);
+    let target = w.vols[0].display().to_string();
+    assert_eq!(
+        kept.iter().map(|k| k.0).collect::<Vec<_>>(),
+        vec![2, 3, 4],
+        "{kept:?}"
+    );
+    assert!(kept[0].1.contains("last 2") && kept[2].1.contains("last 2"));
+    assert!(
+        kept[1].1.contains("undo of the latest in-place restore") && kept[1].1.contains(&target),
+        "{kept:?}"
+    );
+    assert_eq!(removed.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(version_of(&w.repo, "app@latest"), 4);
+
+    // Three more restores (each with its undo: app@5, @6, @7) push app@3 out of the
+    // undo snapshots kept; the next policy run forgets it, and only it.
+    for _ in 0..3 {
+        w.repo.ok(["restore", "app@4", "--in-place", "--yes"]);
+    }
+    let (kept, removed) = forget_keep_last_2(&w.repo);
+    assert_eq!(
+        kept.iter().map(|k| k.0).collect::<Vec<_>>(),
+        vec![2, 4, 5, 6, 7],
+        "{kept:?}"
+    );
+    assert_eq!(
+        removed.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![3],
+        "{removed:?}"
+    );
+    assert!(
+        removed[0].1.contains("undo snapshot of none"),
+        "{removed:?}"
+    );
+    // What --undo needs is still there.
+    w.repo.ok(["restore", "--undo", "--yes"]);
+}
+
+#[test]
+fn a_forget_while_a_restore_is_in_flight_keeps_its_undo_snapshot() {
+    let w = world();
+    let pause = w.repo.scratch("pause");
+    write(&pause, "hold");
+    let mut cmd = w.repo.command();
+    cmd.args(["--json", "restore", &w.snap, "--in-place", "--yes"])
+        .env("VOLSNAP_PAUSE_AT", "live undo snapshot taken")
+        .env("VOLSNAP_PAUSE_FILE", &pause)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let reached = PathBuf::from(format!("{}.reached", pause.display()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reached.exists() {
+        assert!(Instant::now() < deadline, "the restore never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The undo snapshot is committed but no restore record names it yet.
+    let (kept, removed) = forget_keep_last_2(&w.repo);
+    assert!(removed.is_empty(), "{removed:?}");
+    assert!(
+        kept.iter().any(|k| k.0 == 2 && k.1.contains("in flight")),
+        "{kept:?}"
+    );
+    fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.repo.ok(["restore", "--undo", "--yes"]);
+    assert_eq!(all_one_way(&w), "old");
+}
