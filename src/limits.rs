@@ -45,3 +45,9 @@ const _: () = assert!(CHUNK_SIZE_MAX_DEFAULT as usize * 4 <= READ_BATCH_BYTES);
 const _: () = assert!((CHUNK_SIZE_MAX_DEFAULT as usize) < PACK_SIZE_TARGET);
 const _: () = assert!(CHUNK_SIZE_MAX_DEFAULT <= BLOB_SIZE_MAX);
 const _: () = assert!(UNDO_RESTORES_KEPT >= 1);
+
+/// After a hole gc punched, a pack scan looks for the next blob header this far: the
+/// true one lies within one filesystem block of the hole's end (holes cover whole
+/// blocks inside runs of dead blobs), and `pack::punch` never punches with blocks
+/// larger than this.
+pub const RESYNC_WINDOW_BYTES: usize = 1024 * 1024;

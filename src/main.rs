@@ -904,8 +904,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 "packs_repacked": report.packs_repacked,
                 "bytes_reclaimed": report.bytes_reclaimed,
                 "stale_files_removed": report.stale_files_removed,
+                "packs_kept": report.packs_kept,
+                "blobs_reindexed": report.blobs_reindexed,
                 "index_compaction": report.index_compaction,
             });
+            if report.blobs_reindexed > 0 {
+                eprintln!(
+                    "warning: gc found {} referenced blob(s) the index did not name in {} pack(s) and indexed them again (run `volsnap check`)",
+                    report.blobs_reindexed, report.packs_kept
+                );
+            }
             emit(json, &value, || {
                 format!(
                     "{} {} unreferenced blobs ({}); {} packs deleted, {} punched, {} repacked; {} {}\n",

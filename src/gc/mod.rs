@@ -78,6 +78,11 @@ pub struct Report {
     /// Bytes of pack files removed minus bytes of packs written.
     pub bytes_reclaimed: u64,
     pub stale_files_removed: u64,
+    /// Pack files kept although nothing indexed them live: they hold blobs a snapshot
+    /// references (indexed again) or could not be read whole.
+    pub packs_kept: u64,
+    /// Referenced blobs found in such packs with no sound index row, indexed again.
+    pub blobs_reindexed: u64,
     /// Whether the index file was compacted ("compacted", or "skipped: why").
     pub index_compaction: Option<String>,
 }
@@ -160,35 +165,76 @@ pub fn gc(
         |id| reach2.contains(id),
         |row, gone| cache_row_names(row, &|id| gone.contains(id)),
     )?;
-    drop(reach2);
     crate::crash::point("gc swept");
+    // A reader that looked up a location before the sweep may still be reading it:
+    // nothing is deleted or punched until every operation older than the sweep ended.
+    wait_for_older_leases(repo, on_wait)?;
+    crate::crash::point("gc waited after the sweep");
     report.unreachable_blobs = deleted.len() as u64;
     report.unreachable_bytes = deleted.iter().map(|(_, l)| u64::from(l.stored_len)).sum();
 
     // Packs: delete the empty; give back the dead bodies in the others in place; choose
     // for repacking those still holding too much dead weight (small blobs, crash
     // leftovers, filesystems that cannot punch holes).
-    let mut dead_in: HashMap<Id, Vec<(u64, u32)>> = HashMap::new();
-    for (_, loc) in &deleted {
-        dead_in
-            .entry(loc.pack)
-            .or_default()
-            .push((loc.offset, loc.stored_len));
+    let mut dead_in: HashMap<Id, Vec<(Id, crate::index::Location)>> = HashMap::new();
+    for (id, loc) in deleted {
+        dead_in.entry(loc.pack).or_default().push((id, loc));
     }
-    drop(deleted);
     let live = repo.index.pack_live_bytes()?;
     let packs = repo.index.packs()?;
     let mut to_punch = Vec::new();
+    let empty: Vec<(Id, PathBuf)> = packs
+        .iter()
+        .filter(|(pack, _)| live.get(pack).copied().unwrap_or(0) == 0)
+        .map(|(pack, _)| (*pack, repo.pack_path(pack)))
+        .collect();
+    let kept = keep_referenced(repo, &empty, &reach2, &mut report, progress)?;
     for (pack, row) in &packs {
         if live.get(pack).copied().unwrap_or(0) == 0 {
+            if kept.contains(pack) {
+                continue;
+            }
             let held = allocated(repo, pack, row.size_bytes);
             delete_pack(repo, pack)?;
             report.packs_deleted += 1;
             report.bytes_reclaimed += held;
         } else if let Some(dead) = dead_in.remove(pack) {
-            to_punch.push((*pack, crate::pack::dead_runs(dead)));
+            to_punch.push((*pack, dead));
         }
     }
+    // Only bytes proven dead are punched: a deleted row's location must hold the
+    // header of that very blob (a damaged row may name any bytes), and the blob must
+    // not overlap a live row's blob (a header inside a live blob's body may come from
+    // a volume).
+    let mut live_spans: HashMap<Id, Vec<(u64, u64)>> =
+        to_punch.iter().map(|(p, _)| (*p, Vec::new())).collect();
+    if !live_spans.is_empty() {
+        repo.index.refresh();
+        repo.index.for_each_chunk(|_, loc| {
+            if let Some(spans) = live_spans.get_mut(&loc.pack) {
+                spans.push((
+                    loc.offset,
+                    loc.offset + HEADER_LEN as u64 + u64::from(loc.stored_len),
+                ));
+            }
+        })?;
+    }
+    let to_punch: Vec<(Id, Vec<(u64, u64)>)> = to_punch
+        .into_iter()
+        .map(|(pack, dead)| {
+            let spans = &live_spans[&pack];
+            let proven: Vec<(u64, u32)> = dead
+                .into_iter()
+                .filter(|(id, loc)| crate::pack::row_is_sound(repo, id, loc))
+                .map(|(_, loc)| (loc.offset, loc.stored_len))
+                .filter(|&(offset, len)| {
+                    let end = offset + HEADER_LEN as u64 + u64::from(len);
+                    spans.iter().all(|&(a, b)| end <= a || b <= offset)
+                })
+                .collect();
+            (pack, crate::pack::dead_runs(proven))
+        })
+        .collect();
     // In parallel: with online discard each punch waits for the device.
     let punched: Vec<Option<u64>> = to_punch
         .par_iter()
@@ -228,11 +274,22 @@ pub fn gc(
             fits
         })
         .collect();
+    // Repacks copy what the index rows name, never what a scan of the bytes suggests.
+    let mut rows_of: HashMap<Id, Vec<(Id, crate::index::Location)>> =
+        chosen.iter().map(|c| (c.1, Vec::new())).collect();
+    if !rows_of.is_empty() {
+        repo.index.refresh();
+        repo.index.for_each_chunk(|id, loc| {
+            if let Some(rows) = rows_of.get_mut(&loc.pack) {
+                rows.push((id, loc));
+            }
+        })?;
+    }
     // Packs are rewritten in parallel: verifying their live blobs is the work.
     let written: Vec<u64> = chosen
         .par_iter()
         .map(|(_, pack, _, _, kind)| {
-            let w = repack(repo, pack, *kind)?;
+            let w = repack(repo, pack, *kind, &rows_of[pack])?;
             crate::crash::point("gc repacked a pack");
             Ok(w)
         })
@@ -250,8 +307,14 @@ pub fn gc(
         // must finish before the old pack goes.
         wait_for_older_leases(repo, on_wait)?;
         let live = repo.index.pack_live_bytes()?;
-        for pack in repacked {
-            if live.get(&pack).copied().unwrap_or(0) == 0 {
+        let emptied: Vec<(Id, PathBuf)> = repacked
+            .iter()
+            .filter(|pack| live.get(pack).copied().unwrap_or(0) == 0)
+            .map(|pack| (*pack, repo.pack_path(pack)))
+            .collect();
+        let kept = keep_referenced(repo, &emptied, &reach2, &mut report, progress)?;
+        for (pack, _) in emptied {
+            if !kept.contains(&pack) {
                 delete_pack(repo, &pack)?;
                 report.packs_repacked += 1;
             }
@@ -266,10 +329,19 @@ pub fn gc(
         });
     }
 
-    // Leftovers of crashed writers: present before the wait, still unindexed now.
+    // Leftovers of crashed writers: present before the wait, still unindexed now. A
+    // pack file is never deleted unread: one holding a blob a snapshot references
+    // with no sound row (a pack set aside during a repair, a damaged index) is indexed
+    // again and kept. Pack names never repeat (a nonce in every pack), so no writer
+    // can re-create a file under a name decided here.
     let indexed: HashSet<Id> = repo.index.packs()?.into_iter().map(|(id, _)| id).collect();
-    for (id, path) in packs_on_disk {
-        if !indexed.contains(&id) && path.exists() {
+    let leftovers: Vec<(Id, PathBuf)> = packs_on_disk
+        .into_iter()
+        .filter(|(id, path)| !indexed.contains(id) && path.exists())
+        .collect();
+    let kept = keep_referenced(repo, &leftovers, &reach2, &mut report, progress)?;
+    for (id, path) in leftovers {
+        if !kept.contains(&id) {
             remove_file(&path)?;
             report.stale_files_removed += 1;
         }
@@ -286,39 +358,139 @@ pub fn gc(
 /// Marks every blob reachable from every committed snapshot.
 fn mark(repo: &Repository, progress: &Progress) -> Result<(Bloom, u64)> {
     let mut bloom = Bloom::new(repo.index.chunk_count()?);
+    let snapshots = reachable(repo, progress, &mut |id| bloom.insert(id))?;
+    Ok((bloom, snapshots))
+}
+
+/// Calls `visit` with every blob (tree or data) reachable from every committed
+/// snapshot (trees once each); returns the number of snapshots.
+fn reachable(repo: &Repository, progress: &Progress, visit: &mut dyn FnMut(&Id)) -> Result<u64> {
     let mut trees = HashSet::new();
     // A record that cannot be read makes reachability unknowable: delete nothing.
     let snapshots = snapshot::record::list_complete(repo, "gc")?;
     for s in &snapshots {
         for v in &s.snapshot.volumes {
-            mark_tree(repo, &v.tree, &mut bloom, &mut trees, progress)?;
+            visit_tree(repo, &v.tree, visit, &mut trees, progress)?;
         }
     }
-    Ok((bloom, snapshots.len() as u64))
+    Ok(snapshots.len() as u64)
 }
 
-fn mark_tree(
+fn visit_tree(
     repo: &Repository,
     id: &Id,
-    bloom: &mut Bloom,
+    visit: &mut dyn FnMut(&Id),
     seen: &mut HashSet<Id>,
     progress: &Progress,
 ) -> Result<()> {
     if !seen.insert(*id) {
         return Ok(());
     }
-    bloom.insert(id);
+    visit(id);
     // A tree that cannot be read makes reachability unknowable: stop, delete nothing.
     let tree = tree::load(repo, id)?;
     progress.add(tree.entries.len() as u64, 0);
     for e in &tree.entries {
         match &e.kind {
-            Kind::File { chunks, .. } => chunks.iter().for_each(|c| bloom.insert(c)),
-            Kind::Dir { tree } => mark_tree(repo, tree, bloom, seen, progress)?,
+            Kind::File { chunks, .. } => chunks.iter().for_each(|c| visit(c)),
+            Kind::Dir { tree } => visit_tree(repo, tree, visit, seen, progress)?,
             _ => {}
         }
     }
     Ok(())
+}
+
+/// Of the pack files about to be deleted, the ones that must stay: each is read (its
+/// blob headers) first, and a blob that a snapshot may reference (`reach`) and that has
+/// no sound index row elsewhere is confirmed against the snapshots exactly, then
+/// verified and indexed here again (`Commit::Mend`), and its pack kept. A pack that
+/// cannot be read, or whose walk stops on damage, is kept too: when in doubt, keep.
+fn keep_referenced(
+    repo: &Repository,
+    packs: &[(Id, PathBuf)],
+    reach: &Bloom,
+    report: &mut Report,
+    progress: &Progress,
+) -> Result<HashSet<Id>> {
+    let mut keep = HashSet::new();
+    let mut candidates = Vec::new();
+    for (pack, path) in packs {
+        let (headers, stopped) = match crate::pack::read_headers(path) {
+            Ok(h) => h,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                keep.insert(*pack);
+                continue;
+            }
+        };
+        if stopped.is_some() {
+            keep.insert(*pack);
+            continue;
+        }
+        for (offset, header) in headers {
+            if !reach.contains(&header.id) {
+                continue;
+            }
+            match repo.index.lookup(&header.id)? {
+                Some(loc) if crate::pack::row_is_sound(repo, &header.id, &loc) => {
+                    if loc.pack == *pack {
+                        keep.insert(*pack); // indexed here after all: live
+                    }
+                }
+                _ => candidates.push((*pack, path.clone(), offset, header)),
+            }
+        }
+    }
+    if candidates.is_empty() {
+        report.packs_kept += keep.len() as u64;
+        return Ok(keep);
+    }
+    // The Bloom filter can say yes by mistake: ask the snapshots exactly.
+    let wanted: HashSet<Id> = candidates.iter().map(|c| c.3.id).collect();
+    let mut referenced = HashSet::new();
+    reachable(repo, progress, &mut |id| {
+        if wanted.contains(id) {
+            referenced.insert(*id);
+        }
+    })?;
+    let mut mend: HashMap<Id, (PathBuf, Vec<(Id, crate::index::Location)>, u8)> = HashMap::new();
+    for (pack, path, offset, header) in candidates {
+        if !referenced.contains(&header.id) {
+            continue;
+        }
+        keep.insert(pack);
+        let sound = crate::pack::read_verified_at(&path, offset, &header)
+            .map_err(Error::io("read pack", &path))?;
+        if sound {
+            let entry = mend
+                .entry(pack)
+                .or_insert_with(|| (path.clone(), Vec::new(), header.kind as u8));
+            entry.1.push((
+                header.id,
+                crate::index::Location {
+                    pack,
+                    offset,
+                    stored_len: header.stored_len,
+                    raw_len: header.raw_len,
+                },
+            ));
+        }
+    }
+    for (pack, (path, rows, kind)) in mend {
+        let size_bytes = std::fs::metadata(&path)
+            .map_err(Error::io("read metadata of", &path))?
+            .len();
+        let row = crate::index::PackRow {
+            kind,
+            size_bytes,
+            blobs: rows.len() as u64,
+        };
+        repo.index
+            .commit_pack(&pack, &row, &rows, crate::index::Commit::Mend)?;
+        report.blobs_reindexed += rows.len() as u64;
+    }
+    report.packs_kept += keep.len() as u64;
+    Ok(keep)
 }
 
 /// Whether a files-cache row names a blob `bad` accepts (undecodable rows count too).
@@ -349,26 +521,37 @@ fn wait_for_older_leases(repo: &Repository, on_wait: OnWait<'_>) -> Result<()> {
     }
 }
 
-/// Moves the live blobs of `pack` into new packs. Returns the bytes written.
-fn repack(repo: &Repository, pack: &Id, kind: u8) -> Result<u64> {
+/// Moves the live blobs of `pack` (its index `rows`) into new packs. Returns the bytes
+/// written. Works from the rows, never from a scan of the pack's bytes: after holes,
+/// bytes that look like blob headers may come from a volume.
+fn repack(
+    repo: &Repository,
+    pack: &Id,
+    kind: u8,
+    rows: &[(Id, crate::index::Location)],
+) -> Result<u64> {
     let path = repo.pack_path(pack);
-    let (bytes, holes) = crate::pack::read_pack(&path).map_err(Error::io("read pack", &path))?;
+    let file = File::open(&path).map_err(Error::io("open pack", &path))?;
     let kind = if kind == BlobKind::Tree as u8 {
         BlobKind::Tree
     } else {
         BlobKind::Data
     };
     let packer = Packer::for_repack(repo, kind, *pack);
-    // Live means indexed at this place now, not as of a cached read snapshot.
-    repo.index.refresh();
-    let (blobs, _) = crate::pack::headers(&bytes, &holes);
-    for (offset, header) in blobs {
-        let live = matches!(repo.index.lookup(&header.id)?, Some(loc) if loc.pack == *pack && loc.offset == offset);
-        if !live {
+    let mut rows = rows.to_vec();
+    rows.sort_by_key(|(_, loc)| loc.offset);
+    for (id, loc) in rows {
+        let mut buf = vec![0u8; HEADER_LEN + loc.stored_len as usize];
+        if std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, loc.offset).is_err() {
+            continue; // damaged or truncated: left where it is, `check` reports it
+        }
+        let Ok(header) = crate::pack::blob::BlobHeader::decode(&buf[..HEADER_LEN]) else {
+            continue;
+        };
+        if header.id != id || header.stored_len != loc.stored_len {
             continue;
         }
-        let at = offset as usize + HEADER_LEN;
-        let stored = &bytes[at..at + header.stored_len as usize];
+        let stored = &buf[HEADER_LEN..];
         // A damaged live blob is left where it is (check reports it), never copied.
         if crate::pack::blob::decode_verified(&header, stored).is_ok() {
             packer.add_encoded(EncodedBlob {

@@ -98,6 +98,9 @@ pub enum Commit {
     Store,
     /// A repack of pack `from`: move rows that still point into `from` to the new pack.
     Repack { from: Id },
+    /// gc found these blobs in a pack it was about to delete, referenced and with no
+    /// sound row: the rows are replaced by these locations.
+    Mend,
 }
 
 /// The redb database of a repository.
@@ -329,6 +332,7 @@ impl Index {
                         // never brings back a row deleted meanwhile.
                         (Commit::Repack { from }, Some(cur)) => cur.pack == from,
                         (Commit::Repack { .. }, None) => false,
+                        (Commit::Mend, _) => true,
                     };
                     if replace {
                         chunks.insert(&id.0[..], &loc.encode()[..])?;

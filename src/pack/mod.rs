@@ -1,11 +1,12 @@
 //! Packs: immutable files holding many blobs, written once, read with verification.
 //!
 //! ```text
-//! pack file = header (16 bytes) blob*
+//! pack file = header (32 bytes; 16 in version 1) blob*
 //! header:  0  8  magic "VSNPPACK"
-//!          8  4  pack format version, u32 LE
+//!          8  4  pack format version, u32 LE (2; version 1 packs are still read)
 //!         12  1  kind of every blob inside: 0 data, 1 tree
 //!         13  3  reserved, zero
+//!         16 16  random nonce (version 2): no two packs ever have the same name
 //! blob:    see `blob`
 //! ```
 //! A pack is named by the BLAKE3 of its whole contents: `packs/<2 hex>/<64 hex>.pack`.
@@ -36,15 +37,58 @@ use crate::repo::Repository;
 use blob::{BlobHeader, BlobKind, EncodedBlob, HEADER_LEN};
 
 pub const PACK_MAGIC: &[u8; 8] = b"VSNPPACK";
-pub const PACK_HEADER_LEN: usize = 16;
-pub const PACK_FORMAT_VERSION: u32 = 1;
+pub const PACK_HEADER_LEN: usize = 32;
+pub const PACK_FORMAT_VERSION: u32 = 2;
+/// Version 1 packs had no nonce.
+const PACK_HEADER_LEN_V1: usize = 16;
 
+/// A new pack's header. The nonce makes every pack's bytes, and so its name, unique:
+/// a pack file can never be re-created under a name gc has decided to delete.
 fn pack_header(kind: BlobKind) -> [u8; PACK_HEADER_LEN] {
     let mut h = [0u8; PACK_HEADER_LEN];
     h[0..8].copy_from_slice(PACK_MAGIC);
     h[8..12].copy_from_slice(&PACK_FORMAT_VERSION.to_le_bytes());
     h[12] = kind as u8;
+    h[16..32].copy_from_slice(&nonce());
     h
+}
+
+/// 16 bytes never produced before: BLAKE3 of a per-process random seed (from the
+/// kernel) and a counter.
+fn nonce() -> [u8; 16] {
+    static SEED: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = SEED.get_or_init(|| {
+        let mut seed = [0u8; 32];
+        let read = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed));
+        if read.is_err() {
+            // No /dev/urandom: the process id and the clock still separate processes.
+            let mut h = blake3::Hasher::new();
+            h.update(&std::process::id().to_le_bytes());
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            h.update(&now.to_le_bytes());
+            seed = *h.finalize().as_bytes();
+        }
+        seed
+    });
+    let mut h = blake3::Hasher::new_keyed(seed);
+    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    h.finalize().as_bytes()[..16].try_into().expect("16 bytes")
+}
+
+/// Where the first blob of a pack starts, from its header; `None` if it is not a
+/// pack header this build reads.
+pub fn header_len(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() < PACK_HEADER_LEN_V1 || &bytes[0..8] != PACK_MAGIC {
+        return None;
+    }
+    match u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) {
+        1 => Some(PACK_HEADER_LEN_V1),
+        2 if bytes.len() >= PACK_HEADER_LEN => Some(PACK_HEADER_LEN),
+        _ => None,
+    }
 }
 
 /// A pack being filled in memory.
@@ -307,40 +351,78 @@ pub struct ScannedBlob {
 }
 
 /// Decodes the blob headers of a pack without verifying the bodies: (offset, header)
-/// pairs, and why the walk stopped early if it did. `holes` are the byte ranges the
-/// file holds no data for (see `read_pack`): where a header lies in a hole gc punched,
-/// the walk resumes at the first header found after the hole.
+/// pairs in offset order, and why the walk stopped early if it did. `holes` are the
+/// byte ranges the file holds no data for (see `read_pack`).
+///
+/// Where a header lies in a hole gc punched, the walk resumes after the hole. The bytes
+/// there may come from anywhere (a dead blob's body can hold another repository's
+/// blobs, with genuine headers), so a header found after a hole is believed only if
+/// its body verifies, and every such candidate within `RESYNC_WINDOW_BYTES` of the
+/// hole's end is followed: a candidate that swallows the true next header cannot hide
+/// it, because the true one is followed too. Candidates that are not the true chain
+/// are whole verified blobs (their content is what their id says). The pack is called
+/// damaged only if no walk reaches its end.
 pub fn headers(bytes: &[u8], holes: &[(u64, u64)]) -> (Vec<(u64, BlobHeader)>, Option<String>) {
-    let mut out = Vec::new();
-    if bytes.len() < PACK_HEADER_LEN || &bytes[0..8] != PACK_MAGIC {
-        return (out, Some("bad pack header".into()));
-    }
-    let mut at = PACK_HEADER_LEN;
-    while at < bytes.len() {
-        match header_at(bytes, at) {
-            Ok(header) => {
-                out.push((at as u64, header));
-                at += HEADER_LEN + header.stored_len as usize;
+    let Some(start) = header_len(bytes) else {
+        return (Vec::new(), Some("bad pack header".into()));
+    };
+    let mut found = std::collections::BTreeMap::new();
+    let mut starts = vec![start];
+    // Offsets some walk has been at: a walk that joins another one stops there.
+    let mut visited = HashSet::new();
+    let mut reached_end = false;
+    let mut first_error = None;
+    while let Some(from) = starts.pop() {
+        if !visited.insert(from) {
+            continue;
+        }
+        let mut at = from;
+        loop {
+            if at >= bytes.len() {
+                reached_end = true;
+                break;
             }
-            Err(why) => {
-                let span = (at as u64, (at + HEADER_LEN) as u64);
-                let Some(&(_, hole_end)) = holes.iter().find(|h| h.0 < span.1 && span.0 < h.1)
-                else {
-                    return (out, Some(format!("at offset {at}: {why}")));
-                };
-                // Resume at the next header after the hole; none means the hole and
-                // the dead bytes after it run to the end of the pack.
-                let from = hole_end as usize;
-                match (from..bytes.len().saturating_sub(HEADER_LEN - 1))
-                    .find(|&p| bytes[p..p + 4] == *blob::BLOB_MAGIC && header_at(bytes, p).is_ok())
-                {
-                    Some(p) => at = p,
-                    None => break,
+            match header_at(bytes, at) {
+                Ok(header) => {
+                    found.insert(at as u64, header);
+                    at += HEADER_LEN + header.stored_len as usize;
+                    if at < bytes.len() && !visited.insert(at) {
+                        break;
+                    }
+                }
+                Err(why) => {
+                    let span = (at as u64, (at + HEADER_LEN) as u64);
+                    let Some(&(_, hole_end)) = holes.iter().find(|h| h.0 < span.1 && span.0 < h.1)
+                    else {
+                        first_error.get_or_insert(format!("at offset {at}: {why}"));
+                        break;
+                    };
+                    let from = hole_end as usize;
+                    let last = bytes
+                        .len()
+                        .saturating_sub(HEADER_LEN - 1)
+                        .min(from.saturating_add(crate::limits::RESYNC_WINDOW_BYTES));
+                    let candidates: Vec<usize> = (from..last)
+                        .filter(|&p| bytes[p..p + 4] == *blob::BLOB_MAGIC)
+                        .filter(|&p| {
+                            header_at(bytes, p).is_ok_and(|h| {
+                                let body = p + HEADER_LEN..p + HEADER_LEN + h.stored_len as usize;
+                                blob::decode_verified(&h, &bytes[body]).is_ok()
+                            })
+                        })
+                        .collect();
+                    // Nothing verifiable after the hole: the dead run reaches the end.
+                    if candidates.is_empty() {
+                        reached_end = true;
+                    }
+                    starts.extend(candidates);
+                    break;
                 }
             }
         }
     }
-    (out, None)
+    let stopped = if reached_end { None } else { first_error };
+    (found.into_iter().collect(), stopped)
 }
 
 /// The blob header at `at`, if it decodes and its body fits in the pack.
@@ -376,6 +458,72 @@ pub fn scan(bytes: &[u8], holes: &[(u64, u64)]) -> (Vec<ScannedBlob>, Option<Str
         })
         .collect();
     (blobs, stopped)
+}
+
+/// The blob headers of the pack at `path`, as `headers` finds them, reading only the
+/// headers (one small read each) when the file has no holes.
+pub fn read_headers(path: &Path) -> std::io::Result<(Vec<(u64, BlobHeader)>, Option<String>)> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let hole = rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(0)).unwrap_or(0);
+    if hole < len {
+        let (bytes, holes) = read_pack(path)?;
+        return Ok(headers(&bytes, &holes));
+    }
+    let mut head = [0u8; PACK_HEADER_LEN];
+    let n = file.read_at(&mut head, 0)?;
+    let Some(mut at) = header_len(&head[..n]).map(|l| l as u64) else {
+        return Ok((Vec::new(), Some("bad pack header".into())));
+    };
+    let mut out = Vec::new();
+    let mut buf = [0u8; HEADER_LEN];
+    while at < len {
+        if at + HEADER_LEN as u64 > len {
+            return Ok((out, Some(format!("at offset {at}: truncated header"))));
+        }
+        file.read_exact_at(&mut buf, at)?;
+        let header = match BlobHeader::decode(&buf) {
+            Ok(h) => h,
+            Err(why) => return Ok((out, Some(format!("at offset {at}: {why}")))),
+        };
+        let end = at + HEADER_LEN as u64 + u64::from(header.stored_len);
+        if end > len {
+            return Ok((
+                out,
+                Some(format!(
+                    "at offset {at}: blob runs past the end of the pack (truncated)"
+                )),
+            ));
+        }
+        out.push((at, header));
+        at = end;
+    }
+    Ok((out, None))
+}
+
+/// Reads and verifies the blob whose header is at `offset` of the pack at `path`.
+pub fn read_verified_at(path: &Path, offset: u64, header: &BlobHeader) -> std::io::Result<bool> {
+    let file = File::open(path)?;
+    let mut stored = vec![0u8; header.stored_len as usize];
+    match file.read_exact_at(&mut stored, offset + HEADER_LEN as u64) {
+        Ok(()) => Ok(blob::decode_verified(header, &stored).is_ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the index row `loc` of blob `id` names a header that is that blob's (one
+/// small read; the body is not verified).
+pub fn row_is_sound(repo: &Repository, id: &Id, loc: &Location) -> bool {
+    let Ok(file) = File::open(repo.pack_path(&loc.pack)) else {
+        return false;
+    };
+    let mut buf = [0u8; HEADER_LEN];
+    if file.read_exact_at(&mut buf, loc.offset).is_err() {
+        return false;
+    }
+    BlobHeader::decode(&buf)
+        .is_ok_and(|h| h.id == *id && h.stored_len == loc.stored_len && h.raw_len == loc.raw_len)
 }
 
 /// Reads a whole pack file, and the byte ranges of it that are holes (space gc gave
@@ -431,6 +579,9 @@ pub fn punch(path: &Path, runs: &[(u64, u64)]) -> std::io::Result<Option<u64>> {
     let file = std::fs::OpenOptions::new().write(true).open(path)?;
     let meta = file.metadata()?;
     let block = meta.blksize().max(512);
+    if block > crate::limits::RESYNC_WINDOW_BYTES as u64 {
+        return Ok(None); // a scan could not find the header after such a hole
+    }
     let before = meta.blocks() * 512;
     for &run in runs {
         let Some((start, end)) = punchable(run, block) else {

@@ -11,6 +11,7 @@
 //! Compatibility policy: a build reads every format version up to its own and refuses
 //! newer ones with a message; the version only changes with a migration.
 
+use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
@@ -119,6 +120,44 @@ pub struct Repository {
     /// Trees built by dry-run snapshots in this process: `tree::load` reads them like
     /// stored ones; they are never written (see `Packer::dry`).
     pub(crate) unstored: std::sync::Mutex<std::collections::HashMap<Id, Vec<u8>>>,
+    /// `locks/index.lock`, held shared while the repository is open (exclusively by
+    /// `repair index`), so an index is never replaced under a process using it.
+    _open_lock: File,
+}
+
+/// Takes the repository's open lock (`locks/index.lock`): shared for every command,
+/// exclusive for `repair index`. Kernel locks die with their process.
+fn open_lock(root: &Path, exclusive: bool) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = root.join("locks");
+    if !dir.exists() {
+        fsutil::create_dir_private(&dir)?;
+    }
+    let path = dir.join("index.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(Error::io("open", &path))?;
+    let taken = if exclusive {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    match taken {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) if exclusive => Err(Error::Busy(format!(
+            "another volsnap process has repository {} open; repair the index when it has finished",
+            root.display()
+        ))),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy(format!(
+            "the index of repository {} is being rebuilt by `volsnap repair index`; run this again when it has finished",
+            root.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path)(e)),
+    }
 }
 
 /// Names a repository directory may hold; anything else means `root` is some other
@@ -258,21 +297,44 @@ impl Repository {
         Repository::init(&root, config)
     }
 
-    /// Opens an existing repository with a new, empty index in place of the old one,
-    /// which is kept as `index.redb.old` (see `repair`).
-    pub fn open_with_new_index(root: &Path) -> Result<Repository> {
+    /// Opens an existing repository, for `repair index` only, with a new, empty index
+    /// at `index` (a temporary file that `install_index` later renames into place),
+    /// holding the repository's open lock exclusively: no other process has the
+    /// repository open while the index is rebuilt, and none opens it until the rebuild
+    /// is over (they exit with code 11).
+    pub fn open_for_rebuild(root: &Path, index: &Path) -> Result<Repository> {
         let config_path = root.join("config");
         let bytes = read_config(root)?;
         let config = Config::decode(&config_path, &bytes)?;
-        let path = root.join("index.redb");
-        if path.exists() {
-            fsutil::rename_durable(&path, &root.join("index.redb.old"))?;
+        let lock = open_lock(root, true)?;
+        // Left by an interrupted rebuild: start from nothing.
+        match std::fs::remove_file(index) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", index)(e)),
         }
-        let index = Index::open(&path, true)?;
-        Ok(Repository::assemble(root, config, index))
+        let index = Index::open(index, true)?;
+        Ok(Repository::assemble(root, config, index, lock))
     }
 
-    fn assemble(root: &Path, config: Config, index: Index) -> Repository {
+    /// Puts the rebuilt index at `new` in place of `index.redb` in one rename (the old
+    /// file, if any, is kept as `index.redb.old`): at every instant `index.redb` is
+    /// either the old index or the whole new one.
+    pub fn install_index(&self, new: &Path) -> Result<()> {
+        let path = self.root.join("index.redb");
+        let old = self.root.join("index.redb.old");
+        if path.exists() {
+            match std::fs::remove_file(&old) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &old)(e)),
+            }
+            std::fs::hard_link(&path, &old).map_err(Error::io("keep the old index as", &old))?;
+        }
+        fsutil::rename_durable(new, &path)
+    }
+
+    fn assemble(root: &Path, config: Config, index: Index, open_lock: File) -> Repository {
         Repository {
             root: root.to_path_buf(),
             config,
@@ -280,6 +342,7 @@ impl Repository {
             reader: PackReader::default(),
             shards: Default::default(),
             unstored: Default::default(),
+            _open_lock: open_lock,
         }
     }
 
@@ -288,8 +351,9 @@ impl Repository {
         let config_path = root.join("config");
         let bytes = read_config(root)?;
         let config = Config::decode(&config_path, &bytes)?;
+        let lock = open_lock(root, false)?;
         let index = Index::open(&root.join("index.redb"), false)?;
-        Ok(Repository::assemble(root, config, index))
+        Ok(Repository::assemble(root, config, index, lock))
     }
 
     pub fn pack_path(&self, id: &Id) -> PathBuf {

@@ -23,17 +23,21 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
-/// Rebuilds the index of the repository at `root`; the old index, if any, is kept as
-/// `index.redb.old`.
+/// Rebuilds the index of the repository at `root` into a new file beside it, then
+/// renames it into place (the old index, if any, is kept as `index.redb.old`). Runs
+/// only while no other process has the repository open, and keeps every other process
+/// out until it is done; interrupted, it leaves the old index as it was.
 pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
-    // Rebuilding under a running snapshot, restore or export would drop what they are
-    // writing into the old index: refuse while any of them holds its lease.
+    let new = root
+        .join("tmp")
+        .join(format!("index-rebuild-{}.redb", std::process::id()));
+    let repo = Repository::open_for_rebuild(root, &new)?;
+    // Processes of builds that do not take the open lock still hold leases.
     if Repository::any_live_lock(root)? {
         return Err(crate::error::Error::Busy(
             "another volsnap operation is running on this repository; repair the index when it has finished".into(),
         ));
     }
-    let repo = Repository::open_with_new_index(root)?;
     let mut report = Report::default();
     let mut files = repo.pack_files()?;
     files.sort();
@@ -93,5 +97,8 @@ pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
         repo.index.commit_pack(&pack, &row, &rows, Commit::Store)?;
     }
     report.snapshots = snapshot::list_all(&repo)?.len() as u64;
+    crate::crash::pause("repair index built");
+    crate::crash::point("repair index built");
+    repo.install_index(&new)?;
     Ok(report)
 }

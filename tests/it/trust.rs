@@ -63,7 +63,6 @@ fn two_snapshots(repo: &Repo) -> (PathBuf, Value, PathBuf, Value) {
     let b = repo.mkdir("b");
     write(b.join("big.bin"), random_bytes("b-big", 2 << 20));
     write(b.join("sub/small.txt"), "beta\n");
-    repo.ok(["init"]);
     let sa = repo.snapshot(&[&a], &["--name", "a"]);
     let sb = repo.snapshot(&[&b], &["--name", "b"]);
     (a, sa, b, sb)
@@ -178,7 +177,7 @@ fn a_corrupted_index_file_is_one_error_line_naming_repair_never_a_panic() {
     let (a, sa, _, sb) = two_snapshots(&pristine);
     let mut damaged_seen = 0;
     for seed in 1..=24u64 {
-        let repo = Repo::new();
+        let repo = Repo::uninit();
         let status = std::process::Command::new("cp")
             .arg("-a")
             .arg(&pristine.path)
@@ -263,4 +262,219 @@ fn a_corrupted_index_file_is_one_error_line_naming_repair_never_a_panic() {
         damaged_seen > 0,
         "no seed damaged the index enough to notice"
     );
+}
+
+fn wait_until(cond: impl Fn() -> bool, what: &str) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Starts `volsnap ARGS` paused at the named pause point; returns the child and the
+/// file whose removal lets it go on.
+fn start_paused(repo: &Repo, point: &str, args: &[&str]) -> (std::process::Child, PathBuf) {
+    let pause = repo.scratch(&format!("pause-{}", point.replace(' ', "-")));
+    write(&pause, "hold");
+    let mut cmd = repo.command();
+    cmd.args(args)
+        .env("VOLSNAP_PAUSE_AT", point)
+        .env("VOLSNAP_PAUSE_FILE", &pause)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let reached = PathBuf::from(format!("{}.reached", pause.display()));
+    wait_until(|| reached.exists(), point);
+    (child, pause)
+}
+
+#[test]
+fn gc_reads_a_pack_before_deleting_it_and_keeps_what_snapshots_reference() {
+    let repo = Repo::new();
+    let (a, sa, b, sb) = two_snapshots(&repo);
+    // A pack set aside while the index is rebuilt, then put back: no row names it.
+    let victim = pack_files(&repo.path)
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let aside = repo.scratch("aside.pack");
+    fs::rename(&victim, &aside).unwrap();
+    repo.ok(["repair", "index"]);
+    fs::rename(&aside, &victim).unwrap();
+
+    let report = repo.ok(["gc"]);
+    assert!(
+        victim.exists(),
+        "gc deleted a pack snapshots need: {report}"
+    );
+    assert!(report["blobs_reindexed"].as_u64().unwrap() > 0, "{report}");
+    repo.ok(["check", "--read-data"]);
+    assert_restores(&repo, &sa, &a, "ra");
+    assert_restores(&repo, &sb, &b, "rb");
+    // Kept for good: the next gc finds it indexed and live.
+    repo.ok(["gc"]);
+    assert!(victim.exists());
+}
+
+#[test]
+fn gc_keeps_packs_whose_index_rows_were_damaged() {
+    // Damaged chunk rows can make a pack look empty; the pack is read first.
+    let pristine = Repo::new();
+    let (a, sa, b, sb) = two_snapshots(&pristine);
+    let mut rng = XorShift(7);
+    for round in 0..12 {
+        let repo = Repo::uninit();
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&pristine.path)
+            .arg(&repo.path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let index = repo.path.join("index.redb");
+        let mut bytes = fs::read(&index).unwrap();
+        for _ in 0..40 {
+            let at = (rng.next() % bytes.len() as u64) as usize;
+            bytes[at] ^= 1 << (rng.next() % 8);
+        }
+        fs::write(&index, bytes).unwrap();
+        // gc may refuse, or repack what it finds live; it must lose nothing.
+        let _ = repo.run(["gc"]);
+        let _ = repo.run(["gc", "--max-unused", "0"]);
+        repo.run(["repair", "index"]).code(0);
+        repo.run(["check", "--read-data"]).code(0);
+        assert_restores(&repo, &sa, &a, &format!("ra-{round}"));
+        assert_restores(&repo, &sb, &b, &format!("rb-{round}"));
+    }
+}
+
+#[test]
+fn pack_names_never_repeat_so_gc_cannot_delete_a_recreated_pack() {
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("f"), random_bytes("same", 1 << 20));
+    let first = repo.snapshot(&[&data], &["--name", "s"]);
+    let before = pack_files(&repo.path);
+    repo.ok(["forget", &id(&first)]);
+    repo.ok(["gc"]);
+    assert!(pack_files(&repo.path).is_empty());
+    // The same content again, in a new series: same blobs, same order.
+    let second = repo.snapshot(&[&data], &["--name", "t"]);
+    let after = pack_files(&repo.path);
+    assert_eq!(after.len(), before.len());
+    for p in &after {
+        assert!(!before.contains(p), "pack name {} came back", p.display());
+    }
+    assert_restores(&repo, &second, &data, "r");
+}
+
+#[test]
+fn repair_index_is_exclusive_and_replaces_the_index_in_one_step() {
+    let repo = Repo::new();
+    let (a, sa, _, _) = two_snapshots(&repo);
+    let index = repo.path.join("index.redb");
+
+    // A process with the repository open keeps repair out.
+    let (child, pause) = start_paused(
+        &repo,
+        "snapshot before commit",
+        &["snapshot", a.to_str().unwrap(), "--name", "a"],
+    );
+    let run = repo.run(["repair", "index"]).code(11);
+    assert!(run.error_line().contains("open"), "{}", run.describe());
+    fs::remove_file(&pause).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+
+    // While repair runs, every other command waits its turn (exit 11), the index is
+    // untouched until the new one is whole.
+    let before = fs::read(&index).unwrap();
+    let (child, pause) = start_paused(&repo, "repair index built", &["repair", "index"]);
+    assert_eq!(
+        fs::read(&index).unwrap(),
+        before,
+        "repair changed the index early"
+    );
+    for args in [
+        vec!["list"],
+        vec!["gc"],
+        vec!["snapshot", a.to_str().unwrap()],
+    ] {
+        let run = repo.run(&args).code(11);
+        assert!(
+            run.error_line().contains("repair index"),
+            "{}",
+            run.describe()
+        );
+    }
+    fs::remove_file(&pause).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+
+    // Interrupted at the end, it leaves the old index as it was.
+    let before = fs::read(&index).unwrap();
+    assert!(
+        repo.run_crashing_at("repair index built", &["repair", "index"])
+            .is_some()
+    );
+    assert_eq!(fs::read(&index).unwrap(), before);
+    let packs = pack_files(&repo.path);
+    repo.ok(["gc"]);
+    assert_eq!(pack_files(&repo.path), packs);
+    repo.ok(["check", "--read-data"]);
+    assert_restores(&repo, &sa, &a, "ra");
+}
+
+/// A blob header exactly as volsnap writes it, taken from a real pack of another
+/// repository, followed by only part of its body.
+fn genuine_header_with_a_short_body(other: &Repo) -> Vec<u8> {
+    let data = other.mkdir("other-data");
+    write(data.join("x"), random_bytes("other", 40_000));
+    other.snapshot(&[&data], &["--name", "x"]);
+    for pack in pack_files(&other.path) {
+        let bytes = fs::read(&pack).unwrap();
+        if let Some(at) = bytes.windows(4).position(|w| w == b"VBLB") {
+            let stored_len = u32::from_le_bytes(bytes[at + 12..at + 16].try_into().unwrap());
+            if stored_len > 30_000 {
+                return bytes[at..at + 52 + 100].to_vec();
+            }
+        }
+    }
+    panic!("no large blob in the other repository");
+}
+
+#[test]
+fn bytes_that_look_like_blob_headers_after_a_hole_never_hide_live_blobs() {
+    let other = Repo::new();
+    let planted = genuine_header_with_a_short_body(&other);
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    // Files of one chunk each (under the minimum chunk size), incompressible, ending
+    // in a genuine header whose body would run far into the blobs after it.
+    for n in 0..60 {
+        let mut content = random_bytes(&format!("f{n}"), 12_000 - planted.len());
+        content.extend_from_slice(&planted);
+        write(data.join(format!("f{n:02}")), content);
+    }
+    repo.snapshot(&[&data], &["--name", "s"]);
+    // Every other file dies: dead runs, each followed by a live blob.
+    for n in (0..60).step_by(2) {
+        fs::remove_file(data.join(format!("f{n:02}"))).unwrap();
+    }
+    let keep = repo.snapshot(&[&data], &["--name", "s"]);
+    let first = repo.list(&[])[0].clone();
+    repo.ok(["forget", &id(&first)]);
+    let report = repo.ok(["gc", "--max-unused", "100"]);
+    assert!(report["packs_punched"].as_u64().unwrap() > 0, "{report}");
+
+    let check = repo.run_json(["check", "--read-data"]).code(0).json();
+    assert_eq!(check["errors"], Value::Array(vec![]), "{check}");
+    let repair = repo.ok(["repair", "index"]);
+    assert_eq!(repair["damaged_blobs"], 0, "{repair}");
+    repo.run_json(["check", "--read-data"]).code(0);
+    repo.ok(["gc", "--max-unused", "0"]);
+    repo.run_json(["check", "--read-data"]).code(0);
+    assert_restores(&repo, &keep, &data, "r");
 }
