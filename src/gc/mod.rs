@@ -392,7 +392,7 @@ fn visit_tree(
     progress.add(tree.entries.len() as u64, 0);
     for e in &tree.entries {
         match &e.kind {
-            Kind::File { chunks, .. } => chunks.iter().for_each(|c| visit(c)),
+            Kind::File { chunks, .. } => chunks.iter().for_each(&mut *visit),
             Kind::Dir { tree } => visit_tree(repo, tree, visit, seen, progress)?,
             _ => {}
         }
@@ -453,7 +453,8 @@ fn keep_referenced(
             referenced.insert(*id);
         }
     })?;
-    let mut mend: HashMap<Id, (PathBuf, Vec<(Id, crate::index::Location)>, u8)> = HashMap::new();
+    type Rows = Vec<(Id, crate::index::Location)>;
+    let mut mend: HashMap<Id, (PathBuf, Rows, u8)> = HashMap::new();
     for (pack, path, offset, header) in candidates {
         if !referenced.contains(&header.id) {
             continue;

@@ -362,7 +362,7 @@ pub struct ScannedBlob {
 /// it, because the true one is followed too. Candidates that are not the true chain
 /// are whole verified blobs (their content is what their id says). The pack is called
 /// damaged only if no walk reaches its end.
-pub fn headers(bytes: &[u8], holes: &[(u64, u64)]) -> (Vec<(u64, BlobHeader)>, Option<String>) {
+pub fn headers(bytes: &[u8], holes: &[(u64, u64)]) -> Headers {
     let Some(start) = header_len(bytes) else {
         return (Vec::new(), Some("bad pack header".into()));
     };
@@ -460,9 +460,12 @@ pub fn scan(bytes: &[u8], holes: &[(u64, u64)]) -> (Vec<ScannedBlob>, Option<Str
     (blobs, stopped)
 }
 
+/// Blob headers by offset, and why a walk stopped early if it did.
+pub type Headers = (Vec<(u64, BlobHeader)>, Option<String>);
+
 /// The blob headers of the pack at `path`, as `headers` finds them, reading only the
 /// headers (one small read each) when the file has no holes.
-pub fn read_headers(path: &Path) -> std::io::Result<(Vec<(u64, BlobHeader)>, Option<String>)> {
+pub fn read_headers(path: &Path) -> std::io::Result<Headers> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let hole = rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(0)).unwrap_or(0);
