@@ -82,5 +82,8 @@ fn a_volume_label_that_is_a_path_is_refused() {
         "{}",
         check.describe()
     );
-    assert_eq!(repo.run(["list"]).status, 0);
+    // `list` still works and names the record it cannot use (exit 1).
+    let list = repo.run(["list"]);
+    assert_eq!(list.status, 1, "{}", list.describe());
+    assert!(list.stderr.contains(&id), "{}", list.describe());
 }
