@@ -140,6 +140,8 @@ pub fn live_restore(
     for r in live::recover(&repo)? {
         eprintln!("volsnap: {}", render::recovered_text(&r));
     }
+    // Held from before the snapshot is resolved: gc keeps what it names.
+    let _lease = repo.lease("restore")?;
     let snap = if undo {
         let (snap, notes) = live::undo_snapshot(&repo, source.as_ref().map(std::path::Path::new))?;
         for n in notes {
@@ -221,6 +223,8 @@ pub fn container_restore(
     for r in live::recover(&repo)? {
         eprintln!("volsnap: {}", render::recovered_text(&r));
     }
+    // Held from before the snapshot is resolved: gc keeps what it names.
+    let _lease = repo.lease("restore")?;
     let snap = match (how.undo, source) {
         (true, _) => {
             // The last restore of these containers' volumes.

@@ -652,6 +652,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 .into());
             };
             let repo = open(&path)?;
+            // Held from before the snapshot is resolved: gc keeps what it names.
+            let _lease = repo.lease("restore")?;
             let (reference, sub) = split_ref(&source);
             let listed = snapshot::resolve(&repo, &reference)?;
             let opts = restore::Options { force, volume };
@@ -704,6 +706,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 .into());
             }
             let repo = open(&path)?;
+            // Held from before the snapshot is resolved: gc keeps what it names.
+            let _lease = repo.lease("export")?;
             let (reference, sub) = split_ref(&source);
             let listed = snapshot::resolve(&repo, &reference)?;
             let opts = volsnap::export::Options {

@@ -113,7 +113,8 @@ pub fn export<W: Write + Send + 'static>(
     progress: &Progress,
 ) -> Result<Report> {
     let started = Instant::now();
-    let _lease = repo.lease("export")?;
+    crate::crash::pause("export started");
+    let _lease = repo.lease_for("export", snap)?;
     let selections = select::select(repo, snap, path, opts.volume.as_deref())?;
     if path.iter().all(|&b| b == b'/')
         && (opts.volume.is_none() || snap.snapshot.volumes.len() == 1)

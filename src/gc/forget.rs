@@ -320,6 +320,7 @@ mod tests {
                 notes: Vec::new(),
                 containers: Vec::new(),
             },
+            guarded_by: None,
         }
     }
 

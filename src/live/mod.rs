@@ -113,7 +113,7 @@ pub fn restore_in_place(
 ) -> Result<Report> {
     let started = Instant::now();
     // Held throughout: gc keeps every blob this restore reads.
-    let _lease = repo.lease("restore")?;
+    let _lease = repo.lease_for("restore", snap)?;
     let targets = resolve_targets(repo, snap, &opts.maps)?;
     let id = new_restore_id();
     // Pre-flight, for a dry run too: it refuses exactly what the real run would.

@@ -37,6 +37,9 @@ pub struct Lease<'r> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
+        if let Ok(mut held) = self.repo.held_leases.lock() {
+            held.remove(&self.id);
+        }
         // Best effort: if this fails the row is left, and its unlocked file marks it dead.
         let _ = self.repo.index.remove_lease(self.id);
     }
@@ -47,6 +50,14 @@ fn locks_dir(root: &Path) -> PathBuf {
 }
 
 impl Repository {
+    /// The oldest lease this process holds now, if any.
+    pub fn oldest_held_lease(&self) -> Option<u64> {
+        self.held_leases
+            .lock()
+            .ok()
+            .and_then(|h| h.iter().next().copied())
+    }
+
     /// Takes a lease for an operation of `kind`.
     pub fn lease(&self, kind: &str) -> Result<Lease<'_>> {
         let dir = locks_dir(&self.root);
@@ -79,11 +90,32 @@ impl Repository {
         // Every lookup under this lease must see the index as of now or later (a gc
         // condemnation committed before the lease must not be missed).
         self.index.refresh();
+        self.held_leases.lock().expect("lease lock").insert(id);
         Ok(Lease {
             repo: self,
             id,
             _lock: lock,
         })
+    }
+
+    /// Takes a lease for reading the committed snapshot `snap`, then makes sure it is
+    /// still committed, unless a lease this process still holds was held when `snap`
+    /// was listed (then gc keeps its blobs whatever happened since). A snapshot
+    /// resolved without a lease may have been forgotten, and its blobs swept, before
+    /// this lease began; one still committed once the lease is held stays readable
+    /// until the lease ends (gc waits for it).
+    pub fn lease_for(&self, kind: &str, snap: &crate::snapshot::Listed) -> Result<Lease<'_>> {
+        let lease = self.lease(kind)?;
+        let guarded = snap
+            .guarded_by
+            .is_some_and(|l| self.held_leases.lock().expect("lease lock").contains(&l));
+        if !guarded && !self.snapshots_dir().join(snap.id.hex()).exists() {
+            return Err(Error::SnapshotRef {
+                reference: snap.id.hex(),
+                detail: "it was forgotten while this command started; nothing was read".into(),
+            });
+        }
+        Ok(lease)
     }
 
     /// The leases whose holders are alive, oldest first. Rows of dead holders are

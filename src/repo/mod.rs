@@ -123,6 +123,8 @@ pub struct Repository {
     /// `locks/index.lock`, held shared while the repository is open (exclusively by
     /// `repair index`), so an index is never replaced under a process using it.
     _open_lock: File,
+    /// Ids of the leases this process holds (see `lease_for`).
+    pub(crate) held_leases: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 /// Takes the repository's open lock (`locks/index.lock`): shared for every command,
@@ -343,6 +345,7 @@ impl Repository {
             shards: Default::default(),
             unstored: Default::default(),
             _open_lock: open_lock,
+            held_leases: Default::default(),
         }
     }
 

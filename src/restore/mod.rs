@@ -122,7 +122,8 @@ pub fn restore(
     progress: &Progress,
 ) -> Result<Report> {
     let started = Instant::now();
-    let _lease = repo.lease("restore")?;
+    crate::crash::pause("restore started");
+    let _lease = repo.lease_for("restore", snap)?;
     let jobs = select::select(repo, snap, path, opts.volume.as_deref())?;
     prepare_target(target, opts.force)?;
     let root_fd = walk::open_root(target).map_err(|e| Error::io("open", target)(errno(e)))?;

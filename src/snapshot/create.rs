@@ -306,6 +306,7 @@ pub fn create(
             listed: Listed {
                 id: Id([0; 32]),
                 snapshot,
+                guarded_by: None,
             },
             skipped: false,
         });

@@ -212,6 +212,9 @@ impl Snapshot {
 pub struct Listed {
     pub id: Id,
     pub snapshot: Snapshot,
+    /// A lease this process held when the snapshot was listed: while it is held, gc
+    /// keeps every blob the snapshot names, even if it is forgotten meanwhile.
+    pub guarded_by: Option<u64>,
 }
 
 /// Commits a snapshot: reserves its version, writes the record durably (the commit
@@ -229,7 +232,11 @@ pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
     }
     crate::crash::point("snapshot record written");
     repo.index.insert_snapshot(&id, &bytes)?;
-    Ok(Listed { id, snapshot })
+    Ok(Listed {
+        id,
+        snapshot,
+        guarded_by: repo.oldest_held_lease(),
+    })
 }
 
 /// Every snapshot, and what could not be used.
@@ -256,6 +263,7 @@ pub fn list_all(repo: &Repository) -> Result<Vec<Listed>> {
 /// the records are read from their files alone.
 pub fn scan(repo: &Repository) -> Result<Scan> {
     let mut out = Scan::default();
+    let guarded_by = repo.oldest_held_lease();
     let mut rows: HashMap<Id, Vec<u8>> = match repo.index.snapshots() {
         Ok(rows) => rows.into_iter().collect(),
         Err(e) if e.is_index_unusable() => {
@@ -304,7 +312,11 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
                 if from_file {
                     mend.push((*id, bytes, snapshot.series.clone(), snapshot.version));
                 }
-                out.snapshots.push(Listed { id: *id, snapshot });
+                out.snapshots.push(Listed {
+                    id: *id,
+                    snapshot,
+                    guarded_by,
+                });
             }
             Err(e) => out.problems.push((dir.join(id.hex()), e)),
         }

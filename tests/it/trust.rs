@@ -478,3 +478,79 @@ fn bytes_that_look_like_blob_headers_after_a_hole_never_hide_live_blobs() {
     repo.run_json(["check", "--read-data"]).code(0);
     assert_restores(&repo, &keep, &data, "r");
 }
+
+/// Runs `gc` and returns once it says it waits for older operations, or panics if it
+/// finishes without waiting (it deleted under a reader).
+fn gc_waiting(repo: &Repo) -> std::process::Child {
+    use std::io::BufRead;
+    let mut cmd = repo.command();
+    cmd.arg("gc")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut gc = cmd.spawn().unwrap();
+    let stderr = gc.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("waiting for") => break,
+            Some(_) => continue,
+            None => panic!(
+                "gc finished without waiting for the reader: {:?}",
+                gc.wait()
+            ),
+        }
+    }
+    // Keep draining stderr so gc never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    gc
+}
+
+#[test]
+fn a_reader_that_resolved_its_snapshot_finishes_while_forget_and_gc_run() {
+    for (point, args) in [
+        ("restore started", vec!["restore", "--to"]),
+        ("export started", vec!["export", "--format", "tar", "-o"]),
+    ] {
+        let repo = Repo::new();
+        let data = repo.mkdir("data");
+        write(data.join("big"), random_bytes("big", 6 << 20));
+        write(data.join("sub/small"), "small\n");
+        let snap = repo.snapshot(&[&data], &["--name", "s"]);
+        let out = repo.scratch("out");
+        let mut full: Vec<String> = vec![args[0].into(), id(&snap)];
+        full.extend(args[1..].iter().map(|a| a.to_string()));
+        full.push(out.display().to_string());
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        // The reader has resolved the snapshot and stops just before reading.
+        let (reader, pause) = start_paused(&repo, point, &full);
+        repo.ok(["forget", &id(&snap)]);
+        let gc = gc_waiting(&repo);
+        fs::remove_file(&pause).unwrap();
+        let done = reader.wait_with_output().unwrap();
+        assert!(
+            done.status.success(),
+            "{point}: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        assert!(gc.wait_with_output().unwrap().status.success());
+        if args[0] == "restore" {
+            assert_same_tree(&data, &out);
+        } else {
+            let x = repo.mkdir("x");
+            let status = std::process::Command::new("tar")
+                .arg("-xf")
+                .arg(&out)
+                .arg("-C")
+                .arg(&x)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            assert_eq!(
+                fs::read(x.join("big")).unwrap(),
+                fs::read(data.join("big")).unwrap()
+            );
+        }
+        // Once the reader is done, gc gave the forgotten snapshot's space back.
+        assert!(pack_files(&repo.path).is_empty(), "{point}");
+    }
+}
