@@ -162,7 +162,7 @@ pub fn live_restore(
         snapshot::resolve(&repo, &reference)?
     };
     let report = run_in_place(&repo, &snap, &opts, yes, show_progress)??;
-    emit_in_place(json, &report)?;
+    emit_in_place(json, &report, &plain_undo_command(&repo, &report, &opts))?;
     Ok(exit::OK)
 }
 
@@ -190,19 +190,69 @@ fn run_in_place(
     ))
 }
 
-fn emit_in_place(json: bool, report: &live::Report) -> anyhow::Result<()> {
+fn emit_in_place(json: bool, report: &live::Report, undo_command: &str) -> anyhow::Result<()> {
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    emit(json, &render::live_json(report), || {
-        render::live_text(report)
+    emit(json, &render::live_json(report, undo_command), || {
+        render::live_text(report, undo_command)
     })
+}
+
+/// `volsnap [--repo PATH] restore --undo`: a repository other than the default one
+/// must be named (it is never created implicitly).
+fn undo_command_start(repo: &Repository) -> String {
+    if repo.root == volsnap::repo::default_path() {
+        "volsnap restore --undo".to_string()
+    } else {
+        format!(
+            "volsnap --repo {} restore --undo",
+            render::shell_word(&repo.root.to_string_lossy())
+        )
+    }
+}
+
+/// The undo of a plain in-place restore: by one of its targets, so a later restore of
+/// other directories is not what gets undone, with the same hooks.
+fn plain_undo_command(repo: &Repository, report: &live::Report, opts: &live::Options) -> String {
+    let mut cmd = undo_command_start(repo);
+    if let Some(v) = report.volumes.first() {
+        cmd.push(' ');
+        cmd.push_str(&render::shell_word(&v.target.to_string_lossy()));
+    }
+    for (flag, hook) in [("--pre-cmd", &opts.quiesce), ("--post-cmd", &opts.redeploy)] {
+        if let Some(live::journal::Hook::Shell(c)) = hook {
+            cmd.push_str(&format!(" {flag} {}", render::shell_word(c)));
+        }
+    }
+    cmd
+}
+
+/// The undo of a container restore: through the same containers, so they are stopped
+/// and started around it (a plain `--undo` refuses while they run).
+fn container_undo_command(repo: &Repository, sel: &volsnap::docker::Selection) -> String {
+    let mut cmd = undo_command_start(repo);
+    match sel {
+        volsnap::docker::Selection::Project(p) => {
+            cmd.push_str(&format!(" --project {}", render::shell_word(p)));
+        }
+        volsnap::docker::Selection::Containers(names) => {
+            for n in names {
+                cmd.push_str(&format!(" --container {}", render::shell_word(n)));
+            }
+        }
+        volsnap::docker::Selection::Label(_) => {
+            unreachable!("restore selects containers by name or project")
+        }
+    }
+    cmd
 }
 
 pub struct ContainerRestore {
     /// Restore the pre-restore snapshot of the last in-place restore instead.
     pub undo: bool,
     pub allow_copy: bool,
+    pub ignore_running_containers: bool,
     pub health_timeout: u64,
     pub rollback: bool,
     pub dry_run: bool,
@@ -256,6 +306,7 @@ pub fn container_restore(
         redeploy: hook,
         dry_run: how.dry_run,
         allow_copy: how.allow_copy,
+        ignore_running_containers: how.ignore_running_containers,
     };
     let (report, code) = match run_in_place(&repo, &snap, &opts, how.yes, show_progress)? {
         Ok(r) => (r, exit::OK),
@@ -272,7 +323,7 @@ pub fn container_restore(
         }
         Err(e) => return Err(e.into()),
     };
-    emit_in_place(json, &report)?;
+    emit_in_place(json, &report, &container_undo_command(&repo, sel))?;
     Ok(code)
 }
 

@@ -160,6 +160,10 @@ enum Command {
         /// or nothing)
         #[arg(long)]
         allow_in_place_copy: bool,
+        /// Restore in place even though running containers mount a target (they go on
+        /// using the replaced tree until restarted); refused without it
+        #[arg(long, conflicts_with = "to")]
+        ignore_running_containers: bool,
         /// Restore in place onto the volumes of this container as it is now (repeatable):
         /// every container mounting them is stopped, then started again
         #[arg(long, conflicts_with_all = ["to", "in_place", "project", "map", "pre_cmd", "post_cmd"])]
@@ -594,6 +598,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             dry_run,
             yes,
             allow_in_place_copy,
+            ignore_running_containers,
             container,
             project,
             health_timeout,
@@ -607,6 +612,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 let how = in_place::ContainerRestore {
                     undo,
                     allow_copy: allow_in_place_copy,
+                    ignore_running_containers,
                     health_timeout,
                     rollback: rollback_on_unhealthy,
                     dry_run,
@@ -628,6 +634,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     redeploy: post_cmd.map(live::journal::Hook::Shell),
                     dry_run,
                     allow_copy: allow_in_place_copy,
+                    ignore_running_containers,
                 };
                 return in_place::live_restore(&path, source, undo, opts, yes, json, show_progress);
             }
@@ -637,10 +644,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 || dry_run
                 || yes
                 || allow_in_place_copy
+                || ignore_running_containers
             {
                 return Err(Error::Usage(
-                    "--map, --pre-cmd, --post-cmd, --dry-run, --yes and --allow-in-place-copy go \
-                     with --in-place or --undo"
+                    "--map, --pre-cmd, --post-cmd, --dry-run, --yes, --allow-in-place-copy and \
+                     --ignore-running-containers go with --in-place or --undo"
                         .into(),
                 )
                 .into());

@@ -355,12 +355,14 @@ pub fn check_text(r: &check::Report) -> String {
     out
 }
 
-pub fn live_json(r: &volsnap::live::Report) -> Value {
+/// `undo_command` is the command that puts the previous contents back.
+pub fn live_json(r: &volsnap::live::Report, undo_command: &str) -> Value {
     json!({
         "restore_id": r.restore_id,
         "snapshot": r.snapshot.hex(),
         "dry_run": r.dry_run,
         "undo": r.undo.map(|u| u.hex()),
+        "undo_command": r.undo.map(|_| undo_command),
         "redeployed": r.redeployed,
         "warnings": r.warnings,
         "duration_ms": r.duration_ms,
@@ -373,7 +375,7 @@ pub fn live_json(r: &volsnap::live::Report) -> Value {
     })
 }
 
-pub fn live_text(r: &volsnap::live::Report) -> String {
+pub fn live_text(r: &volsnap::live::Report, undo_command: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -401,11 +403,21 @@ pub fn live_text(r: &volsnap::live::Report) -> String {
     if let Some(u) = r.undo {
         let _ = writeln!(
             out,
-            "the previous contents are snapshot {}: `volsnap restore --undo` brings them back",
+            "the previous contents are snapshot {}: `{undo_command}` brings them back",
             u.short()
         );
     }
     out
+}
+
+/// `arg` as one shell word.
+pub fn shell_word(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:@,".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
 }
 
 pub fn recovered_json(r: &volsnap::live::Recovered) -> Value {

@@ -104,6 +104,27 @@ pub enum Selection {
     Label(String),
 }
 
+/// The unix socket `Engine::connect` talks to, when it talks to one: `DOCKER_HOST`
+/// when it names `unix://PATH`, the default socket when `DOCKER_HOST` is unset, `None`
+/// for any other transport.
+fn unix_socket() -> Option<PathBuf> {
+    const DEFAULT: &str = "/var/run/docker.sock";
+    match std::env::var("DOCKER_HOST") {
+        Err(_) => Some(DEFAULT.into()),
+        Ok(h) if h.is_empty() => Some(DEFAULT.into()),
+        Ok(h) => h.strip_prefix("unix://").map(PathBuf::from),
+    }
+}
+
+/// Whether no Docker engine can be running here: its unix socket does not exist.
+/// Anything else (a socket nobody answers on, permission denied, another transport)
+/// is not proof that no container runs.
+pub fn socket_absent() -> bool {
+    unix_socket().is_some_and(
+        |p| matches!(std::fs::metadata(&p), Err(e) if e.kind() == std::io::ErrorKind::NotFound),
+    )
+}
+
 impl Engine {
     /// Connects to the local engine (`DOCKER_HOST` if it names a unix socket, else
     /// `/var/run/docker.sock`) and agrees on an API version with it.

@@ -5,7 +5,7 @@
 //! healthy.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -129,6 +129,58 @@ pub fn plan(
             health_timeout_s,
         },
     ))
+}
+
+/// A container, running or paused, whose mounts reach a live-restore target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub project: Option<String>,
+    /// The target its mount reaches.
+    pub target: PathBuf,
+}
+
+/// The containers running or paused now that mount one of `targets`, a directory
+/// inside one, or (read-write) a directory holding one: they would go on using the tree
+/// an in-place restore replaces and then deletes. `None` when no engine can be running
+/// (its socket does not exist); an engine that does not answer is an error, since its
+/// containers may still run.
+pub fn users_of(targets: &[PathBuf]) -> Result<Option<Vec<User>>> {
+    if super::socket_absent() {
+        return Ok(None);
+    }
+    let engine = Engine::connect()?;
+    // Mount sources as the engine reports them may go through symlinks; the targets
+    // are resolved up to their parent.
+    let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let targets: Vec<(PathBuf, &PathBuf)> = targets.iter().map(|t| (real(t), t)).collect();
+    let mut users = Vec::new();
+    for c in engine.all()? {
+        if c.state == RunState::Stopped {
+            continue;
+        }
+        // A read-only mount of a directory above a target (a monitoring agent's view
+        // of `/`) cannot write into it; one of the target or inside it still serves
+        // the replaced tree to the application.
+        let reached = c
+            .mounts
+            .iter()
+            .filter_map(|m| Some((real(m.source.as_deref()?), m.read_write)))
+            .find_map(|(s, rw)| {
+                targets
+                    .iter()
+                    .find(|(t, _)| s.starts_with(t) || (rw && t.starts_with(&s)))
+            });
+        if let Some((_, target)) = reached {
+            users.push(User {
+                name: c.name.clone(),
+                project: c.project().map(str::to_string),
+                target: (*target).clone(),
+            });
+        }
+    }
+    users.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Some(users))
 }
 
 /// Compose dependency order (`com.docker.compose.depends_on`: `service:condition[:restart],...`):

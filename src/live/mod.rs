@@ -62,6 +62,9 @@ pub struct Options {
     /// `RENAME_EXCHANGE`), move its top-level entries instead, still journaled and all
     /// or nothing.
     pub allow_copy: bool,
+    /// Swap even though running containers mount a target (checked after the pre-cmd
+    /// hook, which may stop them): they would go on using the replaced tree.
+    pub ignore_running_containers: bool,
 }
 
 /// A volume of a live restore and what the restore changes in it.
@@ -127,6 +130,17 @@ pub fn restore_in_place(
     preflight::space(&targets, &by_entries)?;
     let mut warnings = Vec::new();
     if opts.dry_run {
+        if !opts.ignore_running_containers {
+            // The real run checks after its pre-cmd, which may stop them.
+            match (
+                preflight::no_running_containers(&targets, snap),
+                &opts.quiesce,
+            ) {
+                (Err(e), None) => return Err(e),
+                (Err(e), Some(_)) => warnings.push(format!("{e} (unless the pre-cmd stops them)")),
+                (Ok(()), _) => {}
+            }
+        }
         let mut volumes = Vec::new();
         for t in &targets {
             let live = live_view(repo, snap, t, &mut warnings)?;
@@ -185,7 +199,15 @@ pub fn restore_in_place(
         .ok_or_else(|| Error::Busy(format!("restore id {id} is taken; try again")))?;
     j.save(repo)?;
     crate::crash::point("live journal written");
-    if let Err(e) = swap_in(repo, snap, &mut j, progress, &mut warnings) {
+    let check_containers = (!opts.ignore_running_containers).then_some(targets.as_slice());
+    if let Err(e) = swap_in(
+        repo,
+        snap,
+        &mut j,
+        check_containers,
+        progress,
+        &mut warnings,
+    ) {
         // Not committed: put everything back as it was.
         return Err(match roll_back(&j) {
             Ok((_, None)) => {
@@ -396,6 +418,7 @@ fn swap_in(
     repo: &Repository,
     snap: &Listed,
     j: &mut Journal,
+    check_containers: Option<&[Target]>,
     progress: &Progress,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
@@ -403,6 +426,10 @@ fn swap_in(
         advance(repo, j, State::Quiesced)?;
         run_hook(&hook, Phase::Quiesce, &j.id, None)?;
         crate::crash::point("live quiesced");
+    }
+    // After the pre-cmd (or the containers hook) had its chance to stop them.
+    if let Some(targets) = check_containers {
+        preflight::no_running_containers(targets, snap)?;
     }
     for n in 0..j.volumes.len() {
         let v = &j.volumes[n];

@@ -16,6 +16,52 @@ use crate::progress::human_bytes;
 
 use super::{Target, journal};
 use crate::repo::Repository;
+use crate::snapshot::Listed;
+
+/// Refuses when running (or paused) containers mount a target, a directory inside
+/// one, or one holding it (`docker::restore::users_of`): they would go on writing into
+/// the tree the swap replaces and then deletes. No engine socket: nothing can run.
+/// An engine that does not answer: refused too, since its containers may still run.
+pub fn no_running_containers(targets: &[Target], snap: &Listed) -> Result<()> {
+    const OVERRIDE: &str = "pass --ignore-running-containers to restore anyway";
+    let paths: Vec<PathBuf> = targets.iter().map(|t| t.path.clone()).collect();
+    let users = match crate::docker::restore::users_of(&paths) {
+        Ok(None) => return Ok(()),
+        Ok(Some(users)) if users.is_empty() => return Ok(()),
+        Ok(Some(users)) => users,
+        Err(e) => {
+            return Err(Error::Refused(format!(
+                "cannot tell whether running containers use the targets ({e}); nothing was \
+                 changed ({OVERRIDE})"
+            )));
+        }
+    };
+    let listed: Vec<String> = users
+        .iter()
+        .map(|u| format!("{} ({})", u.name, u.target.display()))
+        .collect();
+    // The --container/--project form maps volumes through the containers a snapshot
+    // recorded; a snapshot of plain directories has none.
+    let how = if snap.snapshot.containers.is_empty() {
+        "stop them first (--pre-cmd and --post-cmd can stop and start them)".to_string()
+    } else {
+        let projects: std::collections::BTreeSet<Option<&str>> =
+            users.iter().map(|u| u.project.as_deref()).collect();
+        let form = match projects.into_iter().collect::<Vec<_>>()[..] {
+            [Some(p)] => format!("--project {p}"),
+            _ => users
+                .iter()
+                .map(|u| format!("--container {}", u.name))
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        format!("add {form}, which stops and starts them around the swap")
+    };
+    Err(Error::Refused(format!(
+        "running containers mount the targets: {}; nothing was changed: {how}, or {OVERRIDE}",
+        listed.join(", ")
+    )))
+}
 
 /// Space kept free beyond the staged copy: 2% of it plus this.
 const HEADROOM_BYTES: u64 = 8 << 20;

@@ -855,3 +855,115 @@ fn a_container_recreated_under_another_name_is_found_by_its_compose_service() {
     );
     assert_eq!(state(&second), "running");
 }
+
+#[test]
+fn in_place_restores_under_running_containers_refuse_and_name_the_container_form() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = running(&repo, "busy", &[]);
+    let out: Value = repo.ok(["snapshot", "--container", &f.name]);
+    let snap = id(&out[0]);
+    let app = f.bind.join("app.txt");
+    write(&app, "changed since\n");
+    let form = format!("--container {}", f.name);
+    for args in [
+        vec!["restore", &snap, "--in-place", "--yes"],
+        vec!["restore", &snap, "--in-place", "--dry-run"],
+    ] {
+        let run = repo.run(&args).code(1);
+        let line = run.error_line();
+        assert!(
+            line.contains("running containers mount the targets")
+                && line.contains(&f.name)
+                && line.contains(&form)
+                && line.contains("--ignore-running-containers"),
+            "{}",
+            run.describe()
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&app).unwrap(), "changed since\n");
+
+    // Through the container; its hint names the undo that works.
+    let run = repo
+        .run(["restore", &snap, "--container", &f.name, "--yes"])
+        .code(0);
+    let hint = format!(
+        "volsnap --repo {} restore --undo {form}",
+        repo.path.display()
+    );
+    assert!(run.stdout_str().contains(&hint), "{}", run.describe());
+    assert_eq!(std::fs::read_to_string(&app).unwrap(), "busy\n");
+    assert_eq!(state(&f.name), "running");
+    // The plain undo would swap under the running container: refused, naming the form.
+    let run = repo.run(["restore", "--undo", "--yes"]).code(1);
+    assert!(
+        run.error_line().contains(&format!("add {form}")),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(std::fs::read_to_string(&app).unwrap(), "busy\n");
+    // `Repo::run` adds --repo itself.
+    let mut args: Vec<&str> = hint.split(' ').skip(3).collect();
+    args.push("--yes");
+    repo.run(&args).code(0);
+    assert_eq!(std::fs::read_to_string(&app).unwrap(), "changed since\n");
+    assert_eq!(state(&f.name), "running");
+}
+
+#[test]
+fn a_container_mounting_a_directory_inside_the_target_stops_a_plain_in_place_restore() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    write(data.join("sub/app.txt"), "v1\n");
+    write(data.join("top.txt"), "v1\n");
+    let snap = id(&repo.snapshot(&[&data], &[]));
+    write(data.join("top.txt"), "v2\n");
+    let name = format!("volsnap-it-nested-{}", std::process::id());
+    let _f = Fixture {
+        name: name.clone(),
+        volume: format!("{name}-none"),
+        bind: data.join("sub"),
+    };
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "-v",
+        &format!("{}:/data", data.join("sub").display()),
+        image(),
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 0.1; done",
+    ]);
+    let run = repo.run(["restore", &snap, "--in-place", "--yes"]).code(1);
+    let line = run.error_line();
+    assert!(
+        line.contains(&name)
+            && line.contains(&data.display().to_string())
+            && line.contains("stop them first")
+            && line.contains("--ignore-running-containers"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(fs_read(&data.join("top.txt")), "v2\n");
+    // The explicit override.
+    repo.run([
+        "restore",
+        &snap,
+        "--in-place",
+        "--yes",
+        "--ignore-running-containers",
+    ])
+    .code(0);
+    assert_eq!(fs_read(&data.join("top.txt")), "v1\n");
+}
+
+fn fs_read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap()
+}

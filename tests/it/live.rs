@@ -846,3 +846,44 @@ fn a_forget_while_a_restore_is_in_flight_keeps_its_undo_snapshot() {
     w.repo.ok(["restore", "--undo", "--yes"]);
     assert_eq!(all_one_way(&w), "old");
 }
+
+#[test]
+fn an_engine_that_does_not_answer_refuses_an_in_place_restore_unless_told() {
+    let w = world();
+    // A socket path that exists but where no engine answers: its containers may run.
+    let not_a_socket = w.repo.scratch("docker.sock");
+    write(&not_a_socket, "");
+    let with_host = |host: String, extra: &[&str]| {
+        let mut cmd = w.repo.command();
+        cmd.env("DOCKER_HOST", host)
+            .args(["restore", &w.snap, "--in-place", "--yes"])
+            .args(extra);
+        Run::from_command(cmd)
+    };
+    let run = with_host(format!("unix://{}", not_a_socket.display()), &[]).code(1);
+    let line = run.error_line();
+    assert!(
+        line.contains("cannot tell whether running containers use the targets")
+            && line.contains("--ignore-running-containers"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(all_one_way(&w), "old");
+    assert!(journals(&w.repo).is_empty(), "{:?}", journals(&w.repo));
+    assert!(leftovers(&w.parent).is_empty());
+    with_host(
+        format!("unix://{}", not_a_socket.display()),
+        &["--ignore-running-containers"],
+    )
+    .code(0);
+    assert_eq!(all_one_way(&w), "new");
+    // No socket at all: no engine, so no container can be running.
+    let undo = {
+        let mut cmd = w.repo.command();
+        cmd.env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+            .args(["restore", "--undo", "--yes"]);
+        Run::from_command(cmd)
+    };
+    undo.code(0);
+    assert_eq!(all_one_way(&w), "old");
+}
