@@ -1,7 +1,8 @@
 //! Test-only crash points: `VOLSNAP_CRASH_AT=N` aborts the process at the N-th point
 //! reached, and `VOLSNAP_CRASH_AT=NAME` at the first point of that name, so tests can
 //! kill a write path after every step and check recovery.
-//! Without the variable a point costs one relaxed atomic load.
+//! Without the variable a point costs one initialised-`OnceLock` read. Pause points
+//! (`VOLSNAP_PAUSE_AT`) hold the process at a named step instead.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,17 +35,26 @@ pub fn point(name: &str) {
     }
 }
 
+/// The pause point named by `VOLSNAP_PAUSE_AT` and the file `VOLSNAP_PAUSE_FILE`,
+/// read once: some pause points are reached once per file or per pack.
+static PAUSE: OnceLock<Option<(String, std::path::PathBuf)>> = OnceLock::new();
+
 /// Test-only pause: when `VOLSNAP_PAUSE_AT` names this point, creates
 /// `$VOLSNAP_PAUSE_FILE.reached` and waits until `$VOLSNAP_PAUSE_FILE` is removed, so a
-/// test can interleave another process at an exact step.
+/// test can interleave another process at an exact step (or signal this one there).
+/// Without the variable a pause costs one initialised-`OnceLock` read.
 pub fn pause(name: &str) {
-    if std::env::var("VOLSNAP_PAUSE_AT").ok().as_deref() != Some(name) {
-        return;
-    }
-    let Some(file) = std::env::var_os("VOLSNAP_PAUSE_FILE") else {
+    let pause = PAUSE.get_or_init(|| {
+        let at = std::env::var("VOLSNAP_PAUSE_AT").ok()?;
+        let file = std::env::var_os("VOLSNAP_PAUSE_FILE")?;
+        Some((at, file.into()))
+    });
+    let Some((at, file)) = pause else {
         return;
     };
-    let file = std::path::PathBuf::from(file);
+    if at != name {
+        return;
+    }
     let mut reached = file.clone().into_os_string();
     reached.push(".reached");
     #[allow(clippy::disallowed_methods)] // a test marker, not repository data

@@ -274,7 +274,11 @@ impl<'r> Packer<'r> {
         };
         self.repo
             .index
-            .commit_pack(&pack_id, &row, &pack.rows, self.mode)
+            .commit_pack(&pack_id, &row, &pack.rows, self.mode)?;
+        // Mid-write with at least one pack stored and indexed: where a test interrupts a
+        // snapshot.
+        crate::crash::pause("pack indexed");
+        Ok(())
     }
 }
 

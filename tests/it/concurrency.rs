@@ -138,29 +138,35 @@ fn interrupted_snapshot_leaves_a_consistent_repository() {
             random_bytes(&format!("interrupt {i}"), 8 << 20),
         );
     }
-    let child = spawn_snapshot(&repo, &data, "interrupted");
-    std::thread::sleep(std::time::Duration::from_millis(150));
-    let pid = rustix::process::Pid::from_child(&child);
-    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-    let out = child.wait_with_output().unwrap();
+    // Held once a pack is stored and indexed, while other packs are being written and
+    // before any record: SIGINT there, not after a guess at how long the data takes.
+    let paused = repo.spawn_paused(
+        "pack indexed",
+        &["snapshot", data.to_str().unwrap(), "--name", "interrupted"],
+    );
+    let stored = std::fs::read_dir(repo.path.join("packs"))
+        .unwrap()
+        .flat_map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap())
+        .filter(|p| p.as_ref().unwrap().path().extension() == Some("pack".as_ref()))
+        .count();
+    assert!(
+        stored >= 1,
+        "held after a pack was indexed, yet no pack is stored"
+    );
+    let out = paused.signal(rustix::process::Signal::INT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
-    // 0 only if it finished before the signal arrived. Dying of the SIGINT
-    // itself is what a shell also reports as 130.
+    // Dying of the SIGINT itself is what a shell reports as 130.
     use std::os::unix::process::ExitStatusExt;
     assert!(
-        matches!(out.status.code(), Some(130) | Some(0)) || out.status.signal() == Some(2),
+        out.status.code() == Some(130) || out.status.signal() == Some(2),
         "interrupted snapshot should exit 130: {:?}\nstderr: {stderr}",
         out.status
     );
 
     // Nothing half-written is visible and nothing stays locked.
     let listed = repo.list(&[]);
-    assert_eq!(
-        listed.len(),
-        usize::from(out.status.code() == Some(0)),
-        "{listed:?}"
-    );
+    assert!(listed.is_empty(), "{listed:?}");
     let check = repo.ok(["check", "--read-data"]);
     assert_eq!(check["ok"], true, "{check}");
     let snap = repo.snapshot(&[&data], &["--name", "interrupted"]);

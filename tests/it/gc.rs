@@ -199,11 +199,40 @@ fn a_snapshot_reusing_chunks_of_a_parent_collected_meanwhile_stays_whole() {
     // The parent is forgotten and gc runs while the child holds reused chunks.
     repo.ok(["forget", &id(&parent)]);
     let mut gc = repo.command();
-    gc.args(["gc"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let gc_child = gc.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    gc.args(["gc"]).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut gc_child = gc.spawn().unwrap();
+    // gc must have reached its wait for the older snapshot before the snapshot goes on:
+    // read its stderr until it says so.
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let gc_stderr = gc_child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(gc_stderr).lines() {
+            let line = line.unwrap();
+            let _ = lines_tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains("waiting for") => break,
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                fs::remove_file(&pause).unwrap();
+                panic!(
+                    "gc ended without waiting for the paused snapshot: {}",
+                    reader.join().unwrap()
+                );
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                fs::remove_file(&pause).unwrap();
+                panic!("gc never said it waits for the paused snapshot");
+            }
+        }
+    }
     fs::remove_file(&pause).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -217,17 +246,9 @@ fn a_snapshot_reusing_chunks_of_a_parent_collected_meanwhile_stays_whole() {
         2,
         "the big file was reused, not read: {snap}"
     );
-    let gc_out = gc_child.wait_with_output().unwrap();
-    assert!(
-        gc_out.status.success(),
-        "gc failed: {}",
-        String::from_utf8_lossy(&gc_out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&gc_out.stderr).contains("waiting for"),
-        "gc did not wait for the snapshot: {}",
-        String::from_utf8_lossy(&gc_out.stderr)
-    );
+    let gc_status = gc_child.wait().unwrap();
+    let gc_stderr = reader.join().unwrap();
+    assert!(gc_status.success(), "gc failed: {gc_stderr}");
 
     let check = repo.ok(["check", "--read-data"]);
     assert_eq!(check["ok"], true, "{check}");

@@ -902,6 +902,14 @@ impl Repo {
 }
 
 impl Paused {
+    /// Sends `signal` to the process while it is held at the pause point, and waits for
+    /// it to end.
+    pub fn signal(self, signal: rustix::process::Signal) -> Output {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, signal).unwrap();
+        self.child.wait_with_output().unwrap()
+    }
+
     /// Lets the process go on and waits for it to end.
     pub fn finish(self) -> Run {
         std::fs::remove_file(&self.flag).unwrap();
