@@ -223,9 +223,13 @@ pub fn gc(
         .into_iter()
         .map(|(pack, dead)| {
             let spans = &live_spans[&pack];
+            let file = File::open(repo.pack_path(&pack)).ok();
             let proven: Vec<(u64, u32)> = dead
                 .into_iter()
-                .filter(|(id, loc)| crate::pack::row_is_sound(repo, id, loc))
+                .filter(|(id, loc)| {
+                    file.as_ref()
+                        .is_some_and(|f| crate::pack::header_matches(f, id, loc))
+                })
                 .map(|(_, loc)| (loc.offset, loc.stored_len))
                 .filter(|&(offset, len)| {
                     let end = offset + HEADER_LEN as u64 + u64::from(len);

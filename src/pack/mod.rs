@@ -522,9 +522,11 @@ pub fn read_verified_at(path: &Path, offset: u64, header: &BlobHeader) -> std::i
 /// Whether the index row `loc` of blob `id` names a header that is that blob's (one
 /// small read; the body is not verified).
 pub fn row_is_sound(repo: &Repository, id: &Id, loc: &Location) -> bool {
-    let Ok(file) = File::open(repo.pack_path(&loc.pack)) else {
-        return false;
-    };
+    File::open(repo.pack_path(&loc.pack)).is_ok_and(|file| header_matches(&file, id, loc))
+}
+
+/// Whether the pack `file` holds the header of blob `id` at `loc` (one small read).
+pub fn header_matches(file: &File, id: &Id, loc: &Location) -> bool {
     let mut buf = [0u8; HEADER_LEN];
     if file.read_exact_at(&mut buf, loc.offset).is_err() {
         return false;
