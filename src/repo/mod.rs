@@ -142,6 +142,14 @@ fn open_lock(root: &Path, exclusive: bool) -> Result<File> {
         .write(true)
         .mode(0o600)
         .open(&path)
+        // A reader without write access (a read-only mount) still locks: flock works on
+        // a descriptor opened for reading.
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                File::open(&path)
+            }
+            _ => Err(e),
+        })
         .map_err(Error::io("open", &path))?;
     let taken = if exclusive {
         file.try_lock()
