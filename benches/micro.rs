@@ -12,7 +12,7 @@ use volsnap::index::{Index, Location, PackRow};
 use volsnap::pack::Packer;
 use volsnap::pack::blob::{self, BlobKind};
 use volsnap::repo::{Config, Repository};
-use volsnap::tree::{Entry, Kind, Tree};
+use volsnap::tree::{Entry, Kind, Run, Tree};
 
 fn main() {
     divan::main();
@@ -107,7 +107,16 @@ fn tree_of(n: usize) -> Tree {
             name: format!("file-{i:08}.dat").into_bytes(),
             kind: Kind::File {
                 size: 70_000,
-                chunks: vec![Id::of(&i.to_le_bytes()), Id::of(&(i + 1).to_le_bytes())],
+                chunks: vec![
+                    Run {
+                        id: Id::of(&i.to_le_bytes()),
+                        count: 1,
+                    },
+                    Run {
+                        id: Id::of(&(i + 1).to_le_bytes()),
+                        count: 1,
+                    },
+                ],
             },
             mode: 0o644,
             uid: 1000,

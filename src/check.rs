@@ -278,7 +278,7 @@ fn check_tree(
         match &entry.kind {
             Kind::Dir { tree } => check_tree(repo, snap, tree, &child, bad_blobs, sound, problems)?,
             Kind::File { chunks, .. } => {
-                for c in chunks {
+                for c in chunks.iter().map(|r| &r.id) {
                     if bad_blobs.contains(c) {
                         problems.push(problem(&child, format!("chunk {} is damaged", c.short())));
                         break;

@@ -10,6 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = Tree::decode(data);
     let _ = BlobHeader::decode(data);
     let _ = Snapshot::decode(data);
+    let _ = volsnap::snapshot::cache::DirCache::decode(data);
     let (blobs, _) = pack::scan(data);
     for b in blobs {
         assert!(b.offset < data.len() as u64);

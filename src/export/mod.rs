@@ -25,7 +25,7 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
 use crate::snapshot::select::{self, Selection};
-use crate::tree::{self, Entry, Kind};
+use crate::tree::{self, Entry, Kind, Run};
 use crate::walk::join_rel;
 
 /// Archive formats.
@@ -262,12 +262,13 @@ impl Ctx<'_> {
         dest: &[u8],
         entry: &Entry,
         size: u64,
-        chunks: &[Id],
+        chunks: &[Run],
     ) -> Result<()> {
         let mut reader = ChunkReader {
             repo: self.repo,
-            chunks,
+            runs: chunks,
             next: 0,
+            repeats: 0,
             buf: Vec::new(),
             at: 0,
             total: 0,
@@ -292,11 +293,15 @@ impl Ctx<'_> {
 }
 
 /// Reads a file's content chunk by chunk, each verified; fails unless the chunks hold
-/// exactly `size` bytes.
+/// exactly `size` bytes. A run's chunk is read and verified once and repeated from
+/// memory (a hole of any size costs one chunk of memory and streams as zeros).
 struct ChunkReader<'a> {
     repo: &'a Repository,
-    chunks: &'a [Id],
+    runs: &'a [Run],
+    /// The next run to read.
     next: usize,
+    /// Times `buf` is still to be served again (the rest of its run).
+    repeats: u64,
     buf: Vec<u8>,
     at: usize,
     total: u64,
@@ -307,8 +312,13 @@ struct ChunkReader<'a> {
 impl ChunkReader<'_> {
     /// The next piece of content, or an empty slice at the end.
     pub fn fill(&mut self) -> Result<&[u8]> {
-        if self.at == self.buf.len() {
-            if self.next == self.chunks.len() {
+        // A loop, so an empty chunk (never written, but trees are not trusted) is
+        // skipped rather than taken for the end of the content.
+        while self.at == self.buf.len() {
+            if self.repeats > 0 {
+                self.repeats -= 1;
+                self.at = 0;
+            } else if self.next == self.runs.len() {
                 if self.total != self.size {
                     return Err(Error::Corrupt {
                         what: "file in snapshot",
@@ -320,10 +330,17 @@ impl ChunkReader<'_> {
                     });
                 }
                 return Ok(&[]);
+            } else {
+                let run = self.runs[self.next];
+                self.buf = self.repo.read_blob(&run.id)?;
+                self.next += 1;
+                self.repeats = if self.buf.is_empty() {
+                    0
+                } else {
+                    run.count - 1
+                };
+                self.at = 0;
             }
-            self.buf = self.repo.read_blob(&self.chunks[self.next])?;
-            self.next += 1;
-            self.at = 0;
             self.total += self.buf.len() as u64;
             self.progress.add(0, self.buf.len() as u64);
             if self.total > self.size {

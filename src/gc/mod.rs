@@ -396,7 +396,7 @@ fn visit_tree(
     progress.add(tree.entries.len() as u64, 0);
     for e in &tree.entries {
         match &e.kind {
-            Kind::File { chunks, .. } => chunks.iter().for_each(&mut *visit),
+            Kind::File { chunks, .. } => chunks.iter().for_each(|r| visit(&r.id)),
             Kind::Dir { tree } => visit_tree(repo, tree, visit, seen, progress)?,
             _ => {}
         }
@@ -500,9 +500,9 @@ fn keep_referenced(
 
 /// Whether a files-cache row names a blob `bad` accepts (undecodable rows count too).
 fn cache_row_names(row: &[u8], bad: &dyn Fn(&Id) -> bool) -> bool {
-    match postcard::from_bytes::<DirCache>(row) {
-        Ok(c) => c.files.iter().any(|f| f.chunks.iter().any(bad)),
-        Err(_) => true,
+    match DirCache::decode(row) {
+        Some(c) => c.chunk_ids().any(bad),
+        None => true,
     }
 }
 

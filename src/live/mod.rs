@@ -855,16 +855,27 @@ fn resolve_path(raw: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((parent, path))
 }
 
-/// Disk space (whole blocks) and inodes a tree needs.
+/// Disk space (whole blocks) and inodes a tree needs. Runs of the zero chunk (holes,
+/// long stretches of zeros) are restored as holes and need no space.
 fn tree_size(repo: &Repository, id: &Id) -> Result<(u64, u64)> {
     const BLOCK: u64 = 4096;
+    let zero_len = crate::chunker::zero_chunk_len(repo.config.chunk_sizes());
+    let zero_chunk = Id::of(&vec![0u8; zero_len]);
     let (mut bytes, mut inodes) = (BLOCK, 1);
     let mut stack = vec![*id];
     while let Some(t) = stack.pop() {
         for e in tree::load(repo, &t)?.entries {
             inodes += 1;
             match e.kind {
-                Kind::File { size, .. } => bytes += size.div_ceil(BLOCK) * BLOCK,
+                Kind::File { size, chunks } => {
+                    let holes = chunks
+                        .iter()
+                        .filter(|r| r.id == zero_chunk)
+                        .fold(0u64, |n, r| {
+                            n.saturating_add(r.count.saturating_mul(zero_len as u64))
+                        });
+                    bytes += size.saturating_sub(holes).div_ceil(BLOCK) * BLOCK;
+                }
                 Kind::Dir { tree } => {
                     bytes += BLOCK;
                     stack.push(tree);

@@ -38,6 +38,16 @@ pub struct Config {
     pub zstd_level: i32,
 }
 
+impl Config {
+    pub fn chunk_sizes(&self) -> crate::chunker::ChunkSizes {
+        crate::chunker::ChunkSizes {
+            min: self.chunk_size_min,
+            avg: self.chunk_size_avg,
+            max: self.chunk_size_max,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {

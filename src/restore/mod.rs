@@ -2,8 +2,8 @@
 //! empty directory with full metadata.
 //!
 //! Three passes, so that nothing disturbs a time already set:
-//! 1. in parallel, create directories, files (contents verified by hash on read, zero
-//!    chunks left as holes), symlinks, fifos and devices, with their metadata;
+//! 1. in parallel, create directories, files (contents verified by hash on read, aligned
+//!    blocks of zeros left as holes), symlinks, fifos and devices, with their metadata;
 //! 2. create hardlinks (their targets now exist);
 //! 3. set directory metadata, deepest first (creating entries changes a directory's
 //!    mtime).
@@ -41,11 +41,16 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
 use crate::snapshot::select::{self, Selection};
-use crate::tree::{self, Entry, Kind};
+use crate::tree::{self, Entry, Kind, Run};
 use crate::walk;
 
-/// Chunks read ahead in parallel per file.
+/// Chunk runs read ahead in parallel per file.
 const CHUNKS_IN_FLIGHT: usize = 16;
+
+/// Aligned blocks of zeros this size are left as holes in restored files (the block
+/// size of ext4, xfs and tmpfs pages; larger blocks are just allocated when partly
+/// written).
+const HOLE_BLOCK: usize = 4096;
 
 /// What the user asked for.
 #[derive(Clone, Debug, Default)]
@@ -424,13 +429,15 @@ fn restore_entry(
 }
 
 /// Creates and fills a file; returns it open, so its metadata is set through the
-/// descriptor (no path lookups).
+/// descriptor (no path lookups). Zeros are never written: the file is new, so what is
+/// not written reads as zeros, and every aligned block of zeros (a run of the zero
+/// chunk: a hole in the source, or zeros written out) stays a hole.
 fn write_file(
     ctx: &Ctx<'_>,
     dir: BorrowedFd<'_>,
     name: &CString,
     size: u64,
-    chunks: &[Id],
+    chunks: &[Run],
     dest: &[u8],
     target: &Path,
 ) -> Result<File> {
@@ -442,40 +449,55 @@ fn write_file(
     )
     .map_err(io_err("create file", target, dest))?;
     let file = File::from(fd);
+    let corrupt = |detail: String| Error::Corrupt {
+        what: "file in snapshot",
+        path: walk::display_path(target, dest),
+        detail,
+    };
     let result = (|| -> Result<()> {
         let mut offset = 0u64;
-        let mut ends_in_hole = false;
         for window in chunks.chunks(CHUNKS_IN_FLIGHT) {
             let blobs: Vec<Vec<u8>> = if window.len() == 1 {
-                vec![ctx.repo.read_blob(&window[0])?]
+                vec![ctx.repo.read_blob(&window[0].id)?]
             } else {
                 window
                     .par_iter()
-                    .map(|id| ctx.repo.read_blob(id))
+                    .map(|r| ctx.repo.read_blob(&r.id))
                     .collect::<Result<_>>()?
             };
-            for data in blobs {
-                ends_in_hole = data.iter().all(|&b| b == 0);
-                if !ends_in_hole {
-                    file.write_all_at(&data, offset)
-                        .map_err(Error::io("write", walk::display_path(target, dest)))?;
+            for (run, data) in window.iter().zip(blobs) {
+                let len = data.len() as u64;
+                // Checked before writing: a run is never written past the size.
+                let end = len
+                    .checked_mul(run.count)
+                    .and_then(|n| offset.checked_add(n))
+                    .filter(|&end| end <= size)
+                    .ok_or_else(|| {
+                        corrupt(format!(
+                            "chunks hold more than the {size} bytes the tree says"
+                        ))
+                    })?;
+                if data.iter().fold(0u8, |acc, &b| acc | b) != 0 {
+                    for _ in 0..run.count {
+                        write_nonzero(&file, &data, offset)
+                            .map_err(Error::io("write", walk::display_path(target, dest)))?;
+                        offset += len;
+                        ctx.progress.add(0, len);
+                    }
+                } else {
+                    ctx.progress.add(0, end - offset);
                 }
-                offset += data.len() as u64;
-                ctx.progress.add(0, data.len() as u64);
+                offset = end;
             }
         }
         if offset != size {
-            return Err(Error::Corrupt {
-                what: "file in snapshot",
-                path: walk::display_path(target, dest),
-                detail: format!("chunks hold {offset} bytes, the tree says {size}"),
-            });
+            return Err(corrupt(format!(
+                "chunks hold {offset} bytes, the tree says {size}"
+            )));
         }
-        if ends_in_hole {
-            file.set_len(size)
-                .map_err(Error::io("truncate", walk::display_path(target, dest)))?;
-        }
-        Ok(())
+        // Zeros at the end were not written: the size makes them a hole.
+        file.set_len(size)
+            .map_err(Error::io("truncate", walk::display_path(target, dest)))
     })();
     if let Err(e) = result {
         drop(file);
@@ -493,6 +515,30 @@ fn write_file(
     ctx.bytes.fetch_add(size, Ordering::Relaxed);
     ctx.progress.add(1, 0);
     Ok(file)
+}
+
+/// Writes `data` at `offset` except its `HOLE_BLOCK`-aligned stretches of zeros.
+fn write_nonzero(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    let zero = |piece: &[u8]| piece.iter().fold(0u8, |acc, &b| acc | b) == 0;
+    // Pieces end at block boundaries of the file.
+    let piece_end = |i: usize| {
+        let in_block = ((offset + i as u64) % HOLE_BLOCK as u64) as usize;
+        (i + HOLE_BLOCK - in_block).min(data.len())
+    };
+    let mut i = 0;
+    while i < data.len() {
+        let mut end = piece_end(i);
+        if zero(&data[i..end]) {
+            i = end;
+            continue;
+        }
+        while end < data.len() && !zero(&data[end..piece_end(end)]) {
+            end = piece_end(end);
+        }
+        file.write_all_at(&data[i..end], offset + i as u64)?;
+        i = end;
+    }
+    Ok(())
 }
 
 pub(crate) fn timestamps(mtime_ns: i64) -> Timestamps {

@@ -2,7 +2,11 @@
 //! of the last snapshot that read it, with its chunk list and xattrs, so an unchanged
 //! file is neither read nor hashed again.
 //!
-//! Key: `series \0 label \0 relative directory path`. Value: postcard `DirCache`.
+//! Key: `series \0 label \0 relative directory path`. Value: `ROW_MAGIC`, a version
+//! byte (2), then postcard `DirCache`. The magic is ten 0xff bytes, an invalid postcard
+//! length: rows of version 1 (plain postcard, chunk lists without runs) fail to decode
+//! here and are ignored, and builds that wrote version 1 fail to decode these rows, so
+//! they ignore them and their gc drops them. A row is never read as the other layout.
 //! **Invariant:** a row is written only after the snapshot that produced it is
 //! committed, so its chunks are referenced by a committed snapshot.
 //! **Invariant:** a file is cached only when it was stable while read and not "racily
@@ -16,7 +20,11 @@ use crate::error::Result;
 use crate::id::Id;
 use crate::limits::CACHE_ROWS_PER_TRANSACTION;
 use crate::repo::Repository;
-use crate::tree::Xattr;
+use crate::tree::{Run, Xattr};
+
+/// The start of every row: an invalid postcard varint (see the module comment).
+const ROW_MAGIC: [u8; 10] = [0xff; 10];
+const ROW_VERSION: u8 = 2;
 
 /// What the cache remembers of a file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,7 +35,7 @@ pub struct CachedFile {
     pub ctime_ns: i64,
     pub ino: u64,
     pub xattrs: Vec<Xattr>,
-    pub chunks: Vec<Id>,
+    pub chunks: Vec<Run>,
 }
 
 /// The cached files of one directory, sorted by name.
@@ -45,7 +53,26 @@ impl DirCache {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("cache rows encode")
+        let mut out = ROW_MAGIC.to_vec();
+        out.push(ROW_VERSION);
+        postcard::to_io(self, &mut out).expect("cache rows encode");
+        out
+    }
+
+    /// Decodes a row; `None` for a row of another version or damaged bytes.
+    pub fn decode(row: &[u8]) -> Option<DirCache> {
+        let rest = row.strip_prefix(&ROW_MAGIC[..])?;
+        match rest.split_first() {
+            Some((&ROW_VERSION, body)) => postcard::from_bytes(body).ok(),
+            _ => None,
+        }
+    }
+
+    /// Every chunk id the row names.
+    pub fn chunk_ids(&self) -> impl Iterator<Item = &Id> {
+        self.files
+            .iter()
+            .flat_map(|f| f.chunks.iter().map(|r| &r.id))
     }
 }
 
@@ -65,7 +92,7 @@ pub fn load(repo: &Repository, key: &[u8]) -> Result<Option<(DirCache, Vec<u8>)>
     Ok(repo
         .index
         .cache_get(key)?
-        .and_then(|bytes| postcard::from_bytes(&bytes).ok().map(|c| (c, bytes))))
+        .and_then(|bytes| DirCache::decode(&bytes).map(|c| (c, bytes))))
 }
 
 /// Writes rows in bounded transactions.
@@ -74,4 +101,61 @@ pub fn store(repo: &Repository, rows: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
         repo.index.cache_put(batch)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row as version 1 wrote it.
+    #[derive(Serialize, Deserialize)]
+    struct V1File {
+        name: Vec<u8>,
+        size: u64,
+        mtime_ns: i64,
+        ctime_ns: i64,
+        ino: u64,
+        xattrs: Vec<Xattr>,
+        chunks: Vec<Id>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct V1Dir {
+        files: Vec<V1File>,
+    }
+
+    #[test]
+    fn rows_of_either_version_are_never_read_as_the_other() {
+        let row = DirCache {
+            files: vec![CachedFile {
+                name: b"f".to_vec(),
+                size: 1 << 40,
+                mtime_ns: 1,
+                ctime_ns: 2,
+                ino: 3,
+                xattrs: Vec::new(),
+                chunks: vec![Run {
+                    id: Id::of(b"z"),
+                    count: 1 << 20,
+                }],
+            }],
+        };
+        let bytes = row.encode();
+        assert_eq!(DirCache::decode(&bytes), Some(row));
+        assert!(postcard::from_bytes::<V1Dir>(&bytes).is_err());
+        let old = postcard::to_stdvec(&V1Dir {
+            files: vec![V1File {
+                name: b"f".to_vec(),
+                size: 3,
+                mtime_ns: 1,
+                ctime_ns: 2,
+                ino: 3,
+                xattrs: Vec::new(),
+                chunks: vec![Id::of(b"abc")],
+            }],
+        })
+        .unwrap();
+        assert_eq!(DirCache::decode(&old), None);
+        assert_eq!(DirCache::decode(&[]), None);
+    }
 }

@@ -25,7 +25,8 @@ use rustix::io::Errno;
 
 use super::cache::{self, CachedFile, DirCache};
 use super::record::{self, Listed, RootMeta, Snapshot, Stats, Unreadable, Volume};
-use crate::chunker::{self, ChunkSizes};
+use super::source::FileSource;
+use crate::chunker::{self, Batch, ChunkSizes};
 use crate::error::{Error, Result, errno};
 use crate::id::Id;
 use crate::limits::{RACY_WINDOW_NS, READ_BATCH_BYTES};
@@ -33,7 +34,7 @@ use crate::pack::Packer;
 use crate::pack::blob::BlobKind;
 use crate::progress::Progress;
 use crate::repo::Repository;
-use crate::tree::{Entry, Kind, Tree, Xattr};
+use crate::tree::{self, Entry, Kind, Run, Tree, Xattr};
 use crate::walk::{self, Stat};
 
 /// What the user asked for.
@@ -71,7 +72,7 @@ struct Node {
 }
 
 enum What {
-    File { size: u64, chunks: Vec<Id> },
+    File { size: u64, chunks: Vec<Run> },
     Hardlink { target: Vec<u8> },
     Dir { children: Vec<Node> },
     Symlink { target: Vec<u8> },
@@ -89,6 +90,8 @@ struct Ctx<'a> {
     repo: &'a Repository,
     data: &'a Packer<'a>,
     sizes: ChunkSizes,
+    /// The chunk every long stretch of zeros (a hole) is made of: its id and bytes.
+    zero_chunk: &'a (Id, Vec<u8>),
     series: &'a str,
     label: &'a str,
     root: &'a Path,
@@ -187,10 +190,10 @@ pub fn create(
     if let Some(p) = &parent {
         progress.set_total(p.snapshot.stats.bytes);
     }
-    let sizes = ChunkSizes {
-        min: repo.config.chunk_size_min,
-        avg: repo.config.chunk_size_avg,
-        max: repo.config.chunk_size_max,
+    let sizes = repo.config.chunk_sizes();
+    let zero_chunk = {
+        let zeros = vec![0u8; chunker::zero_chunk_len(sizes)];
+        (Id::of(&zeros), zeros)
     };
     let (data, trees) = if opts.dry_run {
         (
@@ -216,6 +219,7 @@ pub fn create(
             repo,
             data: &data,
             sizes,
+            zero_chunk: &zero_chunk,
             series: &series,
             label,
             root: source,
@@ -408,8 +412,8 @@ fn visit(
             let hit = match hit {
                 Some(h) if ctx.check_cache_hits => {
                     let mut stored = true;
-                    for c in &h.chunks {
-                        stored &= ctx.repo.index.is_stored(c)?;
+                    for r in &h.chunks {
+                        stored &= ctx.repo.index.is_stored(&r.id)?;
                     }
                     stored.then_some(h)
                 }
@@ -534,34 +538,53 @@ fn read_file(
         }
     };
     let file = File::from(fd);
-    let mut chunks = Vec::new();
-    let read = chunker::chunk_reader(
-        &file,
+    let mut chunks: Vec<Run> = Vec::new();
+    let mut source = FileSource::new(&file);
+    let read = chunker::chunk_source(
+        &mut source,
         ctx.sizes,
         READ_BATCH_BYTES,
         before.size,
-        |bytes, ranges| {
-            let store = |r: &std::ops::Range<usize>| -> Result<Id, ReadError> {
+        |batch| {
+            let store = |r: &std::ops::Range<usize>, bytes: &[u8]| -> Result<Id, ReadError> {
                 let piece = &bytes[r.clone()];
                 let id = Id::of(piece);
                 ctx.data.store(id, piece).map_err(ReadError::Store)?;
                 Ok(id)
             };
-            if ranges.len() == 1 {
-                chunks.push(store(&ranges[0])?);
-            } else {
-                let ids: Vec<Id> = ranges
-                    .par_iter()
-                    .map(store)
-                    .collect::<Result<_, ReadError>>()?;
-                chunks.extend(ids);
-            }
-            ctx.progress.add(0, bytes.len() as u64);
-            ctx.bytes_read
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let content_bytes = match batch {
+                Batch::Bytes {
+                    bytes,
+                    chunks: ranges,
+                } => {
+                    if ranges.len() == 1 {
+                        tree::push_run(&mut chunks, store(&ranges[0], bytes)?, 1);
+                    } else {
+                        let ids: Vec<Id> = ranges
+                            .par_iter()
+                            .map(|r| store(r, bytes))
+                            .collect::<Result<_, ReadError>>()?;
+                        for id in ids {
+                            tree::push_run(&mut chunks, id, 1);
+                        }
+                    }
+                    bytes.len() as u64
+                }
+                // Zeros not read (a hole): the zero chunk, once, however long.
+                Batch::Zeros { len, count } => {
+                    let (id, zeros) = ctx.zero_chunk;
+                    assert_eq!(len, zeros.len(), "one zero chunk length per repository");
+                    ctx.data.store(*id, zeros).map_err(ReadError::Store)?;
+                    tree::push_run(&mut chunks, *id, count);
+                    len as u64 * count
+                }
+            };
+            ctx.progress.add(0, content_bytes);
             Ok::<(), ReadError>(())
         },
     );
+    ctx.bytes_read
+        .fetch_add(source.bytes_read, Ordering::Relaxed);
     let size = match read {
         Ok(n) => n,
         Err(ReadError::Io(e)) => {

@@ -1,9 +1,17 @@
 //! Trees: one canonical object per directory, stored as a content-addressed blob.
 //!
-//! Encoding: one version byte (1) followed by postcard `Tree`. Canonical because
-//! entries are sorted by raw name bytes, names are unique, and postcard is
-//! deterministic, so equal directories give equal bytes and equal ids: an unchanged
-//! subtree is stored once and costs nothing in later snapshots.
+//! Encoding: one version byte followed by postcard `Tree`. Canonical because
+//! entries are sorted by raw name bytes, names are unique, chunk lists are collapsed
+//! into maximal runs, and postcard is deterministic, so equal directories give equal
+//! bytes and equal ids: an unchanged subtree is stored once and costs nothing in later
+//! snapshots.
+//! Versions: a file's chunks are a list of runs (`Run`: a chunk id repeated `count`
+//! times; a hole or a long stretch of zeros is one run of the zero chunk). A file
+//! whose runs all have a count of 1 is written as in version 1 (`File`: the plain
+//! list of ids), so a tree without repeated chunks is byte for byte what version 1
+//! wrote (same ids); a tree holding a file with a longer run is version 2 and writes
+//! that file as `FileRuns`, a variant added after the others. Version 1 lists are
+//! collapsed into runs when read.
 //! **Invariant:** a tree records only what a restore can reproduce (no inode, ctime or
 //! link count), so snapshotting a restored tree yields the same root id.
 //! **Invariant:** `decode` rejects names that are empty, `.`, `..` or contain `/` or NUL,
@@ -15,7 +23,10 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::repo::Repository;
 
+/// Trees whose files all have runs of one chunk.
 const TREE_VERSION: u8 = 1;
+/// Trees holding a file with a run of more than one chunk (`WireKind::FileRuns`).
+const TREE_VERSION_RUNS: u8 = 2;
 
 /// An extended attribute.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,12 +35,31 @@ pub struct Xattr {
     pub value: Vec<u8>,
 }
 
+/// `count` consecutive chunks with the same id (at least one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub id: Id,
+    pub count: u64,
+}
+
+/// Appends `count` chunks `id` to a run list, extending its last run when the id is
+/// the same: the canonical form has maximal runs.
+pub fn push_run(runs: &mut Vec<Run>, id: Id, count: u64) {
+    assert!(count > 0, "empty run");
+    match runs.last_mut() {
+        Some(last) if last.id == id => last.count += count,
+        _ => runs.push(Run { id, count }),
+    }
+}
+
 /// What an entry is, with what is needed to recreate it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "WireKind", into = "WireKind")]
 pub enum Kind {
+    /// A regular file: `size` bytes, the concatenation of its chunks (maximal runs).
     File {
         size: u64,
-        chunks: Vec<Id>,
+        chunks: Vec<Run>,
     },
     Dir {
         tree: Id,
@@ -51,7 +81,75 @@ pub enum Kind {
     },
 }
 
+/// `Kind` as encoded: the variants of version 1 in their order, then `FileRuns`.
+#[derive(Serialize, Deserialize)]
+enum WireKind {
+    File { size: u64, chunks: Vec<Id> },
+    Dir { tree: Id },
+    Symlink { target: Vec<u8> },
+    Hardlink { target: Vec<u8> },
+    Fifo,
+    CharDevice { rdev: u64 },
+    BlockDevice { rdev: u64 },
+    FileRuns { size: u64, runs: Vec<Run> },
+}
+
+impl From<Kind> for WireKind {
+    fn from(k: Kind) -> WireKind {
+        match k {
+            Kind::File { size, chunks } if chunks.iter().all(|r| r.count == 1) => WireKind::File {
+                size,
+                chunks: chunks.into_iter().map(|r| r.id).collect(),
+            },
+            Kind::File { size, chunks } => WireKind::FileRuns { size, runs: chunks },
+            Kind::Dir { tree } => WireKind::Dir { tree },
+            Kind::Symlink { target } => WireKind::Symlink { target },
+            Kind::Hardlink { target } => WireKind::Hardlink { target },
+            Kind::Fifo => WireKind::Fifo,
+            Kind::CharDevice { rdev } => WireKind::CharDevice { rdev },
+            Kind::BlockDevice { rdev } => WireKind::BlockDevice { rdev },
+        }
+    }
+}
+
+impl TryFrom<WireKind> for Kind {
+    type Error = &'static str;
+
+    fn try_from(w: WireKind) -> std::result::Result<Kind, &'static str> {
+        Ok(match w {
+            WireKind::File { size, chunks } => {
+                let mut runs = Vec::with_capacity(chunks.len());
+                for id in chunks {
+                    push_run(&mut runs, id, 1);
+                }
+                Kind::File { size, chunks: runs }
+            }
+            WireKind::FileRuns { size, runs } => {
+                let mut chunks = Vec::with_capacity(runs.len());
+                for r in runs {
+                    if r.count == 0 {
+                        return Err("a chunk run of length 0");
+                    }
+                    push_run(&mut chunks, r.id, r.count);
+                }
+                Kind::File { size, chunks }
+            }
+            WireKind::Dir { tree } => Kind::Dir { tree },
+            WireKind::Symlink { target } => Kind::Symlink { target },
+            WireKind::Hardlink { target } => Kind::Hardlink { target },
+            WireKind::Fifo => Kind::Fifo,
+            WireKind::CharDevice { rdev } => Kind::CharDevice { rdev },
+            WireKind::BlockDevice { rdev } => Kind::BlockDevice { rdev },
+        })
+    }
+}
+
 impl Kind {
+    /// Whether this is a file with a run of more than one chunk (written as version 2).
+    fn has_long_run(&self) -> bool {
+        matches!(self, Kind::File { chunks, .. } if chunks.iter().any(|r| r.count > 1))
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             Kind::File { .. } => "file",
@@ -111,7 +209,12 @@ impl Tree {
             self.entries.windows(2).all(|w| w[0].name < w[1].name),
             "tree entries must be sorted and unique"
         );
-        let mut out = vec![TREE_VERSION];
+        let version = if self.entries.iter().any(|e| e.kind.has_long_run()) {
+            TREE_VERSION_RUNS
+        } else {
+            TREE_VERSION
+        };
+        let mut out = vec![version];
         postcard::to_io(self, &mut out).expect("trees encode");
         out
     }
@@ -119,7 +222,7 @@ impl Tree {
     /// Decodes and validates a tree; hostile or damaged bytes give `Err`, never a panic.
     pub fn decode(bytes: &[u8]) -> std::result::Result<Tree, String> {
         match bytes.first() {
-            Some(&TREE_VERSION) => {}
+            Some(&TREE_VERSION | &TREE_VERSION_RUNS) => {}
             Some(v) => return Err(format!("unknown tree version {v}")),
             None => return Err("empty tree blob".into()),
         }
@@ -222,7 +325,10 @@ mod tests {
             name: name.to_vec(),
             kind: Kind::File {
                 size: 3,
-                chunks: vec![Id::of(b"abc")],
+                chunks: vec![Run {
+                    id: Id::of(b"abc"),
+                    count: 1,
+                }],
             },
             mode: 0o4755,
             uid: 1,
@@ -285,6 +391,128 @@ mod tests {
                 assert!(t.entries.iter().all(|e| valid_name(&e.name)));
             }
         }
+    }
+
+    /// The entry layout version 1 wrote, before chunk runs existed.
+    mod v1 {
+        use super::super::Xattr;
+        use crate::id::Id;
+        use serde::Serialize;
+
+        #[derive(Serialize)]
+        pub enum Kind {
+            File { size: u64, chunks: Vec<Id> },
+        }
+
+        #[derive(Serialize)]
+        pub struct Entry {
+            pub name: Vec<u8>,
+            pub kind: Kind,
+            pub mode: u32,
+            pub uid: u32,
+            pub gid: u32,
+            pub mtime_ns: i64,
+            pub xattrs: Vec<Xattr>,
+        }
+
+        #[derive(Serialize)]
+        pub struct Tree {
+            pub entries: Vec<Entry>,
+        }
+    }
+
+    fn v1_bytes(chunks: Vec<Id>) -> Vec<u8> {
+        let e = entry(b"f");
+        let tree = v1::Tree {
+            entries: vec![v1::Entry {
+                name: e.name,
+                kind: v1::Kind::File { size: 3, chunks },
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                mtime_ns: e.mtime_ns,
+                xattrs: e.xattrs,
+            }],
+        };
+        let mut bytes = vec![1];
+        postcard::to_io(&tree, &mut bytes).unwrap();
+        bytes
+    }
+
+    fn file_with(runs: Vec<Run>) -> Tree {
+        let mut e = entry(b"f");
+        e.kind = Kind::File {
+            size: 3,
+            chunks: runs,
+        };
+        Tree { entries: vec![e] }
+    }
+
+    #[test]
+    fn trees_without_repeated_chunks_keep_the_version_1_bytes() {
+        let (a, b) = (Id::of(b"a"), Id::of(b"b"));
+        let tree = file_with(vec![Run { id: a, count: 1 }, Run { id: b, count: 1 }]);
+        assert_eq!(tree.encode(), v1_bytes(vec![a, b]));
+        assert_eq!(Tree::decode(&v1_bytes(vec![a, b])).unwrap(), tree);
+    }
+
+    #[test]
+    fn runs_make_version_2_and_version_1_repeats_read_as_runs() {
+        let (a, z) = (Id::of(b"a"), Id::of(&[0; 16]));
+        let tree = file_with(vec![
+            Run { id: a, count: 1 },
+            Run {
+                id: z,
+                count: 1 << 40,
+            },
+        ]);
+        let bytes = tree.encode();
+        assert_eq!(bytes[0], 2);
+        assert!(
+            bytes.len() < 200,
+            "a run costs one entry: {} bytes",
+            bytes.len()
+        );
+        assert_eq!(Tree::decode(&bytes).unwrap(), tree);
+        // A version 1 list with a repeated chunk is the same content.
+        let old = Tree::decode(&v1_bytes(vec![a, z, z, z])).unwrap();
+        assert_eq!(
+            old,
+            file_with(vec![Run { id: a, count: 1 }, Run { id: z, count: 3 }])
+        );
+    }
+
+    #[test]
+    fn an_empty_run_is_refused() {
+        // Postcard encodes a struct as its fields in order, so tuples stand in for
+        // `Tree` and `Entry` to craft what `encode` never writes.
+        let e = entry(b"f");
+        let wire = (vec![(
+            e.name,
+            WireKind::FileRuns {
+                size: 0,
+                runs: vec![Run {
+                    id: Id::of(b"z"),
+                    count: 0,
+                }],
+            },
+            e.mode,
+            e.uid,
+            e.gid,
+            e.mtime_ns,
+            e.xattrs,
+        )],);
+        let mut bytes = vec![2];
+        postcard::to_io(&wire, &mut bytes).unwrap();
+        assert!(Tree::decode(&bytes).is_err());
+        // The same with a count of 1 decodes: the crafting is faithful.
+        let mut ok = wire;
+        if let WireKind::FileRuns { runs, .. } = &mut ok.0[0].1 {
+            runs[0].count = 1;
+        }
+        let mut bytes = vec![2];
+        postcard::to_io(&ok, &mut bytes).unwrap();
+        assert!(Tree::decode(&bytes).is_ok());
     }
 
     #[test]

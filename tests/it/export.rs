@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use volsnap::id::Id;
-use volsnap::tree::{Entry, Kind, Tree, Xattr};
+use volsnap::tree::{Entry, Kind, Run, Tree, Xattr};
 
 use crate::crafted::{craft, entry};
 use crate::roundtrip::build_every_kind;
@@ -741,7 +741,10 @@ fn file_entry(name: &[u8], content: &[u8]) -> Entry {
         name,
         Kind::File {
             size: content.len() as u64,
-            chunks: vec![Id::of(content)],
+            chunks: vec![Run {
+                id: Id::of(content),
+                count: 1,
+            }],
         },
     )
 }

@@ -473,6 +473,41 @@ fn refuses_without_space_for_the_staged_copy_and_changes_nothing() {
 }
 
 #[test]
+fn a_sparse_file_needs_space_for_its_data_only() {
+    // 4 GiB of apparent size, 2 MB of data, onto a 16 MiB filesystem: the holes are
+    // restored as holes, so the pre-flight must not count them.
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    let f = std::fs::File::create(data.join("disk.img")).unwrap();
+    f.set_len(4 << 30).unwrap();
+    let head = random_bytes("head", 1_000_000);
+    let middle = random_bytes("middle", 1_000_000);
+    std::os::unix::fs::FileExt::write_all_at(&f, &head, 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &middle, 2 << 30).unwrap();
+    drop(f);
+    let snap = id(&repo.snapshot(&[&data], &["--name", "sparse"]));
+    let small = Tmpfs::mount(&repo.scratch("small-fs"), "16m");
+    let target = small.0.join("vol");
+    write(target.join("live.txt"), "the live data\n");
+    repo.run([
+        "restore",
+        &snap,
+        "--in-place",
+        "--yes",
+        "--map",
+        &format!("data={}", target.display()),
+    ])
+    .code(0);
+    let img = target.join("disk.img");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 4 << 30);
+    let f = std::fs::File::open(&img).unwrap();
+    let mut got = vec![0u8; 1_000_000];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, 2 << 30).unwrap();
+    assert!(got == middle, "the data after the hole differs");
+    assert!(!target.join("live.txt").exists());
+}
+
+#[test]
 fn refuses_a_target_that_is_a_mount_point() {
     let repo = Repo::new();
     let data = repo.mkdir("data");

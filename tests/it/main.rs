@@ -20,6 +20,7 @@ mod hostile_restore;
 mod incremental;
 mod live;
 mod roundtrip;
+mod sparse;
 mod swap;
 mod trust;
 mod unreadable;
