@@ -171,28 +171,34 @@ impl XorShift {
     }
 }
 
+/// A copy of `pristine`'s repository with `flips` random bits of `index.redb` flipped.
+fn copy_with_damaged_index(pristine: &Repo, rng: &mut XorShift, flips: usize) -> Repo {
+    let repo = Repo::uninit();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&pristine.path)
+        .arg(&repo.path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let index = repo.path.join("index.redb");
+    let mut bytes = fs::read(&index).unwrap();
+    for _ in 0..flips {
+        let at = (rng.next() % bytes.len() as u64) as usize;
+        bytes[at] ^= 1 << (rng.next() % 8);
+    }
+    fs::write(&index, bytes).unwrap();
+    repo
+}
+
 #[test]
 fn a_corrupted_index_file_is_one_error_line_naming_repair_never_a_panic() {
     let pristine = Repo::new();
     let (a, sa, _, sb) = two_snapshots(&pristine);
     let mut damaged_seen = 0;
     for seed in 1..=24u64 {
-        let repo = Repo::uninit();
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&pristine.path)
-            .arg(&repo.path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let index = repo.path.join("index.redb");
-        let mut bytes = fs::read(&index).unwrap();
         let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for _ in 0..20 {
-            let at = (rng.next() % bytes.len() as u64) as usize;
-            bytes[at] ^= 1 << (rng.next() % 8);
-        }
-        fs::write(&index, bytes).unwrap();
+        let repo = copy_with_damaged_index(&pristine, &mut rng, 20);
 
         // `Run` fails the test on any panic message; every failure is one line.
         let list = repo.run(["list"]);
@@ -264,34 +270,6 @@ fn a_corrupted_index_file_is_one_error_line_naming_repair_never_a_panic() {
     );
 }
 
-fn wait_until(cond: impl Fn() -> bool, what: &str) {
-    let start = std::time::Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-/// Starts `volsnap ARGS` paused at the named pause point; returns the child and the
-/// file whose removal lets it go on.
-fn start_paused(repo: &Repo, point: &str, args: &[&str]) -> (std::process::Child, PathBuf) {
-    let pause = repo.scratch(&format!("pause-{}", point.replace(' ', "-")));
-    write(&pause, "hold");
-    let mut cmd = repo.command();
-    cmd.args(args)
-        .env("VOLSNAP_PAUSE_AT", point)
-        .env("VOLSNAP_PAUSE_FILE", &pause)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let reached = PathBuf::from(format!("{}.reached", pause.display()));
-    wait_until(|| reached.exists(), point);
-    (child, pause)
-}
-
 #[test]
 fn gc_reads_a_pack_before_deleting_it_and_keeps_what_snapshots_reference() {
     let repo = Repo::new();
@@ -327,21 +305,7 @@ fn gc_keeps_packs_whose_index_rows_were_damaged() {
     let (a, sa, b, sb) = two_snapshots(&pristine);
     let mut rng = XorShift(7);
     for round in 0..12 {
-        let repo = Repo::uninit();
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&pristine.path)
-            .arg(&repo.path)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let index = repo.path.join("index.redb");
-        let mut bytes = fs::read(&index).unwrap();
-        for _ in 0..40 {
-            let at = (rng.next() % bytes.len() as u64) as usize;
-            bytes[at] ^= 1 << (rng.next() % 8);
-        }
-        fs::write(&index, bytes).unwrap();
+        let repo = copy_with_damaged_index(&pristine, &mut rng, 40);
         // gc may refuse, or repack what it finds live; it must lose nothing.
         let _ = repo.run(["gc"]);
         let _ = repo.run(["gc", "--max-unused", "0"]);
@@ -379,20 +343,18 @@ fn repair_index_is_exclusive_and_replaces_the_index_in_one_step() {
     let index = repo.path.join("index.redb");
 
     // A process with the repository open keeps repair out.
-    let (child, pause) = start_paused(
-        &repo,
+    let paused = repo.spawn_paused(
         "snapshot before commit",
         &["snapshot", a.to_str().unwrap(), "--name", "a"],
     );
     let run = repo.run(["repair", "index"]).code(11);
     assert!(run.error_line().contains("open"), "{}", run.describe());
-    fs::remove_file(&pause).unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    paused.finish().code(0);
 
     // While repair runs, every other command waits its turn (exit 11), the index is
     // untouched until the new one is whole.
     let before = fs::read(&index).unwrap();
-    let (child, pause) = start_paused(&repo, "repair index built", &["repair", "index"]);
+    let paused = repo.spawn_paused("repair index built", &["repair", "index"]);
     assert_eq!(
         fs::read(&index).unwrap(),
         before,
@@ -410,8 +372,7 @@ fn repair_index_is_exclusive_and_replaces_the_index_in_one_step() {
             run.describe()
         );
     }
-    fs::remove_file(&pause).unwrap();
-    assert!(child.wait_with_output().unwrap().status.success());
+    paused.finish().code(0);
 
     // Interrupted at the end, it leaves the old index as it was.
     let before = fs::read(&index).unwrap();
@@ -522,16 +483,10 @@ fn a_reader_that_resolved_its_snapshot_finishes_while_forget_and_gc_run() {
         full.push(out.display().to_string());
         let full: Vec<&str> = full.iter().map(String::as_str).collect();
         // The reader has resolved the snapshot and stops just before reading.
-        let (reader, pause) = start_paused(&repo, point, &full);
+        let reader = repo.spawn_paused(point, &full);
         repo.ok(["forget", &id(&snap)]);
         let gc = gc_waiting(&repo);
-        fs::remove_file(&pause).unwrap();
-        let done = reader.wait_with_output().unwrap();
-        assert!(
-            done.status.success(),
-            "{point}: {}",
-            String::from_utf8_lossy(&done.stderr)
-        );
+        reader.finish().code(0);
         assert!(gc.wait_with_output().unwrap().status.success());
         if args[0] == "restore" {
             assert_same_tree(&data, &out);
