@@ -271,7 +271,16 @@ impl Index {
 
     /// Drops the shared read snapshot, so the next lookup sees every commit made so far.
     pub fn refresh(&self) {
-        *self.chunk_reader.lock().expect("index lock") = None;
+        if self.damage().is_some() {
+            return; // the cached tables are forgotten on drop (see `Drop`)
+        }
+        // Dropping the cached read snapshot runs redb code: guarded like every call.
+        let _ = self.guard(|| {
+            if let Ok(mut cached) = self.chunk_reader.lock() {
+                *cached = None;
+            }
+            Ok(())
+        });
     }
 
     /// Where the blob `id` is stored, if anywhere. Condemned chunks are still found:
