@@ -325,7 +325,11 @@ mod tests {
     }
 
     fn kept(policy: &Policy, all: &[Listed]) -> Vec<u64> {
-        let mut v: Vec<u64> = plan(all, policy, None, &Undos::default())
+        kept_with(policy, all, &Undos::default())
+    }
+
+    fn kept_with(policy: &Policy, all: &[Listed], undos: &Undos) -> Vec<u64> {
+        let mut v: Vec<u64> = plan(all, policy, None, undos)
             .unwrap()
             .into_iter()
             .filter(|d| d.keep)
@@ -386,16 +390,7 @@ mod tests {
             daily: Some(1),
             ..Policy::default()
         };
-        let kept = |undos: &Undos| -> Vec<u64> {
-            let mut v: Vec<u64> = plan(&all, &p, None, undos)
-                .unwrap()
-                .into_iter()
-                .filter(|d| d.keep)
-                .map(|d| d.listed.snapshot.version)
-                .collect();
-            v.sort();
-            v
-        };
+        let kept = |undos: &Undos| kept_with(&p, &all, undos);
         assert_eq!(kept(&undos), vec![4, 5, 7]);
         undos.restore_in_flight = true;
         assert_eq!(kept(&undos), vec![4, 5, 6, 7]);

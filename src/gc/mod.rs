@@ -180,7 +180,18 @@ pub fn gc(
     for (id, loc) in deleted {
         dead_in.entry(loc.pack).or_default().push((id, loc));
     }
-    let live = repo.index.pack_live_bytes()?;
+    // One pass over the rows left: live bytes per pack, and where the live blobs lie in
+    // the packs that lost some (punching must never touch them).
+    let mut live: HashMap<Id, u64> = HashMap::new();
+    let mut live_spans: HashMap<Id, Vec<(u64, u64)>> =
+        dead_in.keys().map(|p| (*p, Vec::new())).collect();
+    repo.index.for_each_chunk(|_, loc| {
+        let end = loc.offset + HEADER_LEN as u64 + u64::from(loc.stored_len);
+        *live.entry(loc.pack).or_insert(0) += end - loc.offset;
+        if let Some(spans) = live_spans.get_mut(&loc.pack) {
+            spans.push((loc.offset, end));
+        }
+    })?;
     let packs = repo.index.packs()?;
     let mut to_punch = Vec::new();
     let empty: Vec<(Id, PathBuf)> = packs
@@ -206,19 +217,6 @@ pub fn gc(
     // header of that very blob (a damaged row may name any bytes), and the blob must
     // not overlap a live row's blob (a header inside a live blob's body may come from
     // a volume).
-    let mut live_spans: HashMap<Id, Vec<(u64, u64)>> =
-        to_punch.iter().map(|(p, _)| (*p, Vec::new())).collect();
-    if !live_spans.is_empty() {
-        repo.index.refresh();
-        repo.index.for_each_chunk(|_, loc| {
-            if let Some(spans) = live_spans.get_mut(&loc.pack) {
-                spans.push((
-                    loc.offset,
-                    loc.offset + HEADER_LEN as u64 + u64::from(loc.stored_len),
-                ));
-            }
-        })?;
-    }
     let to_punch: Vec<(Id, Vec<(u64, u64)>)> = to_punch
         .into_iter()
         .map(|(pack, dead)| {

@@ -109,8 +109,9 @@ pub struct Index {
     /// `None` when the file was found damaged (every call then says so).
     db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
-    /// Why the file is known to be damaged, once it is (see `guard`).
-    damage: Mutex<Option<String>>,
+    /// Why the file is known to be damaged, once it is (see `guard`): set once, read
+    /// without a lock on every call.
+    damage: std::sync::OnceLock<String>,
     /// A shared read snapshot of the chunk table: opening a read transaction costs
     /// several microseconds (file locks), more than the lookup itself.
     chunk_reader: Mutex<Option<(Arc<ChunkTables>, Instant)>>,
@@ -156,7 +157,7 @@ impl Index {
         let index = Index {
             db: std::sync::RwLock::new(db),
             path: path.to_path_buf(),
-            damage: Mutex::new(damage),
+            damage: damage.map_or_else(std::sync::OnceLock::new, std::sync::OnceLock::from),
             chunk_reader: Mutex::new(None),
         };
         if create {
@@ -178,9 +179,7 @@ impl Index {
 
     /// Why the index is known to be damaged, if it is.
     pub fn damage(&self) -> Option<String> {
-        self.damage
-            .lock()
-            .map_or_else(|_| Some("damaged".to_string()), |d| d.clone())
+        self.damage.get().cloned()
     }
 
     fn damaged_error(&self, detail: String) -> Error {
@@ -196,17 +195,15 @@ impl Index {
     /// `Error::IndexDamaged`, which names `volsnap repair index`. Bytes on disk never
     /// crash a command.
     fn guard<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        if let Some(why) = self.damage() {
-            return Err(self.damaged_error(why));
+        if let Some(why) = self.damage.get() {
+            return Err(self.damaged_error(why.clone()));
         }
         let why = match catch_quietly(f) {
             Ok(Err(Error::IndexDamaged { detail, .. })) => detail,
             Ok(other) => return other,
             Err(panic) => panic,
         };
-        if let Ok(mut d) = self.damage.lock() {
-            d.get_or_insert(why.clone());
-        }
+        let _ = self.damage.set(why.clone());
         Err(self.damaged_error(why))
     }
 
@@ -271,7 +268,7 @@ impl Index {
 
     /// Drops the shared read snapshot, so the next lookup sees every commit made so far.
     pub fn refresh(&self) {
-        if self.damage().is_some() {
+        if self.damage.get().is_some() {
             return; // the cached tables are forgotten on drop (see `Drop`)
         }
         // Dropping the cached read snapshot runs redb code: guarded like every call.
@@ -726,7 +723,7 @@ impl Drop for Index {
     fn drop(&mut self) {
         // A database redb panicked on may panic again while closing: leave it to the
         // kernel (the process is ending, or the index is abandoned).
-        if self.damage().is_some() {
+        if self.damage.get().is_some() {
             if let Ok(mut cached) = self.chunk_reader.lock() {
                 std::mem::forget(cached.take());
             }

@@ -195,8 +195,13 @@ impl Run {
         let desc = format!("{cmd:?}");
         cmd.stdin(Stdio::null());
         let out: Output = cmd.output().unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
+        Run::from_output(desc, out)
+    }
+
+    /// The outcome of a finished process; fails the test if the binary panicked.
+    pub fn from_output(cmd: String, out: Output) -> Run {
         let run = Run {
-            cmd: desc,
+            cmd,
             status: out.status.code().unwrap_or(-1),
             stdout: out.stdout,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -914,17 +919,6 @@ impl Paused {
     pub fn finish(self) -> Run {
         std::fs::remove_file(&self.flag).unwrap();
         let out = self.child.wait_with_output().unwrap();
-        let run = Run {
-            cmd: self.cmd,
-            status: out.status.code().unwrap_or(-1),
-            stdout: out.stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(
-            !run.stderr.contains("panicked"),
-            "the binary panicked:\n{}",
-            run.describe()
-        );
-        run
+        Run::from_output(self.cmd, out)
     }
 }
