@@ -849,21 +849,10 @@ fn undo_snapshots_neither_use_up_retention_nor_become_latest() {
 #[test]
 fn a_forget_while_a_restore_is_in_flight_keeps_its_undo_snapshot() {
     let w = world();
-    let pause = w.repo.scratch("pause");
-    write(&pause, "hold");
-    let mut cmd = w.repo.command();
-    cmd.args(["--json", "restore", &w.snap, "--in-place", "--yes"])
-        .env("VOLSNAP_PAUSE_AT", "live undo snapshot taken")
-        .env("VOLSNAP_PAUSE_FILE", &pause)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let reached = PathBuf::from(format!("{}.reached", pause.display()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !reached.exists() {
-        assert!(Instant::now() < deadline, "the restore never paused");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let paused = w.repo.spawn_paused(
+        "live undo snapshot taken",
+        &["restore", &w.snap, "--in-place", "--yes"],
+    );
     // The undo snapshot is committed but no restore record names it yet.
     let (kept, removed) = forget_keep_last_2(&w.repo);
     assert!(removed.is_empty(), "{removed:?}");
@@ -871,13 +860,7 @@ fn a_forget_while_a_restore_is_in_flight_keeps_its_undo_snapshot() {
         kept.iter().any(|k| k.0 == 2 && k.1.contains("in flight")),
         "{kept:?}"
     );
-    fs::remove_file(&pause).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    paused.finish().code(0);
     w.repo.ok(["restore", "--undo", "--yes"]);
     assert_eq!(all_one_way(&w), "old");
 }
