@@ -1,8 +1,9 @@
 //! Test-only crash points: `VOLSNAP_CRASH_AT=N` aborts the process at the N-th point
 //! reached, and `VOLSNAP_CRASH_AT=NAME` at the first point of that name, so tests can
 //! kill a write path after every step and check recovery.
-//! Without the variable a point costs one initialised-`OnceLock` read. Pause points
-//! (`VOLSNAP_PAUSE_AT`) hold the process at a named step instead.
+//! Without the variables a point costs two initialised-`OnceLock` reads. Pause points
+//! (`VOLSNAP_PAUSE_AT`) hold the process at a named step instead; every crash point is
+//! also a pause point, so a test can hold a process at any step it can abort at.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,8 +16,10 @@ enum Target {
     Named(String),
 }
 
-/// Marks a step after which a crash must leave the repository recoverable.
+/// Marks a step after which a crash must leave the repository recoverable. Every
+/// crash point is a pause point of the same name too.
 pub fn point(name: &str) {
+    pause(name);
     let target = TARGET.get_or_init(|| {
         let v = std::env::var("VOLSNAP_CRASH_AT").ok()?;
         Some(v.parse().map_or(Target::Named(v), Target::Nth))

@@ -491,7 +491,6 @@ fn swap_in(
         }
         j.undo = Some(undo.id);
         crate::crash::point("live undo snapshot taken");
-        crate::crash::pause("live undo snapshot taken");
     }
     advance(repo, j, State::Staged)?;
     crate::crash::point("live staged");

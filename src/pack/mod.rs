@@ -262,6 +262,7 @@ impl<'r> Packer<'r> {
         // A unique temporary name: another process may be writing the same pack, and a
         // crashed one may have left a partial file behind.
         let tmp = fsutil::write_temp_durable(&self.repo.tmp_dir(), &pack.bytes)?;
+        crate::crash::point("pack written");
         fsutil::persist_durable(tmp, &path)?;
         crate::crash::point("pack committed");
         for (_, loc) in &mut pack.rows {
@@ -277,7 +278,7 @@ impl<'r> Packer<'r> {
             .commit_pack(&pack_id, &row, &pack.rows, self.mode)?;
         // Mid-write with at least one pack stored and indexed: where a test interrupts a
         // snapshot.
-        crate::crash::pause("pack indexed");
+        crate::crash::point("pack indexed");
         Ok(())
     }
 }

@@ -99,6 +99,7 @@ pub fn load(repo: &Repository, key: &[u8]) -> Result<Option<(DirCache, Vec<u8>)>
 pub fn store(repo: &Repository, rows: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
     for batch in rows.chunks(CACHE_ROWS_PER_TRANSACTION) {
         repo.index.cache_put(batch)?;
+        crate::crash::point("files cache rows written");
     }
     Ok(())
 }

@@ -222,6 +222,7 @@ pub struct Listed {
 /// `scan` adds back.
 pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
     snapshot.version = repo.index.reserve_version(&snapshot.series)?;
+    crate::crash::point("snapshot version reserved");
     let bytes = snapshot.encode();
     let id = Id::of(&bytes);
     let path = repo.snapshots_dir().join(id.hex());
@@ -232,6 +233,7 @@ pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
     }
     crate::crash::point("snapshot record written");
     repo.index.insert_snapshot(&id, &bytes)?;
+    crate::crash::point("snapshot record indexed");
     Ok(Listed {
         id,
         snapshot,

@@ -24,18 +24,23 @@ fn packs_bytes(repo: &Path) -> u64 {
     total
 }
 
-/// Every listed snapshot restores to exactly `expected[id]`, and check reads clean.
+/// Exactly the snapshots of `expected` are listed, each restores to exactly
+/// `expected[id]`, and check reads clean.
 fn assert_all_restore(repo: &Repo, expected: &BTreeMap<String, PathBuf>) {
     let check = repo.ok(["check", "--read-data"]);
     assert_eq!(check["ok"], true, "{check}");
-    for snap in repo.list(&[]) {
-        let sid = id(&snap);
-        let Some(want) = expected.get(&sid) else {
-            continue;
-        };
+    let listed: Vec<String> = repo.list(&[]).iter().map(id).collect();
+    let want: Vec<&String> = expected.keys().collect();
+    let mut sorted: Vec<&String> = listed.iter().collect();
+    sorted.sort();
+    assert_eq!(
+        sorted, want,
+        "the listed snapshots are not the expected ones"
+    );
+    for sid in &listed {
         let out = repo.scratch(&format!("verify-{}-{}", &sid[..12], rand_suffix()));
-        repo.restore(&sid, &out);
-        assert_same_tree(want, &out);
+        repo.restore(sid, &out);
+        assert_same_tree(&expected[sid], &out);
         fs::remove_dir_all(&out).unwrap();
     }
 }
@@ -305,6 +310,7 @@ fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() 
     }
     repo.ok(["forget", "--keep-last", "2"]);
     expected.retain(|k, _| repo.list(&[]).iter().any(|s| &id(s) == k));
+    assert_eq!(expected.len(), 2);
     let pristine = repo.scratch("pristine");
     copy_tree(&repo.path, &pristine);
     let reset = || {
@@ -317,9 +323,12 @@ fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() 
         "gc condemned",
         "gc waited",
         "gc swept",
+        "gc waited after the sweep",
         "gc deleted a pack",
         "gc punched a pack",
+        "pack written",
         "pack committed",
+        "pack indexed",
         "gc repacked a pack",
     ] {
         let crashed = repo.run_crashing_at(step, &["gc", "--max-unused", "1"]);
@@ -339,18 +348,55 @@ fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() 
         reset();
     }
 
-    // Every step in order: abort at the n-th, for every n, without resetting.
+    // Every step in order: abort at the n-th, for every n, each from the same start,
+    // then finish with a rerun.
+    let mut seen = Vec::new();
     let mut n = 1;
     loop {
+        reset();
         let crashed = repo.run_crashing_at(n, &["gc", "--max-unused", "1"]);
         assert_all_restore(&repo, &expected);
-        if crashed.is_none() {
+        let Some(point) = crashed else {
             break;
-        }
+        };
+        seen.push(point);
+        let rerun = repo.ok(["gc", "--max-unused", "1"]);
+        assert_all_restore(&repo, &expected);
+        let last = repo.ok(["gc", "--max-unused", "1"]);
+        assert_eq!(
+            last["unreachable_blobs"], 0,
+            "after point {n}: {rerun} then {last}"
+        );
+        assert_eq!(
+            last["packs_deleted"], 0,
+            "after point {n}: {rerun} then {last}"
+        );
         n += 1;
         assert!(n < 200, "gc never completed");
     }
-    assert!(n > 3, "expected several crash points, got {n}");
+    // Three forgotten packs held only dead blobs, three others keep live ones beside
+    // dead runs, and one is worth rewriting; the pack it was rewritten from goes last.
+    assert_eq!(
+        seen,
+        [
+            "gc condemned",
+            "gc waited",
+            "gc swept",
+            "gc waited after the sweep",
+            "gc deleted a pack",
+            "gc deleted a pack",
+            "gc deleted a pack",
+            "gc punched a pack",
+            "gc punched a pack",
+            "gc punched a pack",
+            "pack written",
+            "pack committed",
+            "pack indexed",
+            "gc repacked a pack",
+            "gc deleted a pack",
+        ],
+        "the crash points gc reached"
+    );
     let final_gc = repo.ok(["gc", "--max-unused", "1"]);
     assert_eq!(final_gc["unreachable_blobs"], 0, "{final_gc}");
     assert_eq!(final_gc["packs_deleted"], 0, "{final_gc}");
@@ -358,19 +404,186 @@ fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() 
 }
 
 #[test]
-fn snapshots_keep_running_while_forget_and_gc_loop() {
+fn forget_aborted_at_every_step_removes_only_what_the_policy_removes() {
     let repo = Repo::new();
-    let deadline = Instant::now() + Duration::from_secs(8);
+    let data = repo.mkdir("data");
+    let mut expected = BTreeMap::new();
+    let mut order = Vec::new();
+    for round in 0..4 {
+        write(
+            data.join("f"),
+            random_bytes(&format!("round {round}"), 100_000),
+        );
+        order.push(snapshot_and_keep(&repo, &data, "s", &mut expected));
+    }
+    let pristine = repo.scratch("pristine");
+    copy_tree(&repo.path, &pristine);
+    let kept: BTreeMap<String, PathBuf> = expected
+        .iter()
+        .filter(|(k, _)| *k == &order[3])
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut seen = Vec::new();
+    let mut n = 1;
+    loop {
+        fs::remove_dir_all(&repo.path).unwrap();
+        copy_tree(&pristine, &repo.path);
+        let crashed = repo.run_crashing_at(n, &["forget", "--keep-last", "1"]);
+        // Aborted: the snapshots still listed are the kept one and those not yet
+        // removed, each whole.
+        let listed: Vec<String> = repo.list(&[]).iter().map(id).collect();
+        assert!(listed.contains(&order[3]), "after point {n}: {listed:?}");
+        let now: BTreeMap<String, PathBuf> = expected
+            .iter()
+            .filter(|(k, _)| listed.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_all_restore(&repo, &now);
+        let Some(point) = crashed else {
+            assert_eq!(listed, [order[3].clone()]);
+            break;
+        };
+        assert_eq!(
+            listed.len(),
+            4 - n,
+            "after {n} crash points, {} records should be gone: {listed:?}",
+            n
+        );
+        seen.push(point);
+        // Run again, it finishes the job.
+        let again = repo.ok(["forget", "--keep-last", "1"]);
+        assert_eq!(again["kept"].as_array().unwrap().len(), 1, "{again}");
+        assert_all_restore(&repo, &kept);
+        n += 1;
+        assert!(n < 20, "forget never completed");
+    }
+    assert_eq!(
+        seen, ["snapshot record removed"; 3],
+        "the crash points forget reached"
+    );
+}
+
+/// The steps of a gc run that deletes, punches and repacks, as its crash (and pause)
+/// points name them.
+const GC_STEPS: [&str; 10] = [
+    "gc condemned",
+    "gc waited",
+    "gc swept",
+    "gc waited after the sweep",
+    "gc deleted a pack",
+    "gc punched a pack",
+    "pack written",
+    "pack committed",
+    "pack indexed",
+    "gc repacked a pack",
+];
+
+#[test]
+fn a_snapshot_committed_at_any_step_of_a_gc_stays_whole() {
+    // gc held at each of its steps in turn while a snapshot runs from start to commit:
+    // the snapshot holds the content of a forgotten round, whose blobs gc is condemning,
+    // deleting, punching or repacking at that moment.
+    let repo = Repo::new();
+    let expected = forgotten_rounds(&repo);
+    let forgotten = repo.scratch("forgotten");
+    let pristine = repo.scratch("pristine");
+    copy_tree(&repo.path, &pristine);
+    for step in GC_STEPS {
+        fs::remove_dir_all(&repo.path).unwrap();
+        copy_tree(&pristine, &repo.path);
+        first_round_again(&forgotten);
+        let gc = repo.spawn_paused(step, &["gc", "--max-unused", "1"]);
+        // gc is held at `step`; the snapshot commits meanwhile (it would hang here if it
+        // waited for gc).
+        let snap = repo.snapshot(&[&forgotten], &["--name", "again"]);
+        let gc = gc.finish().code(0).json();
+        assert!(gc["unreachable_blobs"].as_u64().unwrap() > 0, "{gc}");
+        let mut now = expected.clone();
+        let copy = repo.scratch(&format!("again-{}", step.replace(' ', "-")));
+        let _ = fs::remove_dir_all(&copy);
+        copy_tree(&forgotten, &copy);
+        now.insert(id(&snap), copy);
+        assert_all_restore(&repo, &now);
+        // Nothing the snapshot needs is left for a later gc to take either.
+        let again = repo.ok(["gc", "--max-unused", "1"]);
+        assert_all_restore(&repo, &now);
+        assert_eq!(again["unreachable_blobs"], 0, "after {step:?}: {again}");
+    }
+}
+
+/// A fresh copy of the first round of `forgotten_rounds` at `to`: after the forget
+/// every blob only it holds is unreachable.
+fn first_round_again(to: &Path) {
+    let _ = fs::remove_dir_all(to);
+    fs::create_dir_all(to).unwrap();
+    write(to.join("shared"), random_bytes("shared", 2_000_000));
+    write(to.join("round"), random_bytes("round 0", 3_000_000));
+    for f in 0..40 {
+        write(
+            to.join(format!("f{f}")),
+            random_bytes(&format!("f{f} 0"), 30_000),
+        );
+    }
+}
+
+#[test]
+fn a_snapshot_that_decided_to_reuse_blobs_while_gc_condemned_them_stays_whole() {
+    // The snapshot starts while gc has condemned the first round's blobs, decides
+    // what to store, and commits only after gc swept: it must have stored its own
+    // copies of what gc condemned, since gc does not wait for it before sweeping.
+    let repo = Repo::new();
+    let expected = forgotten_rounds(&repo);
+    let again = repo.scratch("again");
+    let pristine = repo.scratch("pristine");
+    copy_tree(&repo.path, &pristine);
+    for step in ["gc condemned", "gc waited"] {
+        fs::remove_dir_all(&repo.path).unwrap();
+        copy_tree(&pristine, &repo.path);
+        first_round_again(&again);
+        let gc = repo.spawn_paused_human(step, &["gc", "--max-unused", "1"]);
+        let snap = repo.spawn_paused(
+            "snapshot before commit",
+            &["snapshot", again.to_str().unwrap(), "--name", "again"],
+        );
+        // gc goes on: it sweeps, then waits for the snapshot (older than the sweep)
+        // before it deletes anything.
+        let gc = gc
+            .go_until_stderr("waiting for")
+            .unwrap_or_else(|run| panic!("gc never waited for the snapshot\n{}", run.describe()));
+        let snap = snap.finish().code(0).json();
+        let report = gc.finish().code(0);
+        let mut now = expected.clone();
+        let copy = repo.scratch(&format!("again-{}", step.replace(' ', "-")));
+        let _ = fs::remove_dir_all(&copy);
+        copy_tree(&again, &copy);
+        now.insert(id(&snap), copy);
+        assert_all_restore(&repo, &now);
+        let last = repo.ok(["gc", "--max-unused", "1"]);
+        assert_all_restore(&repo, &now);
+        assert_eq!(
+            last["unreachable_blobs"],
+            0,
+            "after {step:?}: {} then {last}",
+            report.describe()
+        );
+    }
+}
+
+#[test]
+fn snapshots_keep_running_while_forget_and_gc_loop() {
+    const ROUNDS: usize = 4;
+    let repo = Repo::new();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = Vec::new();
     for w in 0..2 {
         let repo_path = repo.path.clone();
         let data = repo.mkdir(&format!("data{w}"));
         let keep_dir = repo.scratch(&format!("kept{w}"));
+        let done = done.clone();
         writers.push(std::thread::spawn(move || {
-            let mut expected = BTreeMap::new();
-            let mut round = 0;
+            let mut taken = Vec::new();
             fs::create_dir_all(&keep_dir).unwrap();
-            while Instant::now() < deadline {
+            for round in 0..ROUNDS {
                 // Mutate: rewrite a few files, keep the rest (so chunks are reused).
                 for f in 0..6 {
                     if round == 0 || (f + round) % 3 == 0 {
@@ -400,16 +613,18 @@ fn snapshots_keep_running_while_forget_and_gc_loop() {
                 let snap: Value = serde_json::from_slice(&out.stdout).unwrap();
                 let copy = keep_dir.join(format!("r{round}"));
                 copy_tree(&data, &copy);
-                expected.insert(id(&snap), copy);
-                round += 1;
+                taken.push((id(&snap), copy));
             }
-            expected
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            taken
         }));
     }
     let repo_path = repo.path.clone();
     let collector = std::thread::spawn(move || {
-        let mut runs = 0;
-        while Instant::now() < deadline {
+        // Until both writers are done, then once more.
+        let mut last = false;
+        while !last {
+            last = done.load(std::sync::atomic::Ordering::SeqCst) == 2;
             for args in [
                 vec!["forget", "--keep-last", "2"],
                 vec!["gc", "--max-unused", "5"],
@@ -426,30 +641,17 @@ fn snapshots_keep_running_while_forget_and_gc_loop() {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            runs += 1;
         }
-        runs
     });
+    // The last forget ran after every snapshot: exactly the two latest of each writer
+    // are left.
     let mut expected = BTreeMap::new();
     for w in writers {
-        expected.extend(w.join().unwrap());
+        let taken = w.join().unwrap();
+        assert_eq!(taken.len(), ROUNDS);
+        expected.extend(taken.into_iter().skip(ROUNDS - 2));
     }
-    let gcs = collector.join().unwrap();
-    assert!(gcs >= 2, "gc ran only {gcs} times");
-    assert!(
-        expected.len() >= 4,
-        "only {} snapshots were taken",
-        expected.len()
-    );
-    let listed = repo.list(&[]);
-    assert!(listed.len() >= 2);
-    for s in &listed {
-        assert!(
-            expected.contains_key(&id(s)),
-            "listed snapshot {} was never taken",
-            id(s)
-        );
-    }
+    collector.join().unwrap();
     assert_all_restore(&repo, &expected);
 }
 
@@ -484,6 +686,7 @@ fn forgotten_rounds(repo: &Repo) -> BTreeMap<String, PathBuf> {
     }
     repo.ok(["forget", "--keep-last", "2"]);
     expected.retain(|k, _| repo.list(&[]).iter().any(|s| &id(s) == k));
+    assert_eq!(expected.len(), 2);
     expected
 }
 

@@ -199,25 +199,44 @@ fn dry_run_reports_what_the_real_run_then_changes() {
     );
 }
 
+/// The steps of an in-place restore of the three volumes of `world()`, as its crash
+/// points name them, with `swaps` between "live staged" and "live committed".
+fn restore_steps(swaps: &[&'static str]) -> Vec<&'static str> {
+    let mut steps = vec![
+        "live journal written",
+        "live quiesced",
+        "live staged a volume",
+        "live staged a volume",
+        "live staged a volume",
+        // The undo snapshot: its data pack, its tree pack, its commit.
+        "pack written",
+        "pack committed",
+        "pack indexed",
+        "pack written",
+        "pack committed",
+        "pack indexed",
+        "snapshot version reserved",
+        "snapshot record written",
+        "snapshot record indexed",
+        "live undo snapshot taken",
+        "live staged",
+    ];
+    steps.extend_from_slice(swaps);
+    steps.extend([
+        "live committed",
+        "live redeployed",
+        "live removed an old tree",
+        "live removed an old tree",
+        "live removed an old tree",
+    ]);
+    steps
+}
+
 #[test]
 fn in_place_restore_aborted_at_every_step_recovers_all_old_or_all_new() {
     let w = world();
     let seen = crash_at_every_step(&w, &[], &|| {});
-    for step in [
-        "live journal written",
-        "live quiesced",
-        "live staged a volume",
-        "live undo snapshot taken",
-        "live swapped a volume",
-        "live committed",
-        "live redeployed",
-        "live removed an old tree",
-    ] {
-        assert!(
-            seen.iter().any(|s| s == step),
-            "never crashed at {step:?}: {seen:?}"
-        );
-    }
+    assert_eq!(seen, restore_steps(&["live swapped a volume"; 3]));
 }
 
 #[test]
@@ -229,16 +248,16 @@ fn entry_swap_of_a_mount_point_aborted_at_every_step_recovers_all_old_or_all_new
     fill();
     let map = format!("gamma={}", mount.0.display());
     let seen = crash_at_every_step(&w, &["--map", &map, "--allow-in-place-copy"], &fill);
-    for step in [
-        "live moved old entries out",
-        "live moved new entries in",
-        "live committed",
-    ] {
-        assert!(
-            seen.iter().any(|s| s == step),
-            "never crashed at {step:?}: {seen:?}"
-        );
-    }
+    assert_eq!(
+        seen,
+        restore_steps(&[
+            "live swapped a volume",
+            "live swapped a volume",
+            "live moved old entries out",
+            "live moved new entries in",
+            "live swapped a volume",
+        ])
+    );
 }
 
 /// Makes the root of a mounted filesystem hold exactly what `like` holds, attributes
@@ -339,7 +358,11 @@ fn crash_at_every_step(w: &World, extra: &[&str], refill: &dyn Fn()) -> Vec<Stri
         reset();
         let crashed = w.repo.run_crashing_at(n, &args);
         if let Some(point) = &crashed {
-            seen.push(point.clone());
+            // Whether the undo snapshot caches its files (they must be more than a
+            // second old) depends on the machine's speed: that step is left out.
+            if point != "files cache rows written" {
+                seen.push(point.clone());
+            }
             let rec = w.repo.ok(["recover"]);
             assert_eq!(rec["recovered"].as_array().unwrap().len(), 1, "{rec}");
         }
@@ -694,10 +717,26 @@ fn recovery_aborted_at_every_step_still_settles_all_old_or_all_new() {
     let w = world();
     let replay = Replay::new(&w);
     // Interrupted before the commit (rolled back) and after it (finished).
-    for (interrupt, settled, outcome) in [
-        ("live swapped a volume", "old", "rolled-back"),
-        ("live committed", "new", "restored"),
+    for (interrupt, settled, outcome, steps) in [
+        (
+            "live swapped a volume",
+            "old",
+            "rolled-back",
+            &["live swapped a volume back"][..],
+        ),
+        (
+            "live committed",
+            "new",
+            "restored",
+            &[
+                "live redeployed",
+                "live removed an old tree",
+                "live removed an old tree",
+                "live removed an old tree",
+            ][..],
+        ),
     ] {
+        let mut seen = Vec::new();
         let mut k = 1;
         loop {
             replay.reset(&w);
@@ -732,13 +771,17 @@ fn recovery_aborted_at_every_step_still_settles_all_old_or_all_new() {
                 format!("stop\nstart {outcome}\n"),
                 "recovery aborted at {crashed:?}"
             );
-            if crashed.is_none() {
+            let Some(point) = crashed else {
                 break;
-            }
+            };
+            seen.push(point);
             k += 1;
             assert!(k < 50, "recovery never completed");
         }
-        assert!(k > 1, "recovery of {interrupt:?} has no crash point");
+        assert_eq!(
+            seen, steps,
+            "the crash points recovery of {interrupt:?} reached"
+        );
     }
 }
 

@@ -427,6 +427,47 @@ fn set_mtimes_in(dir: &OwnedFd, base: i64, counter: &mut i64) {
     }
 }
 
+/// The latest mtime or ctime of any entry below and including `root`, in ns.
+pub fn latest_change_ns(root: &Path) -> i64 {
+    fn ns(st: &Stat) -> i64 {
+        let m = st.st_mtime as i64 * 1_000_000_000 + st.st_mtime_nsec as i64;
+        let c = st.st_ctime as i64 * 1_000_000_000 + st.st_ctime_nsec as i64;
+        m.max(c)
+    }
+    fn walk(dir: &OwnedFd, latest: &mut i64) {
+        for name in read_names(dir) {
+            let name = OsStr::from_bytes(&name);
+            let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).unwrap();
+            *latest = (*latest).max(ns(&st));
+            if FileType::from_raw_mode(st.st_mode as _) == FileType::Directory {
+                walk(&open_dir_at(dir, name), latest);
+            }
+        }
+    }
+    let fd = open_dir_at(CWD, root.as_os_str());
+    let mut latest = ns(&rustix::fs::fstat(&fd).unwrap());
+    walk(&fd, &mut latest);
+    latest
+}
+
+/// Returns once every mtime and ctime below `root` lies more than the racily-clean
+/// window (one second) in the past, so that the next snapshot trusts the files cache
+/// for them. A ctime cannot be set, only waited out: this polls the clock until the
+/// condition holds (file times never run ahead of the real-time clock).
+pub fn wait_out_racy_window(root: &Path) {
+    let latest = latest_change_ns(root);
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        if now - 1_000_000_000 > latest + 10_000_000 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn open_dir_at<Fd: AsFd>(dir: Fd, name: &OsStr) -> OwnedFd {
     rustix::fs::openat(
         dir,
@@ -869,15 +910,27 @@ impl Repo {
     /// Starts `volsnap --json ARGS...` and returns once it waits at pause point `at`
     /// (it has created `<flag>.reached` and waits for `<flag>` to be removed).
     pub fn spawn_paused(&self, at: &str, args: &[&str]) -> Paused {
+        self.spawn_paused_as(at, args, true)
+    }
+
+    /// `spawn_paused` without `--json`: for the progress lines of the human output
+    /// (see `Paused::go_until_stderr`).
+    pub fn spawn_paused_human(&self, at: &str, args: &[&str]) -> Paused {
+        self.spawn_paused_as(at, args, false)
+    }
+
+    fn spawn_paused_as(&self, at: &str, args: &[&str], json: bool) -> Paused {
         let flag = self.scratch(&format!("pause-{}", at.replace(' ', "-")));
         write(&flag, "hold");
         let reached = PathBuf::from(format!("{}.reached", flag.display()));
         let _ = std::fs::remove_file(&reached);
         let mut cmd = self.command();
         cmd.env("VOLSNAP_PAUSE_AT", at)
-            .env("VOLSNAP_PAUSE_FILE", &flag)
-            .arg("--json")
-            .args(args)
+            .env("VOLSNAP_PAUSE_FILE", &flag);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -919,6 +972,75 @@ impl Paused {
     pub fn finish(self) -> Run {
         std::fs::remove_file(&self.flag).unwrap();
         let out = self.child.wait_with_output().unwrap();
+        Run::from_output(self.cmd, out)
+    }
+
+    /// Lets the process go on and returns once it prints a line holding `needle` on
+    /// stderr (`Ok`: it is still running), or its outcome if it ends first (`Err`).
+    pub fn go_until_stderr(mut self, needle: &str) -> Result<Going, Run> {
+        use std::io::BufRead;
+        let stderr = self.child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        std::fs::remove_file(&self.flag).unwrap();
+        let mut seen = String::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                    if line.contains(needle) {
+                        return Ok(Going {
+                            child: self.child,
+                            cmd: self.cmd,
+                            seen,
+                            lines: rx,
+                            reader,
+                        });
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    reader.join().unwrap();
+                    let mut out = self.child.wait_with_output().unwrap();
+                    out.stderr = seen.into_bytes();
+                    return Err(Run::from_output(self.cmd, out));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("{} printed neither {needle:?} nor ended: {seen}", self.cmd);
+                }
+            }
+        }
+    }
+}
+
+/// A process let go by `Paused::go_until_stderr`, still running.
+pub struct Going {
+    child: Child,
+    cmd: String,
+    seen: String,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Going {
+    /// Waits for the process to end.
+    pub fn finish(self) -> Run {
+        let mut out = self.child.wait_with_output().unwrap();
+        self.reader.join().unwrap();
+        let mut stderr = self.seen;
+        for line in self.lines.try_iter() {
+            stderr.push_str(&line);
+            stderr.push('\n');
+        }
+        out.stderr = stderr.into_bytes();
         Run::from_output(self.cmd, out)
     }
 }
