@@ -266,8 +266,15 @@ fn check_tree(
         problems.push(problem(path, format!("tree {} is damaged", id.short())));
         return Ok(());
     }
-    let tree = match tree::load(repo, id) {
-        Ok(t) => t,
+    let tree = match tree::load_with_parts(repo, id) {
+        Ok((_, parts)) if parts.iter().any(|p| bad_blobs.contains(p)) => {
+            problems.push(problem(
+                path,
+                format!("a part of tree {} is damaged", id.short()),
+            ));
+            return Ok(());
+        }
+        Ok((t, _)) => t,
         Err(e) => {
             problems.push(problem(path, e.to_string()));
             return Ok(());

@@ -17,6 +17,58 @@ pub const PACK_SIZE_TARGET: usize = 8 * 1024 * 1024;
 /// Largest blob a pack may hold (trees of huge directories are the biggest blobs).
 pub const BLOB_SIZE_MAX: u32 = 256 * 1024 * 1024;
 
+/// A directory whose tree encodes to more than this is split across blobs: a root
+/// naming parts (`tree::encode_dir`). Smaller ones are one blob, as they always were.
+pub const TREE_BLOB_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// A part of a split directory ends after an entry whose name hashes to a multiple of
+/// this (so parts hold this many entries on average, and an unchanged part keeps its
+/// id when entries elsewhere come and go)...
+pub const TREE_PART_ENTRIES_AVG: u32 = 2048;
+
+/// ...or before an entry that would take it over this many bytes.
+pub const TREE_PART_BYTES_MAX: usize = TREE_BLOB_BYTES_MAX / 2;
+
+/// Longest name of a directory entry, in bytes. Linux filesystems stop at 255 bytes
+/// (NAME_MAX); network filesystems may give up to 255 UTF-16 units, 765 bytes of
+/// UTF-8. A longer name is left out of a snapshot and listed as unreadable, and a
+/// tree holding one is refused as damaged.
+pub const NAME_BYTES_MAX: usize = 1024;
+
+/// Longest symlink target, in bytes (Linux stops at PATH_MAX, 4096, with its NUL).
+pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
+
+/// Extended attributes of one entry: names and values together, in bytes. Linux caps
+/// one value at 64 KiB and the list of names at 64 KiB, so about 9,000 values of
+/// 64 KiB (590 MB) are possible on one file. Past this the entry is kept without its
+/// extended attributes and listed as unreadable, with the reason.
+pub const XATTR_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Runs of chunks in one file's chunk list (each 33 bytes in its tree entry): about
+/// 440 GiB of distinct content at the default 64 KiB average chunk. A larger file is
+/// left out and listed as unreadable, with the reason.
+pub const FILE_RUNS_MAX: usize = 7 * 1024 * 1024;
+
+/// Largest encoding of one directory entry: a file at `FILE_RUNS_MAX` with
+/// `XATTR_BYTES_MAX` of extended attributes and the longest name fits.
+pub const ENTRY_BYTES_MAX: usize = 256 * 1024 * 1024 - 1024 * 1024;
+
+/// Directory nesting a snapshot descends, counted from the volume root. Deeper
+/// directories are kept empty and listed as unreadable, with the reason; a tree
+/// nested deeper is refused by restore and export. Every walk keeps a bounded number
+/// of descriptors whatever the depth (`DIR_FDS_HELD_MAX`), and memory per level is a
+/// few dozen bytes plus the name.
+pub const PATH_DEPTH_MAX: usize = 131_072;
+
+/// Directory descriptors a walk keeps open along its current path; above this, the
+/// descriptors of the levels nearest the root are closed and reopened through `..`
+/// (checked against the recorded device and inode) when the walk climbs back.
+pub const DIR_FDS_HELD_MAX: usize = 64;
+
+/// A snapshot's notes (entries skipped by kind: sockets, other filesystems) keep at
+/// most this many example paths per kind, with the count of the rest.
+pub const NOTE_EXAMPLES_MAX: usize = 10;
+
 /// Bytes read from a file per batch handed to the hash/compress workers.
 pub const READ_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
@@ -51,3 +103,9 @@ const _: () = assert!(UNDO_RESTORES_KEPT >= 1);
 /// blocks inside runs of dead blobs), and `pack::punch` never punches with blocks
 /// larger than this.
 pub const RESYNC_WINDOW_BYTES: usize = 1024 * 1024;
+const _: () = assert!(TREE_PART_BYTES_MAX <= TREE_BLOB_BYTES_MAX);
+const _: () = assert!(TREE_BLOB_BYTES_MAX <= BLOB_SIZE_MAX as usize);
+const _: () = assert!(ENTRY_BYTES_MAX < BLOB_SIZE_MAX as usize - 64);
+const _: () =
+    assert!(FILE_RUNS_MAX * 33 + XATTR_BYTES_MAX + NAME_BYTES_MAX + 1024 <= ENTRY_BYTES_MAX);
+const _: () = assert!(SYMLINK_TARGET_BYTES_MAX + XATTR_BYTES_MAX < ENTRY_BYTES_MAX);

@@ -390,7 +390,8 @@ fn visit_tree(
     }
     visit(id);
     // A tree that cannot be read makes reachability unknowable: stop, delete nothing.
-    let tree = tree::load(repo, id)?;
+    let (tree, parts) = tree::load_with_parts(repo, id)?;
+    parts.iter().for_each(&mut *visit);
     progress.add(tree.entries.len() as u64, 0);
     for e in &tree.entries {
         match &e.kind {

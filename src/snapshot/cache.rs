@@ -16,7 +16,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::limits::CACHE_ROWS_PER_TRANSACTION;
 use crate::repo::Repository;
@@ -93,6 +93,74 @@ pub fn load(repo: &Repository, key: &[u8]) -> Result<Option<(DirCache, Vec<u8>)>
         .index
         .cache_get(key)?
         .and_then(|bytes| DirCache::decode(&bytes).map(|c| (c, bytes))))
+}
+
+/// Rows waiting for their snapshot's commit, in an unnamed temporary file of the
+/// repository's `tmp/` (gone with the process whatever happens): memory stays bounded
+/// however many directories a snapshot has.
+#[derive(Debug)]
+pub struct Spool {
+    file: std::io::BufWriter<std::fs::File>,
+    rows: u64,
+}
+
+impl Spool {
+    pub fn new(repo: &Repository) -> Result<Spool> {
+        let tmp = repo.tmp_dir();
+        let file =
+            tempfile::tempfile_in(&tmp).map_err(Error::io("create a temporary file in", &tmp))?;
+        Ok(Spool {
+            file: std::io::BufWriter::new(file),
+            rows: 0,
+        })
+    }
+
+    /// Appends a row: key length, value length (u32 LE each), key, value.
+    pub fn push(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let mut head = [0u8; 8];
+        head[..4].copy_from_slice(&(key.len() as u32).to_le_bytes());
+        head[4..].copy_from_slice(&(value.len() as u32).to_le_bytes());
+        let w = &mut self.file;
+        w.write_all(&head)
+            .and_then(|()| w.write_all(key))
+            .and_then(|()| w.write_all(value))
+            .map_err(Error::io("write the files-cache spool in", "tmp/"))?;
+        self.rows += 1;
+        Ok(())
+    }
+}
+
+/// Writes a spool's rows in bounded transactions.
+pub fn store_spool(repo: &Repository, spool: Spool) -> Result<()> {
+    use std::io::{Read, Seek};
+    let io = Error::io("read the files-cache spool in", "tmp/");
+    let mut file = spool.file.into_inner().map_err(|e| io(e.into_error()))?;
+    file.rewind()
+        .map_err(Error::io("read the files-cache spool in", "tmp/"))?;
+    let mut file = std::io::BufReader::new(file);
+    let mut batch = Vec::new();
+    for _ in 0..spool.rows {
+        let mut head = [0u8; 8];
+        file.read_exact(&mut head)
+            .map_err(Error::io("read the files-cache spool in", "tmp/"))?;
+        let key_len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        let value_len = u32::from_le_bytes(head[4..].try_into().expect("4 bytes")) as usize;
+        let mut key = vec![0; key_len];
+        let mut value = vec![0; value_len];
+        file.read_exact(&mut key)
+            .and_then(|()| file.read_exact(&mut value))
+            .map_err(Error::io("read the files-cache spool in", "tmp/"))?;
+        batch.push((key, value));
+        if batch.len() == CACHE_ROWS_PER_TRANSACTION {
+            repo.index.cache_put(&batch)?;
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        repo.index.cache_put(&batch)?;
+    }
+    Ok(())
 }
 
 /// Writes rows in bounded transactions.

@@ -21,12 +21,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::limits::{
+    ENTRY_BYTES_MAX, NAME_BYTES_MAX, SYMLINK_TARGET_BYTES_MAX, TREE_BLOB_BYTES_MAX,
+    TREE_PART_BYTES_MAX, TREE_PART_ENTRIES_AVG,
+};
 use crate::repo::Repository;
 
 /// Trees whose files all have runs of one chunk.
 const TREE_VERSION: u8 = 1;
 /// Trees holding a file with a run of more than one chunk (`WireKind::FileRuns`).
 const TREE_VERSION_RUNS: u8 = 2;
+/// A directory too large for one blob: postcard `Vec<Id>`, the ids of its parts, each
+/// a version 1 or 2 tree holding the next entries in name order (see `encode_dir`).
+const TREE_VERSION_SPLIT: u8 = 3;
 
 /// An extended attribute.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +235,20 @@ impl Tree {
         }
         let tree: Tree = postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?;
         for e in &tree.entries {
+            if e.name.len() > NAME_BYTES_MAX {
+                return Err(format!(
+                    "an entry name of {} bytes (the limit is {NAME_BYTES_MAX})",
+                    e.name.len()
+                ));
+            }
+            if let Kind::Symlink { target } = &e.kind
+                && target.len() > SYMLINK_TARGET_BYTES_MAX
+            {
+                return Err(format!(
+                    "a symlink target of {} bytes (the limit is {SYMLINK_TARGET_BYTES_MAX})",
+                    target.len()
+                ));
+            }
             if !valid_name(&e.name) {
                 return Err(format!(
                     "invalid entry name {:?}",
@@ -258,19 +279,183 @@ impl Tree {
     }
 }
 
-/// Loads and verifies the tree `id`.
+/// A tree blob as stored: a directory's entries, or the parts of a split directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stored {
+    Tree(Tree),
+    /// The ids of the parts, in name order.
+    Split(Vec<Id>),
+}
+
+/// Decodes any tree blob; hostile or damaged bytes give `Err`, never a panic.
+pub fn decode_stored(bytes: &[u8]) -> std::result::Result<Stored, String> {
+    if bytes.first() != Some(&TREE_VERSION_SPLIT) {
+        return Tree::decode(bytes).map(Stored::Tree);
+    }
+    let parts: Vec<Id> = postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?;
+    if parts.len() < 2 {
+        return Err(format!("a split tree of {} parts", parts.len()));
+    }
+    Ok(Stored::Split(parts))
+}
+
+/// The blobs of one directory, encoded: `root` is the blob its parent names; `parts`
+/// are the blobs a split root names (empty for a directory that fits one blob).
+#[derive(Debug)]
+pub struct Encoded {
+    pub root: Vec<u8>,
+    pub parts: Vec<Vec<u8>>,
+}
+
+/// Encodes a directory's entries (sorted and unique), splitting it across blobs when
+/// one blob would exceed `TREE_BLOB_BYTES_MAX`.
+///
+/// A directory that fits is one tree blob, byte for byte what `Tree::encode` writes
+/// (so existing tree ids are unchanged). A larger one is a split root naming parts,
+/// each a tree of consecutive entries. Parts end after an entry whose name hashes to
+/// a multiple of `TREE_PART_ENTRIES_AVG` (content-defined, so adding or removing an
+/// entry changes only its own part and the small root, and an unchanged part keeps its
+/// id), or before an entry that would take the part over `TREE_PART_BYTES_MAX`.
+/// Errors only for an entry larger than a blob can hold, which the walk's limits
+/// exclude (`limits::ENTRY_BYTES_MAX`).
+pub fn encode_dir(entries: &[Entry]) -> Result<Encoded> {
+    assert!(
+        entries.windows(2).all(|w| w[0].name < w[1].name),
+        "tree entries must be sorted and unique"
+    );
+    let encoded: Vec<Vec<u8>> = entries
+        .iter()
+        .map(|e| postcard::to_allocvec(e).expect("entries encode"))
+        .collect();
+    for (e, bytes) in entries.iter().zip(&encoded) {
+        if bytes.len() > ENTRY_BYTES_MAX {
+            return Err(Error::Usage(format!(
+                "directory entry {:?} encodes to {} bytes, over the limit of {ENTRY_BYTES_MAX}",
+                String::from_utf8_lossy(&e.name),
+                bytes.len()
+            )));
+        }
+    }
+    let total: usize = encoded.iter().map(Vec::len).sum();
+    if total + 16 <= TREE_BLOB_BYTES_MAX {
+        return Ok(Encoded {
+            root: join_entries(entries, &encoded),
+            parts: Vec::new(),
+        });
+    }
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for i in 0..entries.len() {
+        if i > start && bytes + encoded[i].len() > TREE_PART_BYTES_MAX {
+            parts.push(join_entries(&entries[start..i], &encoded[start..i]));
+            (start, bytes) = (i, 0);
+        }
+        bytes += encoded[i].len();
+        if part_ends_after(&entries[i].name) {
+            parts.push(join_entries(&entries[start..=i], &encoded[start..=i]));
+            (start, bytes) = (i + 1, 0);
+        }
+    }
+    if start < entries.len() {
+        parts.push(join_entries(&entries[start..], &encoded[start..]));
+    }
+    if parts.len() < 2 {
+        // One entry too large to share a part: the directory is that one blob.
+        return Ok(Encoded {
+            root: join_entries(entries, &encoded),
+            parts: Vec::new(),
+        });
+    }
+    let ids: Vec<Id> = parts.iter().map(|p| Id::of(p)).collect();
+    let mut root = vec![TREE_VERSION_SPLIT];
+    postcard::to_io(&ids, &mut root).expect("ids encode");
+    Ok(Encoded { root, parts })
+}
+
+/// Whether a part of a split directory ends after the entry `name`.
+fn part_ends_after(name: &[u8]) -> bool {
+    let h = blake3::hash(name);
+    let n = u32::from_le_bytes(h.as_bytes()[..4].try_into().expect("4 bytes"));
+    n % TREE_PART_ENTRIES_AVG == 0
+}
+
+/// A version 1 or 2 tree blob from entries and their encodings (postcard encodes
+/// `Tree` as the entry count then the entries, so this is `Tree::encode`'s output).
+fn join_entries(entries: &[Entry], encoded: &[Vec<u8>]) -> Vec<u8> {
+    let version = if entries.iter().any(|e| e.kind.has_long_run()) {
+        TREE_VERSION_RUNS
+    } else {
+        TREE_VERSION
+    };
+    let mut out = vec![version];
+    postcard::to_io(&entries.len(), &mut out).expect("a length encodes");
+    for e in encoded {
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// Loads and verifies the tree `id`, with the entries of every part of a split one.
 pub fn load(repo: &Repository, id: &Id) -> Result<Tree> {
+    Ok(load_with_parts(repo, id)?.0)
+}
+
+/// Loads and verifies the tree `id`; also returns the ids of its parts (empty unless
+/// it is split), which gc marks and check verifies like the root.
+pub fn load_with_parts(repo: &Repository, id: &Id) -> Result<(Tree, Vec<Id>)> {
+    let corrupt = |detail: String| Error::CorruptTree { id: *id, detail };
+    match decode_stored(&read_tree_blob(repo, id)?).map_err(corrupt)? {
+        Stored::Tree(tree) => Ok((tree, Vec::new())),
+        Stored::Split(parts) => {
+            let mut entries: Vec<Entry> = Vec::new();
+            for part in &parts {
+                let tree = Tree::decode(&read_tree_blob(repo, part)?).map_err(|detail| {
+                    Error::CorruptTree {
+                        id: *part,
+                        detail: format!("part of split tree {}: {detail}", id.short()),
+                    }
+                })?;
+                let ordered = match (entries.last(), tree.entries.first()) {
+                    (_, None) => false,
+                    (Some(last), Some(first)) => last.name < first.name,
+                    (None, Some(_)) => true,
+                };
+                if !ordered {
+                    return Err(corrupt(format!(
+                        "part {} is empty or out of order",
+                        part.short()
+                    )));
+                }
+                entries.extend(tree.entries);
+            }
+            Ok((Tree { entries }, parts))
+        }
+    }
+}
+
+fn read_tree_blob(repo: &Repository, id: &Id) -> Result<Vec<u8>> {
     let unstored = repo
         .unstored
         .lock()
         .expect("unstored lock")
         .get(id)
         .cloned();
-    let bytes = match unstored {
-        Some(b) => b,
-        None => repo.read_blob(id)?,
-    };
-    Tree::decode(&bytes).map_err(|detail| Error::CorruptTree { id: *id, detail })
+    match unstored {
+        Some(b) => Ok(b),
+        None => repo.read_blob(id),
+    }
+}
+
+/// Stores a directory's blobs (parts first) through `store`; returns the root's id.
+pub fn store_dir(entries: &[Entry], mut store: impl FnMut(Id, &[u8]) -> Result<()>) -> Result<Id> {
+    let encoded = encode_dir(entries)?;
+    for part in &encoded.parts {
+        store(Id::of(part), part)?;
+    }
+    let id = Id::of(&encoded.root);
+    store(id, &encoded.root)?;
+    Ok(id)
 }
 
 /// Splits a '/'-separated path into components, dropping empty ones and `.`.
