@@ -154,19 +154,12 @@ pub fn store_spool(repo: &Repository, spool: Spool) -> Result<()> {
         batch.push((key, value));
         if batch.len() == CACHE_ROWS_PER_TRANSACTION {
             repo.index.cache_put(&batch)?;
+            crate::crash::point("files cache rows written");
             batch.clear();
         }
     }
     if !batch.is_empty() {
         repo.index.cache_put(&batch)?;
-    }
-    Ok(())
-}
-
-/// Writes rows in bounded transactions.
-pub fn store(repo: &Repository, rows: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
-    for batch in rows.chunks(CACHE_ROWS_PER_TRANSACTION) {
-        repo.index.cache_put(batch)?;
         crate::crash::point("files cache rows written");
     }
     Ok(())
