@@ -29,6 +29,8 @@ pub mod docker;
 pub mod error;
 pub mod export;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod gc;
 pub mod id;
 pub mod index;

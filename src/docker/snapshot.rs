@@ -470,7 +470,7 @@ struct QuiesceJournal {
 
 const QUIESCE_MAGIC: &[u8; 8] = b"VSNPQSCE";
 
-fn encode_plan(plan: &[Quiesced]) -> Vec<u8> {
+pub(crate) fn encode_plan(plan: &[Quiesced]) -> Vec<u8> {
     let mut bytes = QUIESCE_MAGIC.to_vec();
     postcard::to_io(plan, &mut bytes).expect("quiesce journals encode");
     bytes
@@ -523,6 +523,13 @@ pub fn quiesce_pending(repo: &Repository) -> bool {
     })
 }
 
+/// A quiesce journal's plan; `None` if the bytes are not one.
+pub(crate) fn decode_plan(bytes: &[u8]) -> Option<Vec<Quiesced>> {
+    bytes
+        .strip_prefix(&QUIESCE_MAGIC[..])
+        .and_then(|b| postcard::from_bytes(b).ok())
+}
+
 /// Resumes the containers of every quiesce whose process is gone. Returns their names.
 /// Each journal is settled on its own; failures are reported after all were tried.
 pub fn recover_quiesce(repo: &Repository) -> Result<Vec<String>> {
@@ -570,14 +577,11 @@ fn recover_one(
         }
         Err(e) => return Err(Error::io("read", path)(e)),
     };
-    let plan: Vec<Quiesced> = bytes
-        .strip_prefix(&QUIESCE_MAGIC[..])
-        .and_then(|b| postcard::from_bytes(b).ok())
-        .ok_or_else(|| Error::Corrupt {
-            what: "quiesce journal",
-            path: path.to_path_buf(),
-            detail: "does not decode".into(),
-        })?;
+    let plan = decode_plan(&bytes).ok_or_else(|| Error::Corrupt {
+        what: "quiesce journal",
+        path: path.to_path_buf(),
+        detail: "does not decode".into(),
+    })?;
     if engine.is_none() {
         *engine = Some(Engine::connect()?);
     }

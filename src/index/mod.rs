@@ -48,7 +48,7 @@ pub struct Location {
 const LOCATION_LEN: usize = 48;
 
 impl Location {
-    fn encode(&self) -> [u8; LOCATION_LEN] {
+    pub(crate) fn encode(&self) -> [u8; LOCATION_LEN] {
         let mut b = [0u8; LOCATION_LEN];
         b[0..32].copy_from_slice(&self.pack.0);
         b[32..40].copy_from_slice(&self.offset.to_le_bytes());
@@ -57,7 +57,7 @@ impl Location {
         b
     }
 
-    fn decode(b: &[u8]) -> Option<Location> {
+    pub(crate) fn decode(b: &[u8]) -> Option<Location> {
         if b.len() != LOCATION_LEN {
             return None;
         }

@@ -151,10 +151,15 @@ fn lock_path(repo: &Repository, id: &str) -> PathBuf {
 impl Journal {
     /// Writes the journal durably, replacing the previous version atomically.
     pub fn save(&self, repo: &Repository) -> Result<()> {
+        fsutil::atomic_write(&repo.tmp_dir(), &path(repo, &self.id), &self.encode())
+    }
+
+    /// The journal's file contents.
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut bytes = MAGIC.to_vec();
         bytes.extend_from_slice(&VERSION.to_le_bytes());
         postcard::to_io(self, &mut bytes).expect("journals encode");
-        fsutil::atomic_write(&repo.tmp_dir(), &path(repo, &self.id), &bytes)
+        bytes
     }
 
     /// Reads a journal; `None` if it is gone.
@@ -165,29 +170,36 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io("read journal", &p)(e)),
         };
-        let corrupt = |detail: String| Error::Corrupt {
-            what: "restore journal",
-            path: p.clone(),
-            detail,
-        };
+        Journal::decode(&bytes, id)
+            .map(Some)
+            .map_err(|detail| Error::Corrupt {
+                what: "restore journal",
+                path: p.clone(),
+                detail,
+            })
+    }
+
+    /// Decodes the journal file of restore `id`, checking every path it names (see
+    /// `check_paths`).
+    pub(crate) fn decode(bytes: &[u8], id: &str) -> std::result::Result<Journal, String> {
         if bytes.len() < 12 || &bytes[..8] != MAGIC {
-            return Err(corrupt("not a volsnap journal".into()));
+            return Err("not a volsnap journal".into());
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if version != VERSION {
-            return Err(corrupt(format!(
+            return Err(format!(
                 "journal version {version} is not {VERSION}: settle it with the volsnap \
                  version that wrote it (`volsnap recover`)"
-            )));
+            ));
         }
-        let j: Journal = postcard::from_bytes(&bytes[12..]).map_err(|e| corrupt(e.to_string()))?;
+        let j: Journal = postcard::from_bytes(&bytes[12..]).map_err(|e| e.to_string())?;
         j.check_paths(id).map_err(|detail| {
-            corrupt(format!(
+            format!(
                 "{detail}; nothing was moved or deleted (settle the restore by hand and \
                  remove the journal)"
-            ))
+            )
         })?;
-        Ok(Some(j))
+        Ok(j)
     }
 
     /// Checks every path recovery would move or delete against the only shapes this
@@ -320,10 +332,27 @@ pub fn record_restore(repo: &Repository, j: &Journal) -> Result<()> {
             })
             .collect(),
     };
-    let mut bytes = RECORD_MAGIC.to_vec();
-    bytes.extend_from_slice(&RECORD_VERSION.to_le_bytes());
-    postcard::to_io(&r, &mut bytes).expect("records encode");
-    fsutil::atomic_write(&repo.tmp_dir(), &p, &bytes)
+    fsutil::atomic_write(&repo.tmp_dir(), &p, &r.encode())
+}
+
+impl Restore {
+    /// The record's file contents.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut bytes = RECORD_MAGIC.to_vec();
+        bytes.extend_from_slice(&RECORD_VERSION.to_le_bytes());
+        postcard::to_io(self, &mut bytes).expect("records encode");
+        bytes
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> std::result::Result<Restore, String> {
+        if bytes.len() < 12 || &bytes[..8] != RECORD_MAGIC {
+            return Err("not a volsnap restore record".into());
+        }
+        if bytes[8..12] != RECORD_VERSION.to_le_bytes() {
+            return Err("unknown record version".into());
+        }
+        postcard::from_bytes(&bytes[12..]).map_err(|e| e.to_string())
+    }
 }
 
 /// Every committed in-place restore recorded in the repository.
@@ -338,18 +367,11 @@ pub fn restores(repo: &Repository) -> Result<Vec<Restore>> {
     for entry in entries {
         let p = entry.map_err(Error::io("read directory", &d))?.path();
         let bytes = std::fs::read(&p).map_err(Error::io("read", &p))?;
-        let corrupt = |detail: String| Error::Corrupt {
+        out.push(Restore::decode(&bytes).map_err(|detail| Error::Corrupt {
             what: "restore record",
             path: p.clone(),
             detail,
-        };
-        if bytes.len() < 12 || &bytes[..8] != RECORD_MAGIC {
-            return Err(corrupt("not a volsnap restore record".into()));
-        }
-        if bytes[8..12] != RECORD_VERSION.to_le_bytes() {
-            return Err(corrupt("unknown record version".into()));
-        }
-        out.push(postcard::from_bytes(&bytes[12..]).map_err(|e| corrupt(e.to_string()))?);
+        })?);
     }
     Ok(out)
 }

@@ -106,7 +106,7 @@ thread_local! {
     // per chunk): each worker thread keeps one of each.
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::zstd_safe::DCtx<'static>>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -120,13 +120,56 @@ fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     })
 }
 
-fn decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+/// The most bytes a zstd frame can decode to per stored byte: every block takes at
+/// least 4 bytes (a 3-byte header and one byte of content) and decodes to at most
+/// 128 KiB. A header claiming more than this for its stored bytes is damaged.
+const ZSTD_EXPANSION_MAX: u64 = 128 * 1024 / 4;
+
+/// The output room tried first: the raw length for every ordinary blob, less only when
+/// the header claims a ratio beyond what real data shows, so that a damaged header
+/// (a huge raw length over a few stored bytes) cannot make us reserve memory the
+/// stored bytes never decode to.
+fn first_room(stored_len: usize, raw_len: usize) -> usize {
+    raw_len.min(stored_len.saturating_mul(64).saturating_add(1 << 20))
+}
+
+/// Decompresses one blob's zstd frame to exactly `raw_len` bytes. Memory follows what
+/// the frame actually decodes to: it starts with `first_room` bytes and doubles only
+/// when zstd reports the room too small (a frame that really holds that much), up
+/// to `raw_len`.
+fn decompress(stored: &[u8], raw_len: usize) -> std::result::Result<Vec<u8>, String> {
+    if raw_len as u64 > (stored.len() as u64).saturating_mul(ZSTD_EXPANSION_MAX) {
+        return Err(format!(
+            "header says {raw_len} bytes, more than {} stored bytes can hold",
+            stored.len()
+        ));
+    }
+    match zstd::zstd_safe::get_frame_content_size(stored) {
+        Ok(Some(n)) if n != raw_len as u64 => {
+            return Err(format!("zstd frame says {n} bytes, header says {raw_len}"));
+        }
+        Ok(_) => {}
+        Err(_) => return Err("not a zstd frame".into()),
+    }
+    let too_small = (zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall
+        as usize)
+        .wrapping_neg();
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
-        if d.is_none() {
-            *d = Some(zstd::bulk::Decompressor::new()?);
+        let dctx = d.get_or_insert_with(zstd::zstd_safe::DCtx::create);
+        let mut room = first_room(stored.len(), raw_len);
+        loop {
+            let mut out = Vec::with_capacity(room);
+            match dctx.decompress(&mut out, stored) {
+                Ok(_) => return Ok(out),
+                Err(code) if code == too_small && room < raw_len => {
+                    room = room.saturating_mul(2).min(raw_len);
+                }
+                Err(code) => {
+                    return Err(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)));
+                }
+            }
         }
-        d.as_mut().expect("just set").decompress(stored, capacity)
     })
 }
 
@@ -187,8 +230,7 @@ fn decode_body(header: &BlobHeader, stored: &[u8]) -> Result<Vec<u8>, String> {
     match header.compression {
         Compression::Raw => Ok(stored.to_vec()),
         Compression::Zstd => {
-            let raw =
-                decompress(stored, header.raw_len as usize).map_err(|e| format!("zstd: {e}"))?;
+            let raw = decompress(stored, header.raw_len as usize)?;
             if raw.len() != header.raw_len as usize {
                 return Err(format!(
                     "decompressed {} bytes, header says {}",
@@ -224,6 +266,39 @@ mod tests {
             .fill(&mut noise);
         check(&noise, Compression::Raw);
         check(b"", Compression::Raw);
+    }
+
+    #[test]
+    fn blobs_far_larger_than_their_stored_bytes_round_trip() {
+        // 8 MiB of zeros compress to a few hundred bytes: decoding starts with less
+        // room than the header says and grows it as the frame fills it.
+        let zeros = vec![0u8; 8 << 20];
+        let blob = encode(BlobKind::Data, Id::of(&zeros), &zeros, 3).unwrap();
+        assert!(
+            blob.stored.len() < 4096 && first_room(blob.stored.len(), zeros.len()) < zeros.len()
+        );
+        assert!(decode_verified(&blob.header, &blob.stored).unwrap() == zeros);
+    }
+
+    #[test]
+    fn a_raw_length_the_stored_bytes_cannot_hold_is_refused() {
+        let raw = vec![3u8; 200_000];
+        let blob = encode(BlobKind::Data, Id::of(&raw), &raw, 3).unwrap();
+        let stored = blob.stored.len() as u32;
+        // More than any zstd frame of these stored bytes decodes to.
+        let over = BlobHeader {
+            raw_len: stored * 32_768 + 1,
+            ..blob.header
+        };
+        let err = decode_verified(&over, &blob.stored).unwrap_err();
+        assert!(err.contains("more than"), "{err}");
+        // Within that ratio but not what the frame says it holds.
+        let other = BlobHeader {
+            raw_len: 199_999,
+            ..blob.header
+        };
+        let err = decode_verified(&other, &blob.stored).unwrap_err();
+        assert!(err.contains("zstd frame says 200000"), "{err}");
     }
 
     #[test]

@@ -28,6 +28,21 @@ pub struct LeaseRow {
     pub started_ns: i64,
 }
 
+impl LeaseRow {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("lease rows encode")
+    }
+
+    /// Decodes a row; `None` for damaged bytes, and for a row whose lock is not a
+    /// plain `lease-*` file name: `live_leases` deletes the lock file of a dead row,
+    /// which must never be a path outside `locks/`.
+    pub(crate) fn decode(bytes: &[u8]) -> Option<LeaseRow> {
+        let row: LeaseRow = postcard::from_bytes(bytes).ok()?;
+        let plain = row.lock.starts_with("lease-") && crate::tree::valid_name(row.lock.as_bytes());
+        plain.then_some(row)
+    }
+}
+
 /// A held lease; released on drop (and by the kernel if the process dies).
 pub struct Lease<'r> {
     repo: &'r Repository,
@@ -84,9 +99,7 @@ impl Repository {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64),
         };
-        let id = self
-            .index
-            .insert_lease(&postcard::to_stdvec(&row).expect("lease rows encode"))?;
+        let id = self.index.insert_lease(&row.encode())?;
         // Every lookup under this lease must see the index as of now or later (a gc
         // condemnation committed before the lease must not be missed).
         self.index.refresh();
@@ -123,7 +136,7 @@ impl Repository {
     pub fn live_leases(&self) -> Result<Vec<(u64, LeaseRow)>> {
         let mut out = Vec::new();
         for (id, bytes) in self.index.leases()? {
-            let Ok(row) = postcard::from_bytes::<LeaseRow>(&bytes) else {
+            let Some(row) = LeaseRow::decode(&bytes) else {
                 self.index.remove_lease(id)?;
                 continue;
             };

@@ -88,14 +88,14 @@ impl Config {
         Ok(())
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = CONFIG_MAGIC.to_vec();
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&postcard::to_stdvec(self).expect("config encodes"));
         out
     }
 
-    fn decode(path: &Path, bytes: &[u8]) -> Result<Config> {
+    pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Config> {
         let corrupt = |detail: &str| Error::Corrupt {
             what: "config",
             path: path.to_path_buf(),

@@ -59,13 +59,20 @@ impl DirCache {
         out
     }
 
-    /// Decodes a row; `None` for a row of another version or damaged bytes.
+    /// Decodes a row; `None` for a row of another version or damaged bytes. A hit's
+    /// chunk list goes into a tree as it is, so a row holding a run of no chunks (which
+    /// no tree may hold) is damaged too.
     pub fn decode(row: &[u8]) -> Option<DirCache> {
         let rest = row.strip_prefix(&ROW_MAGIC[..])?;
-        match rest.split_first() {
-            Some((&ROW_VERSION, body)) => postcard::from_bytes(body).ok(),
-            _ => None,
-        }
+        let cache: DirCache = match rest.split_first() {
+            Some((&ROW_VERSION, body)) => postcard::from_bytes(body).ok()?,
+            _ => return None,
+        };
+        let runs_sound = cache
+            .files
+            .iter()
+            .all(|f| f.chunks.iter().all(|r| r.count > 0));
+        runs_sound.then_some(cache)
     }
 
     /// Every chunk id the row names.
