@@ -324,21 +324,44 @@ fn pack_file_seeds() -> Vec<Vec<u8>> {
 
 // ---- tree -------------------------------------------------------------------------
 
+/// Any tree blob: a directory's entries (versions 1 and 2) or the root of a split one
+/// (version 3), through `tree::decode_stored`, the entry every reader uses.
 fn tree_target(data: &[u8]) -> bool {
-    let Ok(tree) = Tree::decode(data) else {
+    let Ok(stored) = tree::decode_stored(data) else {
         return false;
     };
-    check_tree(&tree);
-    assert_eq!(Tree::decode(&tree.encode()).as_ref(), Ok(&tree));
+    match stored {
+        tree::Stored::Tree(tree) => {
+            check_tree(&tree);
+            let bytes = tree.encode();
+            assert_eq!(Tree::decode(&bytes).as_ref(), Ok(&tree));
+            // The snapshot's encoder writes the same blob for the same entries (a
+            // decoded entry is never over `ENTRY_BYTES_MAX`: it came from the input).
+            let dir = tree::encode_dir(&tree.entries).expect("decoded entries encode");
+            if dir.parts.is_empty() {
+                assert!(dir.root == bytes, "encode_dir and Tree::encode disagree");
+            } else {
+                assert_eq!(tree::decode_stored(&dir.root).map(|_| ()), Ok(()));
+            }
+        }
+        tree::Stored::Split(parts) => {
+            assert!(parts.len() >= 2);
+            let mut again = vec![data[0]];
+            postcard::to_io(&parts, &mut again).expect("ids encode");
+            assert_eq!(tree::decode_stored(&again), Ok(tree::Stored::Split(parts)));
+        }
+    }
     true
 }
 
 /// What every decoded tree promises restore and export.
 fn check_tree(tree: &Tree) {
+    use crate::limits::{NAME_BYTES_MAX, SYMLINK_TARGET_BYTES_MAX};
     for e in &tree.entries {
-        assert!(tree::valid_name(&e.name));
+        assert!(tree::valid_name(&e.name) && e.name.len() <= NAME_BYTES_MAX);
         match &e.kind {
             Kind::Hardlink { target } => assert!(tree::valid_relative_path(target)),
+            Kind::Symlink { target } => assert!(target.len() <= SYMLINK_TARGET_BYTES_MAX),
             Kind::File { chunks, .. } => {
                 assert!(chunks.iter().all(|r| r.count > 0));
                 assert!(chunks.windows(2).all(|w| w[0].id != w[1].id));
@@ -422,7 +445,20 @@ fn tree_seeds() -> Vec<Vec<u8>> {
         Tree::default().encode(),
         sample_tree().encode(),
         sparse.encode(),
+        split_root(),
     ]
+}
+
+/// The root blob of a directory too large for one blob (version 3: its parts' ids), as
+/// the snapshot's encoder writes it.
+fn split_root() -> Vec<u8> {
+    let long = "n".repeat(230);
+    let entries: Vec<Entry> = (0..20_000)
+        .map(|n| entry(&format!("{long}{n:06}"), Kind::Fifo))
+        .collect();
+    let dir = tree::encode_dir(&entries).expect("a large directory encodes");
+    assert!(dir.parts.len() >= 2, "the seed directory is split");
+    dir.root
 }
 
 // ---- snapshot record --------------------------------------------------------------
