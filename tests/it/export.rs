@@ -422,7 +422,8 @@ fn check_export(
     if !root_member {
         copy_root_meta(restored, &extracted);
     }
-    assert_same_tree(restored, &extracted);
+    // GNU tar writes the zeros of a member out.
+    assert_same_tree_dense(restored, &extracted);
     (report, members)
 }
 

@@ -311,3 +311,185 @@ fn shared_content_is_stored_once() {
     repo.restore(&id(&snap), &restored);
     assert_same_tree(&data, &restored);
 }
+
+/// A POSIX ACL in its xattr form (`system.posix_acl_*`): version 2, then (tag, perm, id)
+/// entries sorted by tag: the owner, one named user, the owning group, the mask, others.
+fn posix_acl(user_perm: u16, named_uid: u32, named_perm: u16, mask: u16, other: u16) -> Vec<u8> {
+    const ANY: u32 = u32::MAX;
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, user_perm, ANY),
+        (0x02, named_perm, named_uid),
+        (0x04, 4, ANY),
+        (0x10, mask, ANY),
+        (0x20, other, ANY),
+    ] {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+/// `security.capability` as setcap writes it (version 2): effective, with
+/// CAP_NET_BIND_SERVICE permitted.
+fn net_bind_capability() -> Vec<u8> {
+    let mut out = (0x0200_0000u32 | 1).to_le_bytes().to_vec();
+    for word in [1u32 << 10, 0, 0, 0] {
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    out
+}
+
+/// Reads one xattr of `p` (not following a final symlink).
+fn get_xattr(p: &Path, key: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    match rustix::fs::lgetxattr(p, key, &mut buf[..]) {
+        Ok(n) => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        Err(rustix::io::Errno::NODATA) => None,
+        Err(e) => panic!("getxattr {} {key}: {e}", p.display()),
+    }
+}
+
+/// Each member's pax `SCHILY.xattr.*` records of an uncompressed tar, read by Python's
+/// tarfile: member name → (attribute name → value), as hex.
+const PY_XATTRS: &str = r#"
+import json, sys, tarfile
+out = {}
+with tarfile.open(sys.argv[1], mode="r:") as t:
+    for m in t:
+        x = {}
+        for k, v in m.pax_headers.items():
+            if k.startswith("SCHILY.xattr."):
+                x[k[len("SCHILY.xattr."):]] = v.encode("utf-8", "surrogateescape").hex()
+        out[m.name] = x
+json.dump(out, sys.stdout)
+"#;
+
+#[test]
+fn acls_capabilities_and_trusted_xattrs_round_trip_and_export() {
+    // Attributes outside user.*: restore reproduces them (it runs as root here), with
+    // no warning, and export carries them as pax records.
+    assert!(is_root(), "these tests run as root");
+    let repo = Repo::new();
+    let data = repo.mkdir("data");
+    let acl_file = data.join("acl-file");
+    write(&acl_file, "readable by uid 1000 too\n");
+    let acl_access = posix_acl(6, 1000, 4, 5, 0);
+    set_xattr(&acl_file, "system.posix_acl_access", &acl_access);
+    let acl_dir = data.join("acl-dir");
+    fs::create_dir(&acl_dir).unwrap();
+    let acl_default = posix_acl(7, 1000, 7, 7, 5);
+    set_xattr(&acl_dir, "system.posix_acl_default", &acl_default);
+    set_xattr(&acl_dir, "system.posix_acl_access", &acl_access);
+    // Created inside a directory with a default ACL: it inherits one.
+    write(acl_dir.join("inherits"), "inherited acl\n");
+    let cap_file = data.join("capable");
+    write(&cap_file, "#!/bin/sh\n");
+    chmod(&cap_file, 0o755);
+    let cap = net_bind_capability();
+    set_xattr(&cap_file, "security.capability", &cap);
+    let trusted: Vec<(&str, &Path)> = vec![
+        ("trusted-file", Path::new("trusted-file")),
+        ("trusted-dir", Path::new("trusted-dir")),
+        ("trusted-link", Path::new("trusted-link")),
+    ];
+    write(data.join("trusted-file"), "trusted\n");
+    fs::create_dir(data.join("trusted-dir")).unwrap();
+    symlink("trusted-file", data.join("trusted-link")).unwrap();
+    for (what, rel) in &trusted {
+        set_xattr(
+            &data.join(rel),
+            "trusted.volsnap.test",
+            format!("{what} \u{0}binary\u{ff}").as_bytes(),
+        );
+    }
+    // The kernel keeps what it was given (the comparison below reads these back).
+    assert_eq!(
+        get_xattr(&acl_file, "system.posix_acl_access"),
+        Some(acl_access.clone())
+    );
+    assert_eq!(
+        get_xattr(&cap_file, "security.capability"),
+        Some(cap.clone())
+    );
+    assert!(get_xattr(&acl_dir.join("inherits"), "system.posix_acl_access").is_some());
+    set_tree_mtimes(&data, Y2020);
+
+    let snap = id(&repo.snapshot(&[&data], &[]));
+    let restored = repo.scratch("restored");
+    let out = repo.restore(&snap, &restored);
+    assert_eq!(out["warnings"], serde_json::json!([]), "{out}");
+    assert_same_tree(&data, &restored);
+    // Named, so that a comparison that skipped them could not pass.
+    assert_eq!(
+        get_xattr(&restored.join("acl-file"), "system.posix_acl_access"),
+        Some(acl_access.clone())
+    );
+    assert_eq!(
+        get_xattr(&restored.join("acl-dir"), "system.posix_acl_default"),
+        Some(acl_default.clone())
+    );
+    assert_eq!(
+        get_xattr(&restored.join("capable"), "security.capability"),
+        Some(cap.clone())
+    );
+    for (what, rel) in &trusted {
+        assert_eq!(
+            get_xattr(&restored.join(rel), "trusted.volsnap.test"),
+            Some(format!("{what} \u{0}binary\u{ff}").into_bytes()),
+            "{what}"
+        );
+    }
+
+    // Export: each attribute as a pax record of its member, byte for byte.
+    let archive = repo.scratch("x.tar");
+    repo.ok([
+        OsStr::new("export"),
+        OsStr::new(&snap),
+        OsStr::new("-o"),
+        archive.as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("tar"),
+    ]);
+    let out = std::process::Command::new("python3")
+        .args(["-c", PY_XATTRS])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let members: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let pax = |member: &str, key: &str| -> Option<String> {
+        members[member][key].as_str().map(str::to_owned)
+    };
+    assert_eq!(
+        pax("acl-file", "system.posix_acl_access"),
+        Some(hex(&acl_access)),
+        "{members}"
+    );
+    assert_eq!(
+        pax("acl-dir", "system.posix_acl_default"),
+        Some(hex(&acl_default)),
+        "{members}"
+    );
+    assert_eq!(
+        pax("capable", "security.capability"),
+        Some(hex(&cap)),
+        "{members}"
+    );
+    for (what, rel) in &trusted {
+        assert_eq!(
+            pax(rel.to_str().unwrap(), "trusted.volsnap.test"),
+            Some(hex(format!("{what} \u{0}binary\u{ff}").as_bytes())),
+            "{members}"
+        );
+    }
+}

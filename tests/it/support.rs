@@ -111,13 +111,27 @@ impl Repo {
         Run::from_command(cmd)
     }
 
-    /// Runs with `--json`, asserts exit 0 and returns the parsed document.
+    /// Runs with `--json`, asserts exit 0 and returns the parsed document. A restore
+    /// (to a directory or in place) must report no warnings: each is something it
+    /// could not reproduce, and a test that expects one reads it with `run_json`.
+    #[track_caller]
     pub fn ok<I, S>(&self, args: I) -> Value
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.run_json(args).code(0).json()
+        let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let run = self.run_json(&args).code(0);
+        let v = run.json();
+        if args.first().is_some_and(|a| a == "restore") {
+            let warnings = &v["warnings"];
+            assert!(
+                warnings.is_null() || warnings.as_array().is_some_and(|w| w.is_empty()),
+                "the restore warned\n{}",
+                run.describe()
+            );
+        }
+        v
     }
 
     /// `snapshot DIRS... EXTRA...` with `--json`, expecting exit 0.
@@ -575,6 +589,35 @@ pub struct Scan {
     pub entries: BTreeMap<Vec<u8>, Meta>,
     /// Non-directory path → the smallest path sharing its inode in this tree.
     pub link_group: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Regular file path → its holes (start, end), as `SEEK_DATA`/`SEEK_HOLE` report
+    /// them; files without holes are not listed.
+    pub holes: BTreeMap<Vec<u8>, Vec<(u64, u64)>>,
+}
+
+/// The holes of an open regular file of `size` bytes, as `SEEK_DATA`/`SEEK_HOLE`
+/// report them (none where the filesystem does not tell).
+pub fn holes_of(fd: BorrowedFd<'_>, size: u64) -> Vec<(u64, u64)> {
+    use rustix::fs::SeekFrom;
+    let mut holes = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        match rustix::fs::seek(fd, SeekFrom::Data(pos)) {
+            Ok(start) => {
+                if start > pos {
+                    holes.push((pos, start));
+                }
+                pos = rustix::fs::seek(fd, SeekFrom::Hole(start)).unwrap();
+            }
+            Err(rustix::io::Errno::NXIO) => {
+                holes.push((pos, size));
+                break;
+            }
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOTSUP) => break,
+            Err(e) => panic!("SEEK_DATA: {e}"),
+        }
+    }
+    rustix::fs::seek(fd, SeekFrom::Start(0)).unwrap();
+    holes
 }
 
 fn kind_of(st: &Stat) -> &'static str {
@@ -608,10 +651,9 @@ fn xattrs_at(dir: BorrowedFd<'_>, name: Option<&[u8]>) -> BTreeMap<Vec<u8>, Vec<
         Err(e) => panic!("llistxattr {path:?}: {e}"),
     };
     let mut out = BTreeMap::new();
+    // Every attribute this process can read (as root: trusted.*, security.*, POSIX
+    // ACLs in system.*, user.*).
     for key in buf[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
-        if !key.starts_with(b"user.") {
-            continue;
-        }
         let mut val = vec![0u8; 1 << 16];
         let len = rustix::fs::lgetxattr(&path, OsStr::from_bytes(key), &mut val[..])
             .unwrap_or_else(|e| panic!("lgetxattr {path:?} {key:?}: {e}"));
@@ -643,9 +685,7 @@ fn meta_from(st: &Stat, dir: BorrowedFd<'_>, name: Option<&[u8]>) -> Meta {
         },
         xattrs: BTreeMap::new(),
     };
-    if kind == "file" || kind == "dir" {
-        m.xattrs = xattrs_at(dir, name);
-    }
+    m.xattrs = xattrs_at(dir, name);
     m
 }
 
@@ -696,6 +736,10 @@ fn scan_dir(
                     Mode::empty(),
                 )
                 .unwrap_or_else(|e| panic!("open {:?}: {e}", String::from_utf8_lossy(&rel)));
+                let holes = holes_of(f.as_fd(), st.st_size as u64);
+                if !holes.is_empty() {
+                    scan.holes.insert(rel.clone(), holes);
+                }
                 let mut h = blake3::Hasher::new();
                 std::io::copy(&mut File::from(f), &mut h).unwrap();
                 m.content = Some(h.finalize());
@@ -727,18 +771,34 @@ pub fn show(p: &[u8]) -> String {
     }
 }
 
-/// Asserts that two trees are identical in content and metadata (see `Meta`)
-/// and in hardlink structure.
+/// Asserts that two trees are identical in content and metadata (see `Meta`: every
+/// extended attribute included), in hardlink structure, and that every hole of a file
+/// of `expected` is a hole in `actual` (restore may leave zeros written out in the
+/// source as holes too, never the reverse).
 #[track_caller]
 pub fn assert_same_tree(expected: &Path, actual: &Path) {
     assert_same_tree_except(expected, actual, &[]);
+}
+
+/// `assert_same_tree` without the holes: for trees a tool wrote densely (GNU tar).
+#[track_caller]
+pub fn assert_same_tree_dense(expected: &Path, actual: &Path) {
+    report_differences(expected, actual, &differences(expected, actual, &[], false));
 }
 
 /// Like `assert_same_tree`, but paths in `absent` (relative to the root)
 /// must exist in `expected` and must be missing from `actual`.
 #[track_caller]
 pub fn assert_same_tree_except(expected: &Path, actual: &Path, absent: &[&[u8]]) {
-    let diffs = tree_differences(expected, actual, absent);
+    report_differences(
+        expected,
+        actual,
+        &tree_differences(expected, actual, absent),
+    );
+}
+
+#[track_caller]
+fn report_differences(expected: &Path, actual: &Path, diffs: &str) {
     if !diffs.is_empty() {
         let lines: Vec<&str> = diffs.lines().take(60).collect();
         panic!(
@@ -753,6 +813,10 @@ pub fn assert_same_tree_except(expected: &Path, actual: &Path, absent: &[&[u8]])
 
 /// The differences `assert_same_tree_except` reports, one per line (empty: none).
 pub fn tree_differences(expected: &Path, actual: &Path, absent: &[&[u8]]) -> String {
+    differences(expected, actual, absent, true)
+}
+
+fn differences(expected: &Path, actual: &Path, absent: &[&[u8]], holes: bool) -> String {
     let mut a = scan_tree(expected);
     let b = scan_tree(actual);
     let mut diffs = String::new();
@@ -827,6 +891,23 @@ pub fn tree_differences(expected: &Path, actual: &Path, absent: &[&[u8]]) -> Str
         }
         g
     };
+    if holes {
+        for (p, want) in &a.holes {
+            let have = b.holes.get(p).map(Vec::as_slice).unwrap_or(&[]);
+            let filled: Vec<&(u64, u64)> = want
+                .iter()
+                .filter(|(s, e)| !have.iter().any(|(hs, he)| hs <= s && e <= he))
+                .collect();
+            if b.entries.get(p).is_some_and(|m| m.kind == "file") && !filled.is_empty() {
+                writeln!(
+                    diffs,
+                    "{}: holes {filled:?} of {want:?} are not holes (holes: {have:?})",
+                    show(p)
+                )
+                .unwrap();
+            }
+        }
+    }
     let (ga, gb) = (groups(&a), groups(&b));
     for (rep, members) in &ga {
         let Some(rb) = b.link_group.get(rep) else {
