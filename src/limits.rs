@@ -69,6 +69,10 @@ pub const DIR_FDS_HELD_MAX: usize = 64;
 /// most this many example paths per kind, with the count of the rest.
 pub const NOTE_EXAMPLES_MAX: usize = 10;
 
+/// A snapshot record lists at most this many unreadable entries (the first in path
+/// order), and a note counts the rest: every command loads records.
+pub const UNREADABLE_LISTED_MAX: usize = 1000;
+
 /// Bytes read from a file per batch handed to the hash/compress workers.
 pub const READ_BATCH_BYTES: usize = 8 * 1024 * 1024;
 

@@ -30,8 +30,9 @@ use crate::chunker::{self, Batch, ChunkSizes};
 use crate::error::{Error, Result, errno};
 use crate::id::Id;
 use crate::limits::{
-    DIR_FDS_HELD_MAX, NAME_BYTES_MAX, NOTE_EXAMPLES_MAX, PATH_DEPTH_MAX, RACY_WINDOW_NS,
-    READ_BATCH_BYTES, SYMLINK_TARGET_BYTES_MAX, XATTR_BYTES_MAX,
+    DIR_FDS_HELD_MAX, FILE_RUNS_MAX, NAME_BYTES_MAX, NOTE_EXAMPLES_MAX, PATH_DEPTH_MAX,
+    RACY_WINDOW_NS, READ_BATCH_BYTES, SYMLINK_TARGET_BYTES_MAX, UNREADABLE_LISTED_MAX,
+    XATTR_BYTES_MAX,
 };
 use crate::pack::Packer;
 use crate::pack::blob::BlobKind;
@@ -127,7 +128,7 @@ struct Ctx<'a> {
     check_cache_hits: bool,
     progress: &'a Progress,
     trees: &'a Packer<'a>,
-    unreadable: Mutex<Vec<Unreadable>>,
+    unreadable: &'a Unreadables,
     notes: &'a Notes,
     cache_rows: &'a Mutex<cache::Spool>,
     files: AtomicU64,
@@ -141,7 +142,7 @@ impl Ctx<'_> {
         let path = walk::display_path(self.root, rel)
             .into_os_string()
             .into_vec();
-        self.unreadable.lock().expect("lock").push(Unreadable {
+        self.unreadable.add(Unreadable {
             path,
             error: error.to_string(),
         });
@@ -249,7 +250,7 @@ pub fn create(
     };
     let mut volumes = Vec::new();
     let mut stats = Stats::default();
-    let mut unreadable = Vec::new();
+    let unreadable = Unreadables::default();
     let notes = Notes::default();
     // Files-cache rows wait in a spool file until the record is committed: held in
     // memory they would cost about 100 bytes per file of the volume.
@@ -273,7 +274,7 @@ pub fn create(
             racy_after_ns: time_ns - RACY_WINDOW_NS,
             check_cache_hits,
             progress,
-            unreadable: Mutex::new(Vec::new()),
+            unreadable: &unreadable,
             notes: &notes,
             cache_rows: &cache_rows,
             files: AtomicU64::new(0),
@@ -307,9 +308,14 @@ pub fn create(
         stats.dirs += ctx.dirs.into_inner() + 1;
         stats.bytes += ctx.bytes.into_inner() - linked_bytes;
         stats.bytes_read += ctx.bytes_read.into_inner();
-        unreadable.extend(ctx.unreadable.into_inner().expect("lock"));
     }
-    let notes = notes.into_lines();
+    let (unreadable, unlisted) = unreadable.into_parts();
+    let mut notes = notes.into_lines();
+    if unlisted > 0 {
+        notes.push(format!(
+            "{unlisted} more paths could not be read; only the first {UNREADABLE_LISTED_MAX} are listed"
+        ));
+    }
     // Data packs before tree packs, both before the record: nothing committed ever
     // refers to a blob that is not durable and indexed.
     data.flush()?;
@@ -334,7 +340,6 @@ pub fn create(
     let mut tags = opts.tags.clone();
     tags.sort();
     tags.dedup();
-    unreadable.sort_by(|a, b| a.path.cmp(&b.path));
     let snapshot = Snapshot {
         series,
         version: 0,
@@ -846,6 +851,8 @@ fn empty_tree(ctx: &Ctx<'_>) -> Result<Id> {
 /// Why reading a file stopped.
 enum ReadError {
     Io(std::io::Error),
+    /// The file's chunk list grew past `FILE_RUNS_MAX`.
+    TooManyRuns,
     Store(Error),
 }
 
@@ -937,6 +944,9 @@ fn read_file(
                 }
             };
             ctx.progress.add(0, content_bytes);
+            if chunks.len() > FILE_RUNS_MAX {
+                return Err(ReadError::TooManyRuns);
+            }
             Ok::<(), ReadError>(())
         },
     );
@@ -946,6 +956,15 @@ fn read_file(
         Ok(n) => n,
         Err(ReadError::Io(e)) => {
             ctx.unreadable(&at.path(), e);
+            return Ok(None);
+        }
+        Err(ReadError::TooManyRuns) => {
+            ctx.unreadable(
+                &at.path(),
+                format!(
+                    "more than {FILE_RUNS_MAX} distinct chunks, the limit of one file's chunk list; not included"
+                ),
+            );
             return Ok(None);
         }
         Err(ReadError::Store(e)) => return Err(e),
@@ -1114,6 +1133,33 @@ const NOTE_SOCKET: &str = "socket skipped (sockets cannot be restored)";
 const NOTE_OTHER_FILESYSTEM: &str =
     "another filesystem is mounted here; its contents are not included";
 const NOTE_CHANGED: &str = "changed while it was read";
+
+/// The entries a snapshot could not read: the first `UNREADABLE_LISTED_MAX` in path
+/// order, and how many more there were.
+#[derive(Default)]
+struct Unreadables(Mutex<(u64, Vec<Unreadable>)>);
+
+impl Unreadables {
+    fn add(&self, u: Unreadable) {
+        let mut guard = self.0.lock().expect("lock");
+        let (unlisted, listed) = &mut *guard;
+        let at = listed.partition_point(|l| l.path <= u.path);
+        if at < UNREADABLE_LISTED_MAX {
+            listed.insert(at, u);
+        } else {
+            *unlisted += 1;
+        }
+        if listed.len() > UNREADABLE_LISTED_MAX {
+            listed.pop();
+            *unlisted += 1;
+        }
+    }
+
+    fn into_parts(self) -> (Vec<Unreadable>, u64) {
+        let (unlisted, listed) = self.0.into_inner().expect("lock");
+        (listed, unlisted)
+    }
+}
 
 #[derive(Default)]
 struct Notes(Mutex<std::collections::BTreeMap<&'static str, (u64, Vec<PathBuf>)>>);

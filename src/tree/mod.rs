@@ -700,6 +700,99 @@ mod tests {
         assert!(Tree::decode(&bytes).is_ok());
     }
 
+    /// Raw bytes of a one-entry tree, however invalid the entry.
+    fn raw_tree(e: &Entry) -> Vec<u8> {
+        let mut bytes = vec![TREE_VERSION];
+        postcard::to_io(&vec![e.clone()], &mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn names_and_symlink_targets_are_refused_past_their_limits() {
+        let mut e = entry(&vec![b'n'; NAME_BYTES_MAX]);
+        assert!(Tree::decode(&raw_tree(&e)).is_ok());
+        e.name.push(b'n');
+        let err = Tree::decode(&raw_tree(&e)).unwrap_err();
+        assert!(err.contains("limit"), "{err}");
+        let mut e = entry(b"l");
+        e.kind = Kind::Symlink {
+            target: vec![b't'; SYMLINK_TARGET_BYTES_MAX],
+        };
+        assert!(Tree::decode(&raw_tree(&e)).is_ok());
+        e.kind = Kind::Symlink {
+            target: vec![b't'; SYMLINK_TARGET_BYTES_MAX + 1],
+        };
+        assert!(Tree::decode(&raw_tree(&e)).is_err());
+    }
+
+    fn entries(n: usize, name_len: usize) -> Vec<Entry> {
+        let mut v: Vec<Entry> = (0..n)
+            .map(|i| {
+                let mut name = format!("{i:08}").into_bytes();
+                name.resize(name_len, b'x');
+                entry(&name)
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    #[test]
+    fn small_directories_are_one_blob_as_before_and_large_ones_split_by_content() {
+        let small = entries(100, 20);
+        let enc = encode_dir(&small).unwrap();
+        assert!(enc.parts.is_empty());
+        assert_eq!(
+            enc.root,
+            Tree {
+                entries: small.clone()
+            }
+            .encode()
+        );
+
+        // About 150 bytes per entry: 40,000 entries are over TREE_BLOB_BYTES_MAX.
+        let large = entries(40_000, 100);
+        let enc = encode_dir(&large).unwrap();
+        assert!(enc.parts.len() > 2, "{} parts", enc.parts.len());
+        assert!(enc.parts.iter().all(|p| p.len() <= TREE_PART_BYTES_MAX));
+        let Stored::Split(ids) = decode_stored(&enc.root).unwrap() else {
+            panic!("a split root")
+        };
+        assert_eq!(ids.len(), enc.parts.len());
+        let mut all = Vec::new();
+        for (id, part) in ids.iter().zip(&enc.parts) {
+            assert_eq!(*id, Id::of(part));
+            all.extend(Tree::decode(part).unwrap().entries);
+        }
+        assert_eq!(all, large);
+
+        // One entry more changes one part (and the root), not the others.
+        let mut more = large.clone();
+        let mut extra = entry(b"00020000-added");
+        extra.mode = 0o600;
+        more.push(extra);
+        more.sort_by(|a, b| a.name.cmp(&b.name));
+        let enc2 = encode_dir(&more).unwrap();
+        let before: std::collections::HashSet<Id> = enc.parts.iter().map(|p| Id::of(p)).collect();
+        let changed = enc2
+            .parts
+            .iter()
+            .filter(|p| !before.contains(&Id::of(p)))
+            .count();
+        assert_eq!(changed, 1, "parts changed by one added entry");
+    }
+
+    #[test]
+    fn an_entry_larger_than_a_blob_can_hold_is_an_error_not_a_panic() {
+        let mut e = entry(b"huge");
+        e.xattrs = vec![Xattr {
+            name: b"user.big".to_vec(),
+            value: vec![0; ENTRY_BYTES_MAX],
+        }];
+        let err = encode_dir(&[e]).unwrap_err().to_string();
+        assert!(err.contains("over the limit"), "{err}");
+    }
+
     #[test]
     fn split_path_refuses_dotdot() {
         assert_eq!(split_path(b"/a//./b/").unwrap(), vec![&b"a"[..], b"b"]);

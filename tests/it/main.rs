@@ -15,6 +15,7 @@ mod crash;
 mod docker;
 mod export;
 mod gc;
+mod growth;
 mod hostile;
 mod hostile_restore;
 mod incremental;
