@@ -13,10 +13,11 @@
 //!    few random mutations, each case from its own generator derived from
 //!    `VOLSNAP_FUZZ_SEED`, the target and the case number, so one case replays alone.
 //!
-//! Every input must decode or fail without a panic, and without allocating more than
+//! Every input must decode or fail without a panic, without allocating more than
 //! `bound(len)` (a thread-local measure of the decoder's peak live bytes and largest
-//! request, by the `alloc_meter` global allocator). A failure prints the seed, the case
-//! and the command that replays it, and saves the input (to copy into the corpus).
+//! request, by the `alloc_meter` global allocator), and within `TIME_MAX`. A failure
+//! prints the seed, the case and the command that replays it, and saves the input (to
+//! copy into the corpus).
 //!
 //! Environment: `VOLSNAP_FUZZ_ITERS` (random cases per target and round),
 //! `VOLSNAP_FUZZ_SEED` (the first round's seed), `VOLSNAP_FUZZ_TARGET` (comma-separated
@@ -35,6 +36,10 @@ const DEFAULT_SEED: u64 = 0x766f_6c73_6e61_7001;
 const DEFAULT_ITERS: u64 = 10_000;
 /// Positions of one seed the systematic mutations visit at most.
 const POSITIONS_MAX: usize = 4096;
+/// The longest one input may take (libFuzzer's default `-timeout` is 20 minutes; a
+/// decoder here takes microseconds, so this only catches work that grows faster than
+/// its input, with a wide margin for a loaded machine).
+const TIME_MAX: Duration = Duration::from_secs(10);
 /// Failing inputs of one target after which it stops (each is reported).
 const FAILURES_MAX: usize = 3;
 
@@ -190,6 +195,7 @@ enum Outcome {
     Decoded(bool),
     Panicked(String),
     TooMuchMemory(alloc_meter::Usage),
+    TooSlow(Duration),
 }
 
 thread_local! {
@@ -197,9 +203,11 @@ thread_local! {
 }
 
 fn run_one(target: &Target, input: &[u8]) -> (Outcome, alloc_meter::Usage) {
+    let started = Instant::now();
     let (result, usage) = alloc_meter::measure(|| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (target.run)(input)))
     });
+    let took = started.elapsed();
     let outcome = match result {
         Err(_) => Outcome::Panicked(PANIC_MESSAGE.with(|m| m.borrow().clone())),
         Ok(_)
@@ -208,6 +216,7 @@ fn run_one(target: &Target, input: &[u8]) -> (Outcome, alloc_meter::Usage) {
         {
             Outcome::TooMuchMemory(usage)
         }
+        Ok(_) if took > TIME_MAX => Outcome::TooSlow(took),
         Ok(decoded) => Outcome::Decoded(decoded),
     };
     (outcome, usage)
@@ -264,6 +273,12 @@ impl Fuzz<'_> {
                 return;
             }
             Outcome::Panicked(message) => format!("panicked: {message}"),
+            Outcome::TooSlow(took) => format!(
+                "took {:.1} s for {} input bytes; the limit is {} s",
+                took.as_secs_f64(),
+                input.len(),
+                TIME_MAX.as_secs()
+            ),
             Outcome::TooMuchMemory(u) => format!(
                 "allocated {} bytes at peak (largest request {}) for {} input bytes; the bound is {}",
                 u.peak_bytes,

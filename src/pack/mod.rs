@@ -377,6 +377,12 @@ pub fn headers(bytes: &[u8], holes: &[(u64, u64)]) -> Headers {
     let mut visited = HashSet::new();
     let mut reached_end = false;
     let mut first_error = None;
+    // Where candidates after holes have been looked for, and those found: whether a
+    // position starts a verified blob does not depend on the hole that led there, so
+    // each byte is searched and each candidate verified once (many holes within one
+    // window otherwise cost holes x window).
+    let mut searched = Searched::default();
+    let mut candidates = std::collections::BTreeSet::new();
     while let Some(from) = starts.pop() {
         if !visited.insert(from) {
             continue;
@@ -407,20 +413,24 @@ pub fn headers(bytes: &[u8], holes: &[(u64, u64)]) -> Headers {
                         .len()
                         .saturating_sub(HEADER_LEN - 1)
                         .min(from.saturating_add(crate::limits::RESYNC_WINDOW_BYTES));
-                    let candidates: Vec<usize> = (from..last)
-                        .filter(|&p| bytes[p..p + 4] == *blob::BLOB_MAGIC)
-                        .filter(|&p| {
-                            header_at(bytes, p).is_ok_and(|h| {
+                    // Only the part of the window no earlier hole's search covered:
+                    // candidates found there are queued already.
+                    for (a, b) in searched.claim(from, last) {
+                        for p in (a..b).filter(|&p| bytes[p..p + 4] == *blob::BLOB_MAGIC) {
+                            let sound = header_at(bytes, p).is_ok_and(|h| {
                                 let body = p + HEADER_LEN..p + HEADER_LEN + h.stored_len as usize;
                                 blob::decode_verified(&h, &bytes[body]).is_ok()
-                            })
-                        })
-                        .collect();
+                            });
+                            if sound {
+                                candidates.insert(p);
+                                starts.push(p);
+                            }
+                        }
+                    }
                     // Nothing verifiable after the hole: the dead run reaches the end.
-                    if candidates.is_empty() {
+                    if from >= last || candidates.range(from..last).next().is_none() {
                         reached_end = true;
                     }
-                    starts.extend(candidates);
                     break;
                 }
             }
@@ -428,6 +438,47 @@ pub fn headers(bytes: &[u8], holes: &[(u64, u64)]) -> Headers {
     }
     let stopped = if reached_end { None } else { first_error };
     (found.into_iter().collect(), stopped)
+}
+
+/// Disjoint byte ranges, start to end.
+#[derive(Default)]
+struct Searched(std::collections::BTreeMap<usize, usize>);
+
+impl Searched {
+    /// The parts of `[from, to)` not in the set, which joins the set.
+    fn claim(&mut self, from: usize, to: usize) -> Vec<(usize, usize)> {
+        if from >= to {
+            return Vec::new();
+        }
+        // Ranges that overlap or touch [from, to): the last one starting at or before
+        // `from`, and every one starting inside.
+        let before = self
+            .0
+            .range(..=from)
+            .next_back()
+            .filter(|&(_, &end)| end >= from)
+            .map(|(&s, &e)| (s, e));
+        let inside: Vec<(usize, usize)> =
+            self.0.range(from + 1..=to).map(|(&s, &e)| (s, e)).collect();
+        let mut gaps = Vec::new();
+        let mut at = from;
+        for (s, e) in before.into_iter().chain(inside.iter().copied()) {
+            if s > at {
+                gaps.push((at, s.min(to)));
+            }
+            at = at.max(e);
+        }
+        if at < to {
+            gaps.push((at, to));
+        }
+        let (mut start, mut end) = (from, to);
+        for (s, e) in before.into_iter().chain(inside) {
+            self.0.remove(&s);
+            (start, end) = (start.min(s), end.max(e));
+        }
+        self.0.insert(start, end);
+        gaps
+    }
 }
 
 /// The blob header at `at`, if it decodes and its body fits in the pack.
@@ -730,6 +781,140 @@ mod tests {
             expect[a as usize..b as usize].fill(0);
         }
         assert!(read == expect);
+    }
+
+    #[test]
+    fn searched_ranges_hand_out_each_byte_once() {
+        let mut s = Searched::default();
+        assert_eq!(s.claim(10, 20), vec![(10, 20)]);
+        assert_eq!(s.claim(15, 30), vec![(20, 30)]);
+        assert_eq!(s.claim(0, 40), vec![(0, 10), (30, 40)]);
+        assert_eq!(s.claim(5, 35), vec![]);
+        assert_eq!(s.claim(50, 60), vec![(50, 60)]);
+        assert_eq!(s.claim(45, 55), vec![(45, 50)]);
+        assert_eq!(s.claim(40, 45), vec![(40, 45)]);
+        assert_eq!(s.claim(0, 61), vec![(60, 61)]);
+        assert_eq!(s.claim(7, 7), vec![]);
+        assert_eq!(s.0.len(), 1);
+    }
+
+    /// `headers` as it was before each byte was searched once: every hole searches
+    /// its whole window again.
+    fn headers_searching_every_window(bytes: &[u8], holes: &[(u64, u64)]) -> Headers {
+        let Some(start) = header_len(bytes) else {
+            return (Vec::new(), Some("bad pack header".into()));
+        };
+        let mut found = std::collections::BTreeMap::new();
+        let mut starts = vec![start];
+        let mut visited = HashSet::new();
+        let mut reached_end = false;
+        let mut first_error = None;
+        while let Some(from) = starts.pop() {
+            if !visited.insert(from) {
+                continue;
+            }
+            let mut at = from;
+            loop {
+                if at >= bytes.len() {
+                    reached_end = true;
+                    break;
+                }
+                match header_at(bytes, at) {
+                    Ok(header) => {
+                        found.insert(at as u64, header);
+                        at += HEADER_LEN + header.stored_len as usize;
+                        if at < bytes.len() && !visited.insert(at) {
+                            break;
+                        }
+                    }
+                    Err(why) => {
+                        let span = (at as u64, (at + HEADER_LEN) as u64);
+                        let Some(&(_, hole_end)) =
+                            holes.iter().find(|h| h.0 < span.1 && span.0 < h.1)
+                        else {
+                            first_error.get_or_insert(format!("at offset {at}: {why}"));
+                            break;
+                        };
+                        let from = hole_end as usize;
+                        let last = bytes
+                            .len()
+                            .saturating_sub(HEADER_LEN - 1)
+                            .min(from.saturating_add(crate::limits::RESYNC_WINDOW_BYTES));
+                        let candidates: Vec<usize> = (from..last)
+                            .filter(|&p| bytes[p..p + 4] == *blob::BLOB_MAGIC)
+                            .filter(|&p| {
+                                header_at(bytes, p).is_ok_and(|h| {
+                                    let body =
+                                        p + HEADER_LEN..p + HEADER_LEN + h.stored_len as usize;
+                                    blob::decode_verified(&h, &bytes[body]).is_ok()
+                                })
+                            })
+                            .collect();
+                        if candidates.is_empty() {
+                            reached_end = true;
+                        }
+                        starts.extend(candidates);
+                        break;
+                    }
+                }
+            }
+        }
+        let stopped = if reached_end { None } else { first_error };
+        (found.into_iter().collect(), stopped)
+    }
+
+    #[test]
+    fn scans_after_many_holes_find_what_searching_every_window_finds() {
+        // Packs of small blobs with runs of zeros (holes) between some of them, and
+        // holes over damaged headers: the same blobs, and the same verdict, as the
+        // search of every window.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut with_holes, mut reaching_the_end) = (0, 0);
+        for round in 0..300u64 {
+            let mut bytes = pack_header(BlobKind::Data).to_vec();
+            let mut holes = Vec::new();
+            for n in 0..(next() % 40) {
+                match next() % 4 {
+                    0 => {
+                        let len = 64 + (next() % 300) as usize;
+                        holes.push((bytes.len() as u64, (bytes.len() + len) as u64));
+                        bytes.resize(bytes.len() + len, 0);
+                    }
+                    1 => {
+                        // A damaged header, sometimes under a hole.
+                        let at = bytes.len();
+                        let raw = [n as u8; 7];
+                        let blob = blob::encode(BlobKind::Data, Id::of(&raw), &raw, 3).unwrap();
+                        bytes.extend_from_slice(&blob.header.encode());
+                        bytes.extend_from_slice(&blob.stored);
+                        bytes[at + 20] ^= 1;
+                        if next() % 2 == 0 {
+                            holes.push((at as u64 - 1, at as u64 + 10));
+                        }
+                    }
+                    _ => {
+                        let raw = vec![(round + n) as u8; (next() % 100) as usize];
+                        let blob = blob::encode(BlobKind::Data, Id::of(&raw), &raw, 3).unwrap();
+                        bytes.extend_from_slice(&blob.header.encode());
+                        bytes.extend_from_slice(&blob.stored);
+                    }
+                }
+            }
+            let (found, stopped) = headers(&bytes, &holes);
+            let (expect, expect_stopped) = headers_searching_every_window(&bytes, &holes);
+            assert_eq!(found, expect, "round {round}");
+            assert_eq!(stopped.is_some(), expect_stopped.is_some(), "round {round}");
+            with_holes += usize::from(holes.len() > 1);
+            reaching_the_end += usize::from(stopped.is_none() && holes.len() > 1);
+        }
+        // Both verdicts were reached through holes.
+        assert!(with_holes > 100 && reaching_the_end > 20 && reaching_the_end < with_holes);
     }
 
     #[test]
