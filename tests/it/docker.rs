@@ -1,7 +1,7 @@
 //! Docker: discovery through the real engine, and engine failures as one-line errors.
 //!
 //! Tests that need the engine run it for real; without one they are skipped, except in
-//! CI (`CI=true`), where a missing engine fails them.
+//! CI (`CI` set to a true value: `true`, `1`, `yes`...), where a missing engine fails them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +16,15 @@ use crate::support::*;
 /// Tagged by what it holds: change the tag when the applets change.
 const IMAGE: &str = "volsnap-test:busybox-2";
 
+/// Whether `CI` is set to a true value: anything but empty, `0`, `false`, `no` and
+/// `off` (any case), as CI services set it (`true`, `1`, `yes`).
+fn in_ci(value: Option<&str>) -> bool {
+    value.is_some_and(|v| {
+        let v = v.trim().to_ascii_lowercase();
+        !v.is_empty() && !["0", "false", "no", "off"].contains(&v.as_str())
+    })
+}
+
 /// Whether an engine answers; panics in CI when none does.
 fn engine() -> bool {
     let up = Command::new("docker")
@@ -23,13 +32,64 @@ fn engine() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !up {
+        let ci = std::env::var("CI").ok();
         assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but no Docker engine answers: these tests must run in CI"
+            !in_ci(ci.as_deref()),
+            "CI={ci:?} but no Docker engine answers: these tests must run in CI"
         );
         eprintln!("no Docker engine: skipping");
     }
     up
+}
+
+#[test]
+fn ci_is_any_true_value() {
+    for v in ["true", "1", "yes", "TRUE", "True", "on", " true "] {
+        assert!(in_ci(Some(v)), "{v:?}");
+    }
+    for v in [
+        None,
+        Some(""),
+        Some("0"),
+        Some("false"),
+        Some("no"),
+        Some("off"),
+        Some("FALSE"),
+    ] {
+        assert!(!in_ci(v), "{v:?}");
+    }
+}
+
+#[test]
+fn without_an_engine_the_container_tests_fail_in_ci() {
+    // The test binary itself, asked to run one container test with no engine reachable
+    // (`docker` is looked up in an empty PATH): it fails in CI, skips outside.
+    let me = std::env::current_exe().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    for (ci, fails) in [("1", true), ("yes", true), ("true", true), ("", false)] {
+        let out = Command::new(&me)
+            .args([
+                "--exact",
+                "docker::a_missing_container_is_a_one_line_error",
+                "--test-threads=1",
+            ])
+            .env("PATH", empty.path())
+            .env("CI", ci)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(!out.status.success(), fails, "CI={ci:?}: {text}");
+        if fails {
+            assert!(
+                text.contains("no Docker engine answers"),
+                "CI={ci:?}: {text}"
+            );
+        }
+    }
 }
 
 fn docker(args: &[&str]) -> String {
