@@ -587,43 +587,71 @@ fn killed_during_a_container_restore_then_recovered_leaves_it_running_on_old_or_
     assert!(st.success());
     let old = old.join(f.bind.file_name().unwrap());
     let label = format!("{}-data", f.name);
-    let mut seen_old = false;
-    let mut seen_new = false;
-    for delay_ms in [0u64, 40, 80, 150, 250, 400, 700, 1000] {
-        let mut cmd = repo.command();
-        cmd.args(["restore", &snap_id, "--container", &f.name, "--yes"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
+    let args = [
+        "restore",
+        snap_id.as_str(),
+        "--container",
+        f.name.as_str(),
+        "--yes",
+    ];
+    // After a kill and `recover`: the container runs, both volumes are on the same
+    // side; returns whether that is the snapshot's ("new"), after putting the old data
+    // back for the next kill.
+    let settle = |when: &str| -> bool {
         repo.ok(["recover"]);
-        assert_eq!(state(&f.name), "running", "after a kill at {delay_ms} ms");
+        assert_eq!(state(&f.name), "running", "after a kill {when}");
         let is = |want: &Path| tree_differences(want, &f.bind, &[]).is_empty();
         let bind_new = is(&new.join(&label));
         // The named volume went the same way as the bind mount.
         assert_eq!(
             !vol.join("later.txt").exists(),
             bind_new,
-            "after a kill at {delay_ms} ms the volumes ended on different sides"
+            "after a kill {when} the volumes ended on different sides"
         );
         if bind_new {
-            seen_new = true;
             // Back to the old data for the next round, the same way.
             repo.ok(["restore", "--undo", "--container", &f.name, "--yes"]);
             assert_eq!(state(&f.name), "running");
         } else {
             assert_same_tree(&old, &f.bind);
-            seen_old = true;
         }
         assert!(
             tree_differences(&old, &f.bind, &[]).is_empty(),
             "not back to old data"
         );
+        bind_new
+    };
+    // Killed (SIGKILL) at named steps: before the commit it rolls back, after it the
+    // restore is finished.
+    for (step, after_commit) in [
+        ("live journal written", false),
+        ("live quiesced", false),
+        ("live staged a volume", false),
+        ("live undo snapshot taken", false),
+        ("live swapped a volume", false),
+        ("live committed", true),
+        ("live redeployed", true),
+    ] {
+        let paused = repo.spawn_paused(step, &args);
+        paused.signal(rustix::process::Signal::KILL);
+        assert_eq!(
+            settle(&format!("at {step:?}")),
+            after_commit,
+            "killed at {step:?}"
+        );
     }
-    assert!(seen_old, "no kill landed before the commit");
-    let _ = seen_new;
+    // And at instants spread over the restore, wherever they land.
+    for delay_ms in [0u64, 40, 80, 150, 250, 400, 700, 1000] {
+        let mut cmd = repo.command();
+        cmd.args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        settle(&format!("after {delay_ms} ms"));
+    }
 }
 
 #[test]

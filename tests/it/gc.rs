@@ -184,7 +184,7 @@ fn a_snapshot_reusing_chunks_of_a_parent_collected_meanwhile_stays_whole() {
     write(data.join("big"), random_bytes("big", 6_000_000));
     write(data.join("small"), "v1");
     set_tree_mtimes(&data, Y2020);
-    std::thread::sleep(Duration::from_millis(1200));
+    wait_out_racy_window(&data);
     let parent = repo.snapshot(&[&data], &["--name", "s"]);
     // Only "small" changes; touching the others' times would change their ctimes.
     write(data.join("small"), "v2");

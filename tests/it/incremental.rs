@@ -2,16 +2,16 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::time::Duration;
+use std::path::Path;
 
 use serde_json::Value;
 
 use crate::support::*;
 
-/// Lets the ctimes of files just created fall more than one second before
-/// the next snapshot's start, so that they are not "racily clean".
-fn let_ctimes_settle() {
-    std::thread::sleep(Duration::from_millis(1200));
+/// Lets the times of everything under `dir` fall more than one second before the
+/// next snapshot's start, so that they are not "racily clean".
+fn let_ctimes_settle(dir: &Path) {
+    wait_out_racy_window(dir);
 }
 
 fn modified_map(diff: &Value) -> BTreeMap<String, Vec<String>> {
@@ -71,7 +71,7 @@ fn incremental_snapshot_sees_every_change_and_reads_only_those() {
         total += len;
     }
     set_tree_mtimes(&data, Y2020);
-    let_ctimes_settle();
+    let_ctimes_settle(&data);
 
     let s1 = repo.snapshot(&[&data], &["--name", "inc"]);
     assert_eq!(s1["version"], 1);
@@ -195,10 +195,30 @@ fn change_right_after_a_snapshot_is_not_missed() {
     for n in &names {
         write(data.join(n), content(0, n));
     }
+    // Never changed: the files cache must be trusted for them.
+    write(data.join("still"), random_bytes("still", 300_000));
 
     let mut snaps = Vec::new();
     for round in 0..4 {
-        snaps.push(repo.snapshot(&[&data], &["--name", "tick"]));
+        // Even rounds: every file is older than the racily-clean window, so the
+        // snapshot caches them all, and the next one can tell the changed files only
+        // by their ctime, while it trusts the cache for the unchanged one. Odd rounds:
+        // the snapshot comes right after the change (racily clean: read again).
+        if round % 2 == 0 {
+            wait_out_racy_window(&data);
+        }
+        let snap = repo.snapshot(&[&data], &["--name", "tick"]);
+        let read = stat_u64(&snap, "bytes_read");
+        let changed = 20 * 4096;
+        if round == 0 {
+            assert_eq!(read, changed + 300_000, "round {round}: {snap}");
+        } else {
+            // "still" is not read (the cache is trusted for it). In odd rounds the
+            // changed files were cached by the previous snapshot: their ctime alone
+            // tells them changed (size and mtime are the same).
+            assert_eq!(read, changed, "round {round}: {snap}");
+        }
+        snaps.push(snap);
         // Same size, mtime put back: only ctime (if the clock ticked) and the
         // racily-clean rule can tell.
         for n in &names {
@@ -231,6 +251,7 @@ fn change_right_after_a_snapshot_is_not_missed() {
                 "{n} not reported as modified: {diff}"
             );
         }
+        assert!(!modified.contains_key("still"), "{diff}");
     }
 }
 
@@ -240,7 +261,7 @@ fn racily_clean_files_are_read_again() {
     let data = repo.mkdir("data");
     write(data.join("old"), random_bytes("old", 40_000));
     set_tree_mtimes(&data, Y2020);
-    let_ctimes_settle();
+    let_ctimes_settle(&data);
     // Written just before the snapshot: its times are within the timestamp
     // window of the snapshot's start, so a later change in the same tick
     // could leave them unchanged. The next snapshot must not trust them.
@@ -255,7 +276,7 @@ fn racily_clean_files_are_read_again() {
         "a racily clean file must be read again: {s2}"
     );
 
-    let_ctimes_settle();
+    let_ctimes_settle(&data);
     repo.snapshot(&[&data], &["--name", "racy"]);
     let s4 = repo.snapshot(&[&data], &["--name", "racy"]);
     assert_eq!(
