@@ -1001,7 +1001,9 @@ impl Repo {
     }
 
     fn spawn_paused_as(&self, at: &str, args: &[&str], json: bool) -> Paused {
-        let flag = self.scratch(&format!("pause-{}", at.replace(' ', "-")));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let flag = self.scratch(&format!("pause-{}-{n}", at.replace(' ', "-")));
         write(&flag, "hold");
         let reached = PathBuf::from(format!("{}.reached", flag.display()));
         let _ = std::fs::remove_file(&reached);
@@ -1049,9 +1051,14 @@ impl Paused {
         self.child.wait_with_output().unwrap()
     }
 
+    /// Lets the process go on without waiting for it (see `finish`).
+    pub fn release(&self) {
+        let _ = std::fs::remove_file(&self.flag);
+    }
+
     /// Lets the process go on and waits for it to end.
     pub fn finish(self) -> Run {
-        std::fs::remove_file(&self.flag).unwrap();
+        self.release();
         let out = self.child.wait_with_output().unwrap();
         Run::from_output(self.cmd, out)
     }
