@@ -14,8 +14,7 @@ use crate::index::Location;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::{self, Listed};
-use crate::tree::{self, Kind};
-use crate::walk::join_rel;
+use crate::tree::{DirEntries, Kind};
 
 /// What to check.
 #[derive(Clone, Copy, Debug, Default)]
@@ -53,7 +52,6 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     let _lease = repo.lease("check")?;
     let mut report = Report::default();
     let packs = repo.index.packs()?;
-    crate::crash::pause("check listed packs");
     report.packs = packs.len() as u64;
     // Packs: present, with the recorded size. A damaged pack's good blobs are
     // remembered by offset; index rows pointing elsewhere in it are bad.
@@ -68,15 +66,10 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     } else {
         0
     });
-    // A gc running meanwhile deletes packs whose rows it removed first: a pack that
-    // cannot be read and has no row any more is gone, not damaged.
-    let deleted_since =
-        |pack: &Id| -> Result<bool> { Ok(!repo.index.packs()?.iter().any(|(p, _)| p == pack)) };
     for (pack, row) in &packs {
         let path = repo.pack_path(pack);
         let size = match std::fs::metadata(&path) {
             Ok(m) => m.len(),
-            Err(_) if deleted_since(pack)? => continue,
             Err(e) => {
                 report.problems.push(Problem {
                     snapshot: None,
@@ -118,7 +111,6 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         }
         let (bytes, holes) = match crate::pack::read_pack(&path) {
             Ok(b) => b,
-            Err(_) if deleted_since(pack)? => continue,
             Err(e) => {
                 report.problems.push(Problem {
                     snapshot: None,
@@ -183,7 +175,6 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     let known_packs: HashSet<Id> = packs.iter().map(|(id, _)| *id).collect();
     // Index rows that point at missing or damaged bytes.
     let mut bad_blobs: HashSet<Id> = HashSet::new();
-    let mut in_unlisted: Vec<(Id, Id)> = Vec::new();
     repo.index.for_each_chunk(|id, loc: Location| {
         let fits = truncated
             .get(&loc.pack)
@@ -191,25 +182,10 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         let good = damaged
             .get(&loc.pack)
             .is_none_or(|ok| ok.contains(&loc.offset));
-        if !fits || !good {
+        if !fits || !good || !known_packs.contains(&loc.pack) {
             bad_blobs.insert(id);
-        } else if !known_packs.contains(&loc.pack) {
-            in_unlisted.push((id, loc.pack));
         }
     })?;
-    // A pack written since the list above (a gc's repack moved rows into it, in the
-    // transaction that added its own row) was not read, and is not damage. Listed after
-    // the rows, every pack a row names is there: a pack is deleted only after its rows
-    // are, or after a wait for older operations (this one included).
-    if !in_unlisted.is_empty() {
-        let now: HashSet<Id> = repo.index.packs()?.into_iter().map(|(id, _)| id).collect();
-        bad_blobs.extend(
-            in_unlisted
-                .into_iter()
-                .filter(|(_, pack)| !now.contains(pack))
-                .map(|(id, _)| id),
-        );
-    }
     // Snapshots: records match their names; trees decode; chunks indexed and sound.
     let scan = snapshot::record::scan(repo)?;
     for (path, why) in scan.problems {
@@ -265,7 +241,9 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     Ok(report)
 }
 
-/// Checks a tree and everything below it; trees found sound are not walked again.
+/// Checks a tree and everything below it, with an explicit stack (memory per level is
+/// one frame and one name in the shared path; a split directory is read one part at a
+/// time); trees found sound are not walked again.
 fn check_tree(
     repo: &Repository,
     snap: &Listed,
@@ -275,47 +253,96 @@ fn check_tree(
     sound: &mut HashSet<Id>,
     problems: &mut Vec<Problem>,
 ) -> Result<()> {
-    if sound.contains(id) {
-        return Ok(());
+    struct Frame {
+        id: Id,
+        entries: DirEntries,
+        /// Problems found before this tree: it is sound if none were added below it.
+        before: usize,
+        /// The length of `path` before this tree's name was added.
+        path_len: usize,
     }
-    let before = problems.len();
     let problem = |p: &[u8], message: String| Problem {
         snapshot: Some(snap.id),
         path: Some(p.to_vec()),
         pack: None,
         message,
     };
-    if bad_blobs.contains(id) {
-        problems.push(problem(path, format!("tree {} is damaged", id.short())));
-        return Ok(());
-    }
-    let tree = match tree::load_with_parts(repo, id) {
-        Ok((_, parts)) if parts.iter().any(|p| bad_blobs.contains(p)) => {
-            problems.push(problem(
-                path,
-                format!("a part of tree {} is damaged", id.short()),
-            ));
-            return Ok(());
+    // Opens a tree to walk, or records why it cannot be (`None`: nothing to walk).
+    let open = |id: &Id, path: &[u8], problems: &mut Vec<Problem>| -> Option<DirEntries> {
+        if bad_blobs.contains(id) {
+            problems.push(problem(path, format!("tree {} is damaged", id.short())));
+            return None;
         }
-        Ok((t, _)) => t,
-        Err(e) => {
-            problems.push(problem(path, e.to_string()));
-            return Ok(());
+        match DirEntries::open(repo, id) {
+            Ok(t) if t.parts().iter().any(|p| bad_blobs.contains(p)) => {
+                problems.push(problem(
+                    path,
+                    format!("a part of tree {} is damaged", id.short()),
+                ));
+                None
+            }
+            Ok(t) => Some(t),
+            Err(e) => {
+                problems.push(problem(path, e.to_string()));
+                None
+            }
         }
     };
-    for entry in &tree.entries {
-        let child = join_rel(path, &entry.name);
+    if sound.contains(id) {
+        return Ok(());
+    }
+    let mut path = path.to_vec();
+    let Some(entries) = open(id, &path, problems) else {
+        return Ok(());
+    };
+    let mut stack = vec![Frame {
+        id: *id,
+        entries,
+        before: problems.len(),
+        path_len: path.len(),
+    }];
+    while let Some(top) = stack.last_mut() {
+        let entry = match top.entries.next(repo) {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(problem(&path, e.to_string()));
+                None
+            }
+        };
+        let Some(entry) = entry else {
+            let frame = stack.pop().expect("a frame");
+            if problems.len() == frame.before {
+                sound.insert(frame.id);
+            }
+            path.truncate(frame.path_len);
+            continue;
+        };
+        let len = path.len();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(&entry.name);
         match &entry.kind {
-            Kind::Dir { tree } => check_tree(repo, snap, tree, &child, bad_blobs, sound, problems)?,
+            Kind::Dir { tree } if !sound.contains(tree) => {
+                if let Some(entries) = open(tree, &path, problems) {
+                    stack.push(Frame {
+                        id: *tree,
+                        entries,
+                        before: problems.len(),
+                        path_len: len,
+                    });
+                    continue;
+                }
+            }
             Kind::File { chunks, .. } => {
                 for c in chunks.iter().map(|r| &r.id) {
                     if bad_blobs.contains(c) {
-                        problems.push(problem(&child, format!("chunk {} is damaged", c.short())));
+                        problems.push(problem(&path, format!("chunk {} is damaged", c.short())));
                         break;
                     }
                     if repo.index.lookup(c)?.is_none() {
                         problems.push(problem(
-                            &child,
+                            &path,
                             format!("chunk {} is missing from the index", c.short()),
                         ));
                         break;
@@ -324,9 +351,7 @@ fn check_tree(
             }
             _ => {}
         }
-    }
-    if problems.len() == before {
-        sound.insert(*id);
+        path.truncate(len);
     }
     Ok(())
 }

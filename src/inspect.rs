@@ -8,8 +8,7 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::repo::Repository;
 use crate::snapshot::{Listed, Volume};
-use crate::tree::{self, Entry, Kind};
-use crate::walk::join_rel;
+use crate::tree::{self, DirEntries, Entry, Kind};
 
 /// A directory as seen by `ls` and `diff`: a stored tree, or the virtual root listing
 /// the volumes of a multi-volume snapshot.
@@ -25,11 +24,62 @@ fn top(snap: &Listed) -> Dir<'_> {
     }
 }
 
-fn entries(repo: &Repository, dir: &Dir<'_>) -> Result<Vec<Entry>> {
-    match dir {
-        Dir::Volumes(v) => Ok(v.iter().map(Volume::root_entry).collect()),
-        Dir::Tree(id) => Ok(tree::load(repo, id)?.entries),
+/// A directory's entries, read in order: the volumes of the virtual root, or a
+/// stored tree one part at a time.
+enum Reader {
+    Volumes(std::vec::IntoIter<Entry>),
+    Tree(DirEntries),
+}
+
+impl Reader {
+    fn open(repo: &Repository, dir: &Dir<'_>) -> Result<Reader> {
+        Ok(match dir {
+            Dir::Volumes(v) => Reader::Volumes(
+                v.iter()
+                    .map(Volume::root_entry)
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            ),
+            Dir::Tree(id) => Reader::Tree(DirEntries::open(repo, id)?),
+        })
     }
+
+    fn next(&mut self, repo: &Repository) -> Result<Option<Entry>> {
+        match self {
+            Reader::Volumes(v) => Ok(v.next()),
+            Reader::Tree(t) => t.next(repo),
+        }
+    }
+
+    fn peek(&mut self, repo: &Repository) -> Result<Option<&Entry>> {
+        match self {
+            Reader::Volumes(v) => Ok(v.as_slice().first()),
+            Reader::Tree(t) => t.peek(repo),
+        }
+    }
+
+    /// Passes over the next part when `other` is about to read the same one: equal
+    /// parts hold equal entries (used by `diff`).
+    fn skip_same_part(&mut self, other: &mut Reader) -> bool {
+        if let (Reader::Tree(a), Reader::Tree(b)) = (self, other)
+            && let (Some(x), Some(y)) = (a.next_part_id(), b.next_part_id())
+            && x == y
+        {
+            a.skip_part();
+            b.skip_part();
+            return true;
+        }
+        false
+    }
+}
+
+fn push_name(path: &mut Vec<u8>, name: &[u8]) -> usize {
+    let len = path.len();
+    if !path.is_empty() {
+        path.push(b'/');
+    }
+    path.extend_from_slice(name);
+    len
 }
 
 /// One line of `ls`.
@@ -42,58 +92,65 @@ pub struct Listing {
 /// Lists `path` in `snap`: a directory's children (all descendants when `recursive`),
 /// or the entry itself when it is not a directory.
 pub fn ls(repo: &Repository, snap: &Listed, path: &[u8], recursive: bool) -> Result<Vec<Listing>> {
+    let mut out = Vec::new();
+    ls_each(repo, snap, path, recursive, &mut |path, entry| {
+        out.push(Listing {
+            path: path.to_vec(),
+            entry: entry.clone(),
+        });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Like `ls`, handing each line to `out` as it is found (depth-first, name order):
+/// memory is one frame per level and one part of each directory on the current path,
+/// whatever the listing's length.
+pub fn ls_each(
+    repo: &Repository,
+    snap: &Listed,
+    path: &[u8],
+    recursive: bool,
+    out: &mut dyn FnMut(&[u8], &Entry) -> Result<()>,
+) -> Result<()> {
+    let not_found = || Error::PathNotFound {
+        snapshot: snap.id.short(),
+        path: String::from_utf8_lossy(path).into_owned(),
+    };
     let components = tree::split_path(path).map_err(Error::Usage)?;
     let mut dir = top(snap);
     let mut prefix = Vec::new();
     for (i, c) in components.iter().enumerate() {
-        let found = entries(repo, &dir)?
-            .into_iter()
-            .find(|e| e.name == *c)
-            .ok_or_else(|| Error::PathNotFound {
-                snapshot: snap.id.short(),
-                path: String::from_utf8_lossy(path).into_owned(),
-            })?;
-        prefix = join_rel(&prefix, c);
+        let mut reader = Reader::open(repo, &dir)?;
+        let found = loop {
+            match reader.next(repo)? {
+                Some(e) if e.name == *c => break e,
+                Some(_) => {}
+                None => return Err(not_found()),
+            }
+        };
+        push_name(&mut prefix, c);
         match found.kind {
             Kind::Dir { tree } => dir = Dir::Tree(tree),
-            _ if i + 1 == components.len() => {
-                return Ok(vec![Listing {
-                    path: prefix,
-                    entry: found,
-                }]);
-            }
-            _ => {
-                return Err(Error::PathNotFound {
-                    snapshot: snap.id.short(),
-                    path: String::from_utf8_lossy(path).into_owned(),
-                });
-            }
+            _ if i + 1 == components.len() => return out(&prefix, &found),
+            _ => return Err(not_found()),
         }
     }
-    let mut out = Vec::new();
-    list_dir(repo, &dir, &prefix, recursive, &mut out)?;
-    Ok(out)
-}
-
-fn list_dir(
-    repo: &Repository,
-    dir: &Dir<'_>,
-    prefix: &[u8],
-    recursive: bool,
-    out: &mut Vec<Listing>,
-) -> Result<()> {
-    for entry in entries(repo, dir)? {
-        let path = join_rel(prefix, &entry.name);
-        let sub = match entry.kind {
-            Kind::Dir { tree } if recursive => Some(tree),
-            _ => None,
+    // Each frame: a directory being listed and the bytes its name added to `prefix`.
+    let mut stack = vec![(Reader::open(repo, &dir)?, 0usize)];
+    while let Some((reader, _)) = stack.last_mut() {
+        let Some(entry) = reader.next(repo)? else {
+            let (_, len) = stack.pop().expect("a frame");
+            prefix.truncate(len);
+            continue;
         };
-        out.push(Listing {
-            path: path.clone(),
-            entry,
-        });
-        if let Some(tree) = sub {
-            list_dir(repo, &Dir::Tree(tree), &path, true, out)?;
+        let len = push_name(&mut prefix, &entry.name);
+        out(&prefix, &entry)?;
+        match entry.kind {
+            Kind::Dir { tree } if recursive => {
+                stack.push((Reader::open(repo, &Dir::Tree(tree))?, len));
+            }
+            _ => prefix.truncate(len),
         }
     }
     Ok(())
@@ -108,68 +165,82 @@ pub struct Diff {
     pub modified: Vec<(Vec<u8>, Vec<&'static str>)>,
 }
 
-/// Compares snapshot `a` (old) with `b` (new).
+/// Compares snapshot `a` (old) with `b` (new): a merge of each pair of directories in
+/// name order, descending only where trees differ, with an explicit stack; parts of a
+/// split directory that both sides share are passed over unread, so a few entries
+/// changed in a directory of millions cost the parts that hold them.
 pub fn diff(repo: &Repository, a: &Listed, b: &Listed) -> Result<Diff> {
     let mut out = Diff::default();
-    diff_dirs(repo, &top(a), &top(b), b"", &mut out)?;
-    Ok(out)
-}
-
-fn diff_dirs(
-    repo: &Repository,
-    a: &Dir<'_>,
-    b: &Dir<'_>,
-    prefix: &[u8],
-    out: &mut Diff,
-) -> Result<()> {
-    if let (Dir::Tree(x), Dir::Tree(y)) = (a, b)
+    let mut prefix = Vec::new();
+    // Each frame: the old and new directory being merged, and the bytes its name
+    // added to `prefix`.
+    if let (Dir::Tree(x), Dir::Tree(y)) = (top(a), top(b))
         && x == y
     {
-        return Ok(());
+        return Ok(out);
     }
-    let old = entries(repo, a)?;
-    let new = entries(repo, b)?;
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
-        let order = match (old.get(i), new.get(j)) {
+    let mut stack = vec![(
+        Reader::open(repo, &top(a))?,
+        Reader::open(repo, &top(b))?,
+        0usize,
+    )];
+    while let Some((old, new, _)) = stack.last_mut() {
+        if old.skip_same_part(new) {
+            continue;
+        }
+        let order = match (old.peek(repo)?, new.peek(repo)?) {
             (Some(x), Some(y)) => x.name.cmp(&y.name),
             (Some(_), None) => std::cmp::Ordering::Less,
-            (None, _) => std::cmp::Ordering::Greater,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => {
+                let (_, _, len) = stack.pop().expect("a frame");
+                prefix.truncate(len);
+                continue;
+            }
         };
         match order {
             std::cmp::Ordering::Less => {
-                subtree_paths(repo, &old[i], prefix, &mut out.removed)?;
-                i += 1;
+                let x = old.next(repo)?.expect("peeked");
+                subtree_paths(repo, &x, &mut prefix, true, &mut out.removed)?;
             }
             std::cmp::Ordering::Greater => {
-                subtree_paths(repo, &new[j], prefix, &mut out.added)?;
-                j += 1;
+                let y = new.next(repo)?.expect("peeked");
+                subtree_paths(repo, &y, &mut prefix, true, &mut out.added)?;
             }
             std::cmp::Ordering::Equal => {
-                diff_entries(repo, &old[i], &new[j], prefix, out)?;
-                i += 1;
-                j += 1;
+                let x = old.next(repo)?.expect("peeked");
+                let y = new.next(repo)?.expect("peeked");
+                let len = push_name(&mut prefix, &x.name);
+                match diff_entries(repo, &x, &y, &mut prefix, &mut out)? {
+                    Some((t1, t2)) => stack.push((
+                        Reader::open(repo, &Dir::Tree(t1))?,
+                        Reader::open(repo, &Dir::Tree(t2))?,
+                        len,
+                    )),
+                    None => prefix.truncate(len),
+                }
             }
         }
     }
-    Ok(())
+    Ok(out)
 }
 
+/// Compares two entries of one name at `path`; returns the pair of trees to compare
+/// next when both are directories whose trees differ.
 fn diff_entries(
     repo: &Repository,
     x: &Entry,
     y: &Entry,
-    prefix: &[u8],
+    path: &mut Vec<u8>,
     out: &mut Diff,
-) -> Result<()> {
-    let path = join_rel(prefix, &x.name);
+) -> Result<Option<(Id, Id)>> {
     if std::mem::discriminant(&x.kind) != std::mem::discriminant(&y.kind) {
         // Same name, another kind: the path is modified; what was below an old
         // directory is removed and what is below a new one is added.
-        out.modified.push((path, vec!["kind"]));
-        descendants(repo, x, prefix, &mut out.removed)?;
-        descendants(repo, y, prefix, &mut out.added)?;
-        return Ok(());
+        out.modified.push((path.clone(), vec!["kind"]));
+        subtree_below(repo, x, path, &mut out.removed)?;
+        subtree_below(repo, y, path, &mut out.added)?;
+        return Ok(None);
     }
     let mut changes = Vec::new();
     match (&x.kind, &y.kind) {
@@ -214,35 +285,58 @@ fn diff_entries(
     if !changes.is_empty() {
         out.modified.push((path.clone(), changes));
     }
-    if let (Kind::Dir { tree: t1 }, Kind::Dir { tree: t2 }) = (&x.kind, &y.kind) {
-        diff_dirs(repo, &Dir::Tree(*t1), &Dir::Tree(*t2), &path, out)?;
+    if let (Kind::Dir { tree: t1 }, Kind::Dir { tree: t2 }) = (&x.kind, &y.kind)
+        && t1 != t2
+    {
+        return Ok(Some((*t1, *t2)));
     }
-    Ok(())
+    Ok(None)
 }
 
-/// The path of `entry` and of everything below it.
+/// Appends the path of `entry` (a child of `prefix`; when `with_self`) and of
+/// everything below it to `out`, depth-first in name order, with an explicit stack.
 fn subtree_paths(
     repo: &Repository,
     entry: &Entry,
-    prefix: &[u8],
+    prefix: &mut Vec<u8>,
+    with_self: bool,
     out: &mut Vec<Vec<u8>>,
 ) -> Result<()> {
-    out.push(join_rel(prefix, &entry.name));
-    descendants(repo, entry, prefix, out)
+    let len = push_name(prefix, &entry.name);
+    if with_self {
+        out.push(prefix.clone());
+    }
+    let result = subtree_below(repo, entry, prefix, out);
+    prefix.truncate(len);
+    result
 }
 
-/// The paths of everything below `entry` (nothing unless it is a directory).
-fn descendants(
+/// Appends the paths of everything below `entry` (at `path`; nothing unless it is a
+/// directory).
+fn subtree_below(
     repo: &Repository,
     entry: &Entry,
-    prefix: &[u8],
+    path: &mut Vec<u8>,
     out: &mut Vec<Vec<u8>>,
 ) -> Result<()> {
-    if let Kind::Dir { tree } = entry.kind {
-        let path = join_rel(prefix, &entry.name);
-        for child in tree::load(repo, &tree)?.entries {
-            subtree_paths(repo, &child, &path, out)?;
+    let Kind::Dir { tree } = entry.kind else {
+        return Ok(());
+    };
+    let base = path.len();
+    let mut stack = vec![(DirEntries::open(repo, &tree)?, base)];
+    while let Some((reader, _)) = stack.last_mut() {
+        let Some(child) = reader.next(repo)? else {
+            let (_, len) = stack.pop().expect("a frame");
+            path.truncate(len);
+            continue;
+        };
+        let len = push_name(path, &child.name);
+        out.push(path.clone());
+        match child.kind {
+            Kind::Dir { tree } => stack.push((DirEntries::open(repo, &tree)?, len)),
+            _ => path.truncate(len),
         }
     }
+    path.truncate(base);
     Ok(())
 }

@@ -574,9 +574,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let repo = open(&path)?;
             let (reference, sub) = split_ref(&target);
             let listed = snapshot::resolve(&repo, &reference)?;
-            let entries = inspect::ls(&repo, &listed, &sub, recursive)?;
-            let value = Value::Array(entries.iter().map(render::listing_json).collect());
-            emit(json, &value, || render::ls_text(&entries, long))?;
+            // Streamed: a listing of millions of entries is never held whole.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut first = true;
+            inspect::ls_each(&repo, &listed, &sub, recursive, &mut |path, entry| {
+                let io = |e: std::io::Error| volsnap::error::Error::io("write", "stdout")(e);
+                if json {
+                    let sep = if first { "[" } else { "," };
+                    write!(out, "{sep}{}", render::entry_json(path, entry)).map_err(io)?;
+                } else {
+                    out.write_all(render::ls_line(path, entry, long).as_bytes())
+                        .map_err(io)?;
+                }
+                first = false;
+                Ok(())
+            })?;
+            if json {
+                writeln!(out, "{}]", if first { "[" } else { "" })?;
+            }
+            out.flush()?;
         }
         Command::Diff { old, new } => {
             let repo = open(&path)?;

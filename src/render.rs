@@ -8,10 +8,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
 use volsnap::check;
-use volsnap::inspect::{Diff, Listing};
+use volsnap::inspect::Diff;
 use volsnap::progress::Progress;
 use volsnap::snapshot::Listed;
-use volsnap::tree::Kind;
+use volsnap::tree::{Entry, Kind};
 
 pub fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -232,14 +232,14 @@ pub fn show_text(l: &Listed) -> String {
     out
 }
 
-pub fn listing_json(l: &Listing) -> Value {
-    let e = &l.entry;
+/// One element of `ls --json`.
+pub fn entry_json(path: &[u8], e: &Entry) -> Value {
     let target = match &e.kind {
         Kind::Symlink { target } | Kind::Hardlink { target } => Some(lossy(target)),
         _ => None,
     };
     json!({
-        "path": lossy(&l.path),
+        "path": lossy(path),
         "name": lossy(&e.name),
         "kind": e.kind.label(),
         "mode": e.mode,
@@ -251,35 +251,30 @@ pub fn listing_json(l: &Listing) -> Value {
     })
 }
 
-pub fn ls_text(entries: &[Listing], long: bool) -> String {
-    let mut out = String::new();
-    for l in entries {
-        let e = &l.entry;
-        let mut line = lossy(&l.path);
-        if let Kind::Symlink { target } | Kind::Hardlink { target } = &e.kind {
-            let arrow = if matches!(e.kind, Kind::Symlink { .. }) {
-                "->"
-            } else {
-                "=>"
-            };
-            line = format!("{line} {arrow} {}", lossy(target));
-        }
-        if long {
-            let _ = writeln!(
-                out,
-                "{:<8} {:04o} {:>6} {:>6} {:>12} {} {line}",
-                e.kind.label(),
-                e.mode,
-                e.uid,
-                e.gid,
-                e.size(),
-                time(e.mtime_ns)
-            );
+/// One line of `ls`, with its newline.
+pub fn ls_line(path: &[u8], e: &Entry, long: bool) -> String {
+    let mut line = lossy(path);
+    if let Kind::Symlink { target } | Kind::Hardlink { target } = &e.kind {
+        let arrow = if matches!(e.kind, Kind::Symlink { .. }) {
+            "->"
         } else {
-            let _ = writeln!(out, "{line}");
-        }
+            "=>"
+        };
+        line = format!("{line} {arrow} {}", lossy(target));
     }
-    out
+    if long {
+        format!(
+            "{:<8} {:04o} {:>6} {:>6} {:>12} {} {line}\n",
+            e.kind.label(),
+            e.mode,
+            e.uid,
+            e.gid,
+            e.size(),
+            time(e.mtime_ns)
+        )
+    } else {
+        format!("{line}\n")
+    }
 }
 
 pub fn diff_json(d: &Diff) -> Value {

@@ -21,12 +21,12 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::limits::PATH_DEPTH_MAX;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
-use crate::snapshot::select::{self, Selection};
-use crate::tree::{self, Entry, Kind, Run};
-use crate::walk::join_rel;
+use crate::snapshot::select::{self, LinkTargets, Selection};
+use crate::tree::{self, DirEntries, Entry, Kind, Run};
 
 /// Archive formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +116,7 @@ pub fn export<W: Write + Send + 'static>(
     crate::crash::pause("export started");
     let _lease = repo.lease_for("export", snap)?;
     let selections = select::select(repo, snap, path, opts.volume.as_deref())?;
+    let link_targets = select::survey(repo, &selections)?;
     if path.iter().all(|&b| b == b'/')
         && (opts.volume.is_none() || snap.snapshot.volumes.len() == 1)
     {
@@ -136,6 +137,7 @@ pub fn export<W: Write + Send + 'static>(
     let mut ctx = Ctx {
         repo,
         progress,
+        link_targets,
         written: HashMap::new(),
         bytes_in: 0,
         entries: 0,
@@ -159,7 +161,11 @@ pub fn export<W: Write + Send + 'static>(
 struct Ctx<'a> {
     repo: &'a Repository,
     progress: &'a Progress,
-    /// Files already in the archive: (volume label, source path) → archive path.
+    /// The paths hardlinks name (`select::survey`): only those files are recorded in
+    /// `written`.
+    link_targets: LinkTargets,
+    /// Files already in the archive that a hardlink names: (volume label, source
+    /// path) → archive path.
     written: HashMap<(String, Vec<u8>), Vec<u8>>,
     bytes_in: u64,
     entries: u64,
@@ -178,6 +184,11 @@ impl Ctx<'_> {
         }
     }
 
+    /// Writes everything below the directory `tree_id` (at `dest` in the archive and
+    /// `src` below the volume root), in depth-first name order, with an explicit
+    /// stack: memory per level is one frame and one name in each shared path, and a
+    /// split directory is read one part at a time. (The archive itself holds every
+    /// entry's whole path, as tar requires.)
     fn export_tree(
         &mut self,
         tar: &mut archive::TarWriter<'_>,
@@ -186,21 +197,63 @@ impl Ctx<'_> {
         src: &[u8],
         s: &Selection,
     ) -> Result<()> {
-        let tree = tree::load(self.repo, tree_id).map_err(|e| Error::Corrupt {
-            what: "directory",
-            path: String::from_utf8_lossy(dest).into_owned().into(),
-            detail: format!("not exported: {e}"),
-        })?;
-        for entry in &tree.entries {
-            self.export_entry(
-                tar,
-                entry,
-                &join_rel(dest, &entry.name),
-                &join_rel(src, &entry.name),
-                s,
-            )?;
+        struct Frame {
+            entries: DirEntries,
+            dest_added: usize,
+            src_added: usize,
+        }
+        let (mut dest, mut src) = (dest.to_vec(), src.to_vec());
+        let mut stack = vec![Frame {
+            entries: self.open_tree(tree_id, &dest)?,
+            dest_added: 0,
+            src_added: 0,
+        }];
+        while let Some(top) = stack.last_mut() {
+            let next = top
+                .entries
+                .next(self.repo)
+                .map_err(|e| not_exported(&dest, e))?;
+            let Some(entry) = next else {
+                let frame = stack.pop().expect("a frame");
+                dest.truncate(dest.len() - frame.dest_added);
+                src.truncate(src.len() - frame.src_added);
+                continue;
+            };
+            let (dest_len, src_len) = (dest.len(), src.len());
+            push_name(&mut dest, &entry.name);
+            push_name(&mut src, &entry.name);
+            let Kind::Dir { tree } = &entry.kind else {
+                self.export_entry(tar, &entry, &dest, &src, s)?;
+                dest.truncate(dest_len);
+                src.truncate(src_len);
+                continue;
+            };
+            self.entries += 1;
+            tar.dir(&dest, &entry)?;
+            let mut entries = self.open_tree(tree, &dest)?;
+            if stack.len() >= PATH_DEPTH_MAX
+                && entries
+                    .peek(self.repo)
+                    .map_err(|e| not_exported(&dest, e))?
+                    .is_some()
+            {
+                // `select::survey` refuses such a tree before anything is written.
+                return Err(not_exported(
+                    &dest,
+                    format!("nested deeper than {PATH_DEPTH_MAX} levels"),
+                ));
+            }
+            stack.push(Frame {
+                entries,
+                dest_added: dest.len() - dest_len,
+                src_added: src.len() - src_len,
+            });
         }
         Ok(())
+    }
+
+    fn open_tree(&self, tree_id: &Id, dest: &[u8]) -> Result<DirEntries> {
+        DirEntries::open(self.repo, tree_id).map_err(|e| not_exported(dest, e))
     }
 
     fn export_entry(
@@ -219,8 +272,10 @@ impl Ctx<'_> {
             }
             Kind::File { size, chunks } => {
                 self.file(tar, dest, entry, *size, chunks)?;
-                self.written
-                    .insert((s.volume.clone(), src.to_vec()), dest.to_vec());
+                if self.link_targets.contains_path(&s.volume, src) {
+                    self.written
+                        .insert((s.volume.clone(), src.to_vec()), dest.to_vec());
+                }
                 Ok(())
             }
             Kind::Hardlink { target } => {
@@ -289,6 +344,21 @@ impl Ctx<'_> {
         self.bytes_in += size;
         self.progress.add(1, 0);
         Ok(())
+    }
+}
+
+fn push_name(path: &mut Vec<u8>, name: &[u8]) {
+    if !path.is_empty() {
+        path.push(b'/');
+    }
+    path.extend_from_slice(name);
+}
+
+fn not_exported(dest: &[u8], e: impl std::fmt::Display) -> Error {
+    Error::Corrupt {
+        what: "directory",
+        path: String::from_utf8_lossy(dest).into_owned().into(),
+        detail: format!("not exported: {e}"),
     }
 }
 

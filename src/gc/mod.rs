@@ -41,7 +41,7 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::lease::LeaseRow;
 use crate::snapshot::{self, cache::DirCache};
-use crate::tree::{self, Kind};
+use crate::tree::{DirEntries, Kind};
 
 /// What the user asked for.
 #[derive(Clone, Debug)]
@@ -378,6 +378,9 @@ fn reachable(repo: &Repository, progress: &Progress, visit: &mut dyn FnMut(&Id))
     Ok(snapshots.len() as u64)
 }
 
+/// Visits the tree `id`, its parts and everything below it not seen yet, with an
+/// explicit stack (memory per level is one frame; a split directory is read one part
+/// at a time).
 fn visit_tree(
     repo: &Repository,
     id: &Id,
@@ -385,18 +388,29 @@ fn visit_tree(
     seen: &mut HashSet<Id>,
     progress: &Progress,
 ) -> Result<()> {
-    if !seen.insert(*id) {
-        return Ok(());
-    }
-    visit(id);
     // A tree that cannot be read makes reachability unknowable: stop, delete nothing.
-    let (tree, parts) = tree::load_with_parts(repo, id)?;
-    parts.iter().for_each(&mut *visit);
-    progress.add(tree.entries.len() as u64, 0);
-    for e in &tree.entries {
+    let mut open = |id: &Id, visit: &mut dyn FnMut(&Id)| -> Result<Option<DirEntries>> {
+        if !seen.insert(*id) {
+            return Ok(None);
+        }
+        visit(id);
+        let entries = DirEntries::open(repo, id)?;
+        entries.parts().iter().for_each(&mut *visit);
+        Ok(Some(entries))
+    };
+    let Some(entries) = open(id, visit)? else {
+        return Ok(());
+    };
+    let mut stack = vec![entries];
+    while let Some(top) = stack.last_mut() {
+        let Some(e) = top.next(repo)? else {
+            stack.pop();
+            continue;
+        };
+        progress.add(1, 0);
         match &e.kind {
             Kind::File { chunks, .. } => chunks.iter().for_each(|r| visit(&r.id)),
-            Kind::Dir { tree } => visit_tree(repo, tree, visit, seen, progress)?,
+            Kind::Dir { tree } => stack.extend(open(tree, visit)?),
             _ => {}
         }
     }

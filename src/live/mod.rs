@@ -863,7 +863,9 @@ fn tree_size(repo: &Repository, id: &Id) -> Result<(u64, u64)> {
     let (mut bytes, mut inodes) = (BLOCK, 1);
     let mut stack = vec![*id];
     while let Some(t) = stack.pop() {
-        for e in tree::load(repo, &t)?.entries {
+        // One part of a split directory in memory at a time.
+        let mut entries = tree::DirEntries::open(repo, &t)?;
+        while let Some(e) = entries.next(repo)? {
             inodes += 1;
             match e.kind {
                 Kind::File { size, chunks } => {

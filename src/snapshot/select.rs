@@ -6,8 +6,11 @@
 //! named by its label; a directory maps onto the top itself; a single other entry goes
 //! to the top under its own name.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::limits::PATH_DEPTH_MAX;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
 use crate::tree::{self, Entry, Kind};
@@ -105,4 +108,158 @@ pub fn select(
         volume: volume.label.clone(),
         source_path,
     }])
+}
+
+/// Hardlink targets in the selected trees: (volume label, path from the volume root).
+/// Restore and export record where they put a file only when a hardlink names it, so
+/// their bookkeeping grows with the hardlinks, not with the files.
+#[derive(Debug, Default)]
+pub struct LinkTargets {
+    paths: HashSet<(String, Vec<u8>)>,
+    /// The last component of every target: most files are ruled out by name alone,
+    /// without building their path.
+    names: HashSet<Vec<u8>>,
+}
+
+impl LinkTargets {
+    /// Whether the entry `name` of the directory `dir` (a path from the root of
+    /// `volume`) is a hardlink target; its path is built only when its name is one.
+    pub fn contains(&self, volume: &str, dir: &[u8], name: &[u8]) -> bool {
+        self.names.contains(name)
+            && self
+                .paths
+                .contains(&(volume.to_string(), crate::walk::join_rel(dir, name)))
+    }
+
+    /// Whether the entry at `path` (from the root of `volume`) is a hardlink target.
+    pub fn contains_path(&self, volume: &str, path: &[u8]) -> bool {
+        match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => self.contains(volume, &path[..i], &path[i + 1..]),
+            None => self.contains(volume, b"", path),
+        }
+    }
+
+    fn insert(&mut self, volume: &str, path: &[u8]) {
+        let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+        self.names.insert(name.to_vec());
+        self.paths.insert((volume.to_string(), path.to_vec()));
+    }
+}
+
+/// A first pass over what `selections` cover, before restore or export writes
+/// anything: refuses a tree nested deeper than `PATH_DEPTH_MAX` (the snapshot walk
+/// never stores one; only a crafted repository holds one) and gathers the hardlink
+/// targets. An explicit stack (memory per level is one frame) and each distinct tree
+/// read once, with the depth below it remembered.
+pub fn survey(repo: &Repository, selections: &[Selection]) -> Result<LinkTargets> {
+    let mut out = LinkTargets::default();
+    for s in selections {
+        match &s.entry.kind {
+            Kind::Dir { tree } => survey_tree(repo, tree, s, &mut out)?,
+            Kind::Hardlink { target } => out.insert(&s.volume, target),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// A directory on `survey_tree`'s stack.
+struct SurveyFrame {
+    id: Id,
+    /// Its name (empty for the top), for the message about a tree too deep.
+    name: Vec<u8>,
+    subdirs: std::vec::IntoIter<(Vec<u8>, Id)>,
+    /// Deepest entry found below it so far, in levels (0: empty).
+    height: usize,
+}
+
+fn survey_tree(repo: &Repository, root: &Id, s: &Selection, out: &mut LinkTargets) -> Result<()> {
+    // Trees already surveyed: how many levels they hold. Per selection, since
+    // hardlink targets are paths of one volume.
+    let mut heights: HashMap<Id, usize> = HashMap::new();
+    let mut stack: Vec<SurveyFrame> = Vec::new();
+    let mut next = Some((Vec::new(), *root));
+    loop {
+        if let Some((name, id)) = next.take() {
+            // Entries of a directory at stack index i are i + 1 levels down.
+            let depth = stack.len();
+            if let Some(&h) = heights.get(&id) {
+                if depth + h > PATH_DEPTH_MAX {
+                    return Err(too_deep(s, &stack, &name));
+                }
+                let parent = stack.last_mut().expect("the top is never known yet");
+                parent.height = parent.height.max(1 + h);
+            } else {
+                let tree = tree::load(repo, &id).map_err(|e| Error::Corrupt {
+                    what: "directory",
+                    path: display_stack(s, &stack, &name).into(),
+                    detail: e.to_string(),
+                })?;
+                if depth >= PATH_DEPTH_MAX && !tree.entries.is_empty() {
+                    return Err(too_deep(s, &stack, &name));
+                }
+                let mut subdirs = Vec::new();
+                let height = usize::from(!tree.entries.is_empty());
+                for e in tree.entries {
+                    match e.kind {
+                        Kind::Dir { tree } => subdirs.push((e.name, tree)),
+                        Kind::Hardlink { target } => out.insert(&s.volume, &target),
+                        _ => {}
+                    }
+                }
+                stack.push(SurveyFrame {
+                    id,
+                    name,
+                    subdirs: subdirs.into_iter(),
+                    height,
+                });
+            }
+        }
+        let top = stack.last_mut().expect("a frame");
+        if let Some(child) = top.subdirs.next() {
+            next = Some(child);
+            continue;
+        }
+        let frame = stack.pop().expect("a frame");
+        heights.insert(frame.id, frame.height);
+        match stack.last_mut() {
+            Some(parent) => parent.height = parent.height.max(1 + frame.height),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// The path of the directory `name` below the selection (truncated for the message:
+/// a path this deep runs to hundreds of kilobytes).
+fn display_stack(s: &Selection, stack: &[SurveyFrame], name: &[u8]) -> String {
+    const SHOWN: usize = 3;
+    let mut parts: Vec<&[u8]> = Vec::new();
+    if !s.dest.is_empty() {
+        parts.push(&s.dest);
+    }
+    let names = stack
+        .iter()
+        .skip(1)
+        .map(|f| &f.name[..])
+        .chain(Some(name).filter(|n| !n.is_empty()));
+    let names: Vec<&[u8]> = names.collect();
+    if names.len() > 2 * SHOWN {
+        parts.extend(&names[..SHOWN]);
+        parts.push(b"...");
+        parts.extend(&names[names.len() - SHOWN..]);
+    } else {
+        parts.extend(&names);
+    }
+    let path = String::from_utf8_lossy(&parts.join(&b'/')).into_owned();
+    if path.is_empty() { ".".into() } else { path }
+}
+
+fn too_deep(s: &Selection, stack: &[SurveyFrame], name: &[u8]) -> Error {
+    Error::Corrupt {
+        what: "snapshot",
+        path: display_stack(s, stack, name).into(),
+        detail: format!(
+            "directories nested deeper than {PATH_DEPTH_MAX} levels (the limit; volsnap never stores such a tree); nothing was written"
+        ),
+    }
 }

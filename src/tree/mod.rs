@@ -434,6 +434,121 @@ pub fn load_with_parts(repo: &Repository, id: &Id) -> Result<(Tree, Vec<Id>)> {
     }
 }
 
+/// A directory's entries in name order, read one blob at a time: a split directory
+/// costs the memory of one part, not of all its entries (a directory of two million
+/// entries with long names is about a gigabyte decoded).
+#[derive(Debug)]
+pub struct DirEntries {
+    id: Id,
+    /// Parts not read yet (none for a directory stored as one blob).
+    parts: std::vec::IntoIter<Id>,
+    all_parts: Vec<Id>,
+    /// Entries of the blob being read, last first.
+    current: Vec<Entry>,
+    /// The last entry of the previous part, to check the order across parts.
+    last_name: Option<Vec<u8>>,
+}
+
+impl DirEntries {
+    /// Reads and verifies the root blob of the tree `id`.
+    pub fn open(repo: &Repository, id: &Id) -> Result<DirEntries> {
+        let corrupt = |detail: String| Error::CorruptTree { id: *id, detail };
+        let (current, parts) = match decode_stored(&read_tree_blob(repo, id)?).map_err(corrupt)? {
+            Stored::Tree(tree) => (tree.entries, Vec::new()),
+            Stored::Split(parts) => (Vec::new(), parts),
+        };
+        let mut current = current;
+        current.reverse();
+        Ok(DirEntries {
+            id: *id,
+            parts: parts.clone().into_iter(),
+            all_parts: parts,
+            current,
+            last_name: None,
+        })
+    }
+
+    /// The ids of the parts of a split directory (empty otherwise).
+    pub fn parts(&self) -> &[Id] {
+        &self.all_parts
+    }
+
+    /// Whether every entry read so far was handed out and a part is next.
+    pub fn at_part_start(&self) -> bool {
+        self.current.is_empty()
+    }
+
+    /// The part read next, when at a part's start.
+    pub fn next_part_id(&self) -> Option<&Id> {
+        if self.current.is_empty() {
+            self.parts.as_slice().first()
+        } else {
+            None
+        }
+    }
+
+    /// Passes over the next part unread (`diff`, when both sides hold the same part).
+    pub fn skip_part(&mut self) {
+        assert!(
+            self.current.is_empty(),
+            "a part is skipped only at its start"
+        );
+        self.parts.next();
+    }
+
+    fn fill(&mut self, repo: &Repository) -> Result<bool> {
+        while self.current.is_empty() {
+            let Some(part) = self.parts.next() else {
+                return Ok(false);
+            };
+            let tree = Tree::decode(&read_tree_blob(repo, &part)?).map_err(|detail| {
+                Error::CorruptTree {
+                    id: part,
+                    detail: format!("part of split tree {}: {detail}", self.id.short()),
+                }
+            })?;
+            let ordered = match (&self.last_name, tree.entries.first()) {
+                (_, None) => false,
+                (Some(last), Some(first)) => *last < first.name,
+                (None, Some(_)) => true,
+            };
+            if !ordered {
+                return Err(Error::CorruptTree {
+                    id: self.id,
+                    detail: format!("part {} is empty or out of order", part.short()),
+                });
+            }
+            self.last_name = tree.entries.last().map(|e| e.name.clone());
+            self.current = tree.entries;
+            self.current.reverse();
+        }
+        Ok(true)
+    }
+
+    /// The next entry without taking it.
+    pub fn peek(&mut self, repo: &Repository) -> Result<Option<&Entry>> {
+        self.fill(repo)?;
+        Ok(self.current.last())
+    }
+
+    /// The next entry.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self, repo: &Repository) -> Result<Option<Entry>> {
+        self.fill(repo)?;
+        Ok(self.current.pop())
+    }
+
+    /// The entries of the next blob (the whole directory, or its next part), in order.
+    pub fn next_batch(&mut self, repo: &Repository) -> Result<Option<Vec<Entry>>> {
+        if !self.fill(repo)? {
+            return Ok(None);
+        }
+        let mut batch = std::mem::take(&mut self.current);
+        batch.reverse();
+        Ok(Some(batch))
+    }
+}
+
 fn read_tree_blob(repo: &Repository, id: &Id) -> Result<Vec<u8>> {
     let unstored = repo
         .unstored

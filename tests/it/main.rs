@@ -7,7 +7,6 @@
 
 mod support;
 
-mod claims;
 mod cli;
 mod concurrency;
 mod corruption;
@@ -20,6 +19,7 @@ mod growth;
 mod hostile;
 mod hostile_restore;
 mod incremental;
+mod limits;
 mod live;
 mod roundtrip;
 mod sparse;
