@@ -52,6 +52,7 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     let _lease = repo.lease("check")?;
     let mut report = Report::default();
     let packs = repo.index.packs()?;
+    crate::crash::pause("check listed packs");
     report.packs = packs.len() as u64;
     // Packs: present, with the recorded size. A damaged pack's good blobs are
     // remembered by offset; index rows pointing elsewhere in it are bad.
@@ -66,10 +67,15 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     } else {
         0
     });
+    // A gc running meanwhile deletes packs whose rows it removed first: a pack that
+    // cannot be read and has no row any more is gone, not damaged.
+    let deleted_since =
+        |pack: &Id| -> Result<bool> { Ok(!repo.index.packs()?.iter().any(|(p, _)| p == pack)) };
     for (pack, row) in &packs {
         let path = repo.pack_path(pack);
         let size = match std::fs::metadata(&path) {
             Ok(m) => m.len(),
+            Err(_) if deleted_since(pack)? => continue,
             Err(e) => {
                 report.problems.push(Problem {
                     snapshot: None,
@@ -111,6 +117,7 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         }
         let (bytes, holes) = match crate::pack::read_pack(&path) {
             Ok(b) => b,
+            Err(_) if deleted_since(pack)? => continue,
             Err(e) => {
                 report.problems.push(Problem {
                     snapshot: None,
@@ -175,6 +182,7 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     let known_packs: HashSet<Id> = packs.iter().map(|(id, _)| *id).collect();
     // Index rows that point at missing or damaged bytes.
     let mut bad_blobs: HashSet<Id> = HashSet::new();
+    let mut in_unlisted: Vec<(Id, Id)> = Vec::new();
     repo.index.for_each_chunk(|id, loc: Location| {
         let fits = truncated
             .get(&loc.pack)
@@ -182,10 +190,25 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         let good = damaged
             .get(&loc.pack)
             .is_none_or(|ok| ok.contains(&loc.offset));
-        if !fits || !good || !known_packs.contains(&loc.pack) {
+        if !fits || !good {
             bad_blobs.insert(id);
+        } else if !known_packs.contains(&loc.pack) {
+            in_unlisted.push((id, loc.pack));
         }
     })?;
+    // A pack written since the list above (a gc's repack moved rows into it, in the
+    // transaction that added its own row) was not read, and is not damage. Listed after
+    // the rows, every pack a row names is there: a pack is deleted only after its rows
+    // are, or after a wait for older operations (this one included).
+    if !in_unlisted.is_empty() {
+        let now: HashSet<Id> = repo.index.packs()?.into_iter().map(|(id, _)| id).collect();
+        bad_blobs.extend(
+            in_unlisted
+                .into_iter()
+                .filter(|(_, pack)| !now.contains(pack))
+                .map(|(id, _)| id),
+        );
+    }
     // Snapshots: records match their names; trees decode; chunks indexed and sound.
     let scan = snapshot::record::scan(repo)?;
     for (path, why) in scan.problems {

@@ -22,7 +22,9 @@
 //! Environment: `VOLSNAP_FUZZ_ITERS` (random cases per target and round),
 //! `VOLSNAP_FUZZ_SEED` (the first round's seed), `VOLSNAP_FUZZ_TARGET` (comma-separated
 //! target names), `VOLSNAP_FUZZ_CASE` (replay one random case), `VOLSNAP_FUZZ_SECONDS`
-//! (a soak: rounds of random cases with seeds SEED, SEED+1, ... until the time is up).
+//! (a soak: rounds of random cases with seeds SEED, SEED+1, ... until the time is up),
+//! `VOLSNAP_FUZZ_EXPORT=DIR` (write the seeds and the corpus as inputs of the
+//! cargo-fuzz target, the first byte picking the decoder, and do nothing else).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -384,6 +386,25 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// Writes every seed and corpus input as an input of the cargo-fuzz target (the first
+/// byte picks the decoder, as `volsnap::fuzz::any` reads it): a starting corpus.
+fn export(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("create the export directory");
+    let mut n = 0;
+    for (pick, target) in TARGETS.iter().enumerate() {
+        let corpus = corpus(target.name).into_iter().map(|(_, bytes)| bytes);
+        for input in (target.seeds)().into_iter().chain(corpus) {
+            let mut bytes = vec![pick as u8];
+            bytes.extend_from_slice(&input);
+            let path = dir.join(format!("{}-{:016x}", target.name, fnv(&bytes)));
+            #[allow(clippy::disallowed_methods)] // a fuzzer's corpus, not repository data
+            std::fs::write(&path, &bytes).expect("write a corpus input");
+            n += 1;
+        }
+    }
+    println!("fuzz: {n} inputs written to {}", dir.display());
+}
+
 fn main() {
     std::panic::set_hook(Box::new(|info| {
         let location = info
@@ -411,6 +432,10 @@ fn main() {
         return;
     }
 
+    if let Some(dir) = std::env::var_os("VOLSNAP_FUZZ_EXPORT") {
+        export(Path::new(&dir));
+        return;
+    }
     let base_seed = env_u64("VOLSNAP_FUZZ_SEED").unwrap_or(DEFAULT_SEED);
     let iters = env_u64("VOLSNAP_FUZZ_ITERS").unwrap_or(DEFAULT_ITERS);
     let only_case = env_u64("VOLSNAP_FUZZ_CASE");

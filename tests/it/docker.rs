@@ -1055,3 +1055,109 @@ fn a_container_mounting_a_directory_inside_the_target_stops_a_plain_in_place_res
 fn fs_read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap()
 }
+
+fn started_at(name: &str) -> String {
+    docker(&["inspect", "--format", "{{.State.StartedAt}}", name])
+}
+
+/// A `StartedAt` time (RFC 3339, UTC, up to nanoseconds) as a string that sorts in
+/// time order.
+fn sortable_time(t: &str) -> String {
+    let t = t.trim_end_matches('Z');
+    let (secs, frac) = t.split_once('.').unwrap_or((t, ""));
+    format!("{secs}.{frac:0<9}")
+}
+
+#[test]
+fn quiesce_pause_stop_and_none_do_what_they_say_during_the_snapshot() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let f = running(&repo, "quiesce", &[]);
+    for (mode, during, restarted) in [
+        ("pause", "paused", false),
+        ("stop", "exited", true),
+        ("none", "running", false),
+    ] {
+        let before = started_at(&f.name);
+        let held = repo.spawn_paused(
+            "snapshot before commit",
+            &["snapshot", "--container", &f.name, "--quiesce", mode],
+        );
+        // Held with its volumes read, before the container is resumed.
+        assert_eq!(state(&f.name), during, "--quiesce {mode}");
+        let out = held.finish().code(0).json();
+        assert_eq!(state(&f.name), "running", "--quiesce {mode}");
+        assert_eq!(
+            started_at(&f.name) != before,
+            restarted,
+            "--quiesce {mode}: started before {before}, now {}",
+            started_at(&f.name)
+        );
+        let copy = repo.scratch(&format!("copy-{mode}"));
+        repo.restore(&id(&out[0]), &copy);
+        assert_eq!(
+            std::fs::read_to_string(copy.join(format!("{}-data", f.name)).join("app.txt")).unwrap(),
+            "quiesce\n"
+        );
+    }
+    // Anything else is refused before anything is touched.
+    let run = repo
+        .run(["snapshot", "--container", &f.name, "--quiesce", "freeze"])
+        .code(2);
+    assert!(run.stderr.contains("freeze"), "{}", run.describe());
+    assert_eq!(state(&f.name), "running");
+}
+
+#[test]
+fn a_container_restore_starts_compose_services_in_depends_on_order() {
+    if !engine() {
+        return;
+    }
+    let repo = Repo::new();
+    let project = format!("volsnap-it-order-{}", std::process::id());
+    let label = format!("com.docker.compose.project={project}");
+    // By name "app" would start first; it depends on "zdb".
+    let zdb = running(
+        &repo,
+        "zdb",
+        &[
+            "--label",
+            &label,
+            "--label",
+            "com.docker.compose.service=zdb",
+        ],
+    );
+    let app = running(
+        &repo,
+        "app",
+        &[
+            "--label",
+            &label,
+            "--label",
+            "com.docker.compose.service=app",
+            "--label",
+            "com.docker.compose.depends_on=zdb:service_started:false",
+        ],
+    );
+    assert!(app.name < zdb.name);
+    let snap: Value = repo.ok(["snapshot", "--project", &project]);
+    write(app.bind.join("app.txt"), "changed\n");
+    let (app_before, zdb_before) = (started_at(&app.name), started_at(&zdb.name));
+    repo.ok(["restore", &id(&snap[0]), "--project", &project, "--yes"]);
+    assert_eq!(
+        std::fs::read_to_string(app.bind.join("app.txt")).unwrap(),
+        "app\n"
+    );
+    for c in [&app, &zdb] {
+        assert_eq!(state(&c.name), "running");
+    }
+    let (app_after, zdb_after) = (started_at(&app.name), started_at(&zdb.name));
+    assert_ne!(app_after, app_before, "app was not restarted");
+    assert_ne!(zdb_after, zdb_before, "zdb was not restarted");
+    assert!(
+        sortable_time(&zdb_after) < sortable_time(&app_after),
+        "app started ({app_after}) before zdb ({zdb_after}), which it depends on"
+    );
+}

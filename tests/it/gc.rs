@@ -570,6 +570,95 @@ fn a_snapshot_that_decided_to_reuse_blobs_while_gc_condemned_them_stays_whole() 
 }
 
 #[test]
+fn readers_started_while_gc_deletes_and_repacks_finish_whole() {
+    // gc is past its last wait before deleting: it deletes dead packs, punches and
+    // repacks while a restore, an export and a check --read-data that started meanwhile
+    // are under way; it must wait for each before deleting the packs it rewrote, and
+    // none of them may see damage that is not there.
+    let repo = Repo::new();
+    let expected = forgotten_rounds(&repo);
+    let latest = id(repo.list(&[]).last().unwrap());
+    let pristine = repo.scratch("pristine");
+    copy_tree(&repo.path, &pristine);
+    for reader in ["restore", "export", "check"] {
+        fs::remove_dir_all(&repo.path).unwrap();
+        copy_tree(&pristine, &repo.path);
+        let out = repo.scratch(&format!("read-by-{reader}"));
+        let out_s = out.to_str().unwrap();
+        let (point, args): (&str, Vec<&str>) = match reader {
+            "restore" => ("restore started", vec!["restore", &latest, "--to", out_s]),
+            "export" => (
+                "export started",
+                vec!["export", &latest, "--format", "tar", "-o", out_s],
+            ),
+            _ => ("check listed packs", vec!["check", "--read-data"]),
+        };
+        let gc = repo.spawn_paused_human("gc waited after the sweep", &["gc", "--max-unused", "1"]);
+        let read = repo.spawn_paused(point, &args);
+        let gc = gc.go_until_stderr("waiting for").unwrap_or_else(|run| {
+            panic!(
+                "gc did not wait for the {reader} before deleting what it rewrote\n{}",
+                run.describe()
+            )
+        });
+        let read = read.finish();
+        let gc = gc.finish().code(0);
+        assert!(
+            gc.stdout_str().contains("repacked") || gc.stderr.contains("repack"),
+            "{}",
+            gc.describe()
+        );
+        let read = read.code(0).json();
+        match reader {
+            "restore" => assert_same_tree(&expected[&latest], &out),
+            "export" => {
+                let x = repo.mkdir(&format!("extracted-{reader}"));
+                let st = Command::new("tar")
+                    .arg("-xf")
+                    .arg(&out)
+                    .arg("-C")
+                    .arg(&x)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                for f in ["shared", "round", "f0", "f1"] {
+                    assert_eq!(
+                        fs::read(x.join(f)).unwrap(),
+                        fs::read(expected[&latest].join(f)).unwrap(),
+                        "{f}"
+                    );
+                }
+            }
+            _ => assert_eq!(read["ok"], true, "check saw damage: {read}"),
+        }
+        assert_all_restore(&repo, &expected);
+    }
+}
+
+#[test]
+fn a_second_gc_exits_11_while_one_runs() {
+    let repo = Repo::new();
+    let expected = forgotten_rounds(&repo);
+    let first = repo.spawn_paused("gc condemned", &["gc"]);
+    for args in [vec!["gc"], vec!["gc", "--dry-run"]] {
+        let run = repo.run(&args).code(11);
+        assert!(
+            run.error_line().contains("another gc is running"),
+            "{}",
+            run.describe()
+        );
+    }
+    let report = first.finish().code(0).json();
+    assert!(
+        report["unreachable_blobs"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_all_restore(&repo, &expected);
+    // Once it is done the next one runs.
+    repo.ok(["gc"]);
+}
+
+#[test]
 fn snapshots_keep_running_while_forget_and_gc_loop() {
     const ROUNDS: usize = 4;
     let repo = Repo::new();

@@ -651,6 +651,136 @@ fn a_failing_pre_cmd_changes_nothing() {
 }
 
 #[test]
+fn the_post_cmd_runs_after_a_failed_pre_cmd() {
+    // The pre-cmd may have half-stopped the application: the post-cmd starts it again,
+    // told that nothing was restored.
+    let w = world();
+    let log = w.repo.scratch("hooks.log");
+    let pre = format!("echo stop >> {}; exit 3", log.display());
+    let post = format!(
+        "echo \"start $VOLSNAP_RESTORE_OUTCOME\" >> {}",
+        log.display()
+    );
+    let run = w
+        .repo
+        .run([
+            "restore",
+            &w.snap,
+            "--in-place",
+            "--yes",
+            "--pre-cmd",
+            &pre,
+            "--post-cmd",
+            &post,
+        ])
+        .code(1);
+    assert!(
+        run.error_line().contains("pre-cmd failed"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "stop\nstart rolled-back\n",
+        "{}",
+        run.describe()
+    );
+    assert_eq!(all_one_way(&w), "old");
+    assert!(leftovers(&w.parent).is_empty());
+    assert!(journals(&w.repo).is_empty());
+}
+
+#[test]
+fn targets_that_are_symlinks_overlap_or_hold_the_repository_are_refused() {
+    let w = world();
+    let link = w.repo.scratch("alpha-link");
+    std::os::unix::fs::symlink(&w.vols[0], &link).unwrap();
+    let repo_dir = w.repo.path.display().to_string();
+    let inside_repo = w.repo.path.join("volume").display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![format!("alpha={}", link.display())],
+            "is a symlink; name the directory it points to",
+        ),
+        // beta inside alpha.
+        (
+            vec![format!("beta={}", w.vols[0].join("nested").display())],
+            "overlap",
+        ),
+        // alpha holding gamma.
+        (vec![format!("alpha={}", w.parent.display())], "overlap"),
+        (vec![format!("alpha={repo_dir}")], "overlaps the repository"),
+        (
+            vec![format!("alpha={inside_repo}")],
+            "overlaps the repository",
+        ),
+        (
+            vec![format!("alpha={}", w.repo.tmp.path().display())],
+            "overlaps the repository",
+        ),
+    ];
+    let repo_files = || {
+        let mut names: Vec<PathBuf> = Vec::new();
+        let mut todo = vec![w.repo.path.clone()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() && !p.is_symlink() {
+                    todo.push(p.clone());
+                }
+                names.push(p);
+            }
+        }
+        names.sort();
+        names
+    };
+    let before = repo_files();
+    for (maps, says) in cases {
+        let mut args: Vec<String> = vec![
+            "restore".into(),
+            w.snap.clone(),
+            "--in-place".into(),
+            "--yes".into(),
+        ];
+        for m in &maps {
+            args.push("--map".into());
+            args.push(m.clone());
+        }
+        let run = w.repo.run(&args).code(1);
+        let line = run.error_line();
+        assert!(line.contains(says), "{maps:?}: {}", run.describe());
+        assert_eq!(all_one_way(&w), "old", "{maps:?}");
+        assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert!(!w.vols[0].join("nested").exists(), "{maps:?}");
+        assert!(!w.repo.path.join("volume").exists(), "{maps:?}");
+        assert!(leftovers(&w.parent).is_empty(), "{maps:?}");
+        assert!(journals(&w.repo).is_empty(), "{maps:?}");
+        assert_eq!(repo_files(), before, "{maps:?} changed the repository");
+    }
+}
+
+#[test]
+fn sigint_and_sigterm_are_held_until_an_in_place_restore_is_done() {
+    let w = world();
+    let paused = w.repo.spawn_paused(
+        "live swapped a volume",
+        &["restore", &w.snap, "--in-place", "--yes"],
+    );
+    for sig in [rustix::process::Signal::TERM, rustix::process::Signal::INT] {
+        paused.kill(sig);
+    }
+    // Held at the step, it says so (twice), then finishes the restore rather than
+    // stopping half-way.
+    let run = paused
+        .held_until_stderr("is not interrupted half-way")
+        .finish()
+        .code(0);
+    assert_eq!(all_one_way(&w), "new", "{}", run.describe());
+    assert!(leftovers(&w.parent).is_empty());
+    assert!(journals(&w.repo).is_empty());
+}
+
+#[test]
 fn without_yes_and_without_a_terminal_it_refuses() {
     let w = world();
     let run = w.repo.run(["restore", &w.snap, "--in-place"]).code(1);

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod claims;
 mod cli;
 mod concurrency;
 mod corruption;

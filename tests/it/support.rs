@@ -1001,7 +1001,9 @@ impl Repo {
     }
 
     fn spawn_paused_as(&self, at: &str, args: &[&str], json: bool) -> Paused {
-        let flag = self.scratch(&format!("pause-{}", at.replace(' ', "-")));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let flag = self.scratch(&format!("pause-{}-{n}", at.replace(' ', "-")));
         write(&flag, "hold");
         let reached = PathBuf::from(format!("{}.reached", flag.display()));
         let _ = std::fs::remove_file(&reached);
@@ -1049,16 +1051,43 @@ impl Paused {
         self.child.wait_with_output().unwrap()
     }
 
+    /// Sends `signal` to the process held at the pause point, and leaves it there.
+    pub fn kill(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// Lets the process go on without waiting for it (see `finish`).
+    pub fn release(&self) {
+        let _ = std::fs::remove_file(&self.flag);
+    }
+
     /// Lets the process go on and waits for it to end.
     pub fn finish(self) -> Run {
-        std::fs::remove_file(&self.flag).unwrap();
+        self.release();
         let out = self.child.wait_with_output().unwrap();
         Run::from_output(self.cmd, out)
     }
 
     /// Lets the process go on and returns once it prints a line holding `needle` on
     /// stderr (`Ok`: it is still running), or its outcome if it ends first (`Err`).
-    pub fn go_until_stderr(mut self, needle: &str) -> Result<Going, Run> {
+    pub fn go_until_stderr(self, needle: &str) -> Result<Going, Run> {
+        self.read_until(needle, true)
+    }
+
+    /// Returns once the process, still held at the pause point, prints a line holding
+    /// `needle` on stderr (its signal handlers run while it is held); `Going::finish`
+    /// lets it go on.
+    pub fn held_until_stderr(self, needle: &str) -> Going {
+        self.read_until(needle, false).unwrap_or_else(|run| {
+            panic!(
+                "ended while held, before printing {needle:?}\n{}",
+                run.describe()
+            )
+        })
+    }
+
+    fn read_until(mut self, needle: &str, release: bool) -> Result<Going, Run> {
         use std::io::BufRead;
         let stderr = self.child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1070,7 +1099,9 @@ impl Paused {
                 }
             }
         });
-        std::fs::remove_file(&self.flag).unwrap();
+        if release {
+            std::fs::remove_file(&self.flag).unwrap();
+        }
         let mut seen = String::new();
         loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
@@ -1079,6 +1110,7 @@ impl Paused {
                     seen.push('\n');
                     if line.contains(needle) {
                         return Ok(Going {
+                            flag: (!release).then_some(self.flag),
                             child: self.child,
                             cmd: self.cmd,
                             seen,
@@ -1104,6 +1136,8 @@ impl Paused {
 
 /// A process let go by `Paused::go_until_stderr`, still running.
 pub struct Going {
+    /// The pause flag, when the process is still held.
+    flag: Option<PathBuf>,
     child: Child,
     cmd: String,
     seen: String,
@@ -1114,6 +1148,9 @@ pub struct Going {
 impl Going {
     /// Waits for the process to end.
     pub fn finish(self) -> Run {
+        if let Some(flag) = &self.flag {
+            std::fs::remove_file(flag).unwrap();
+        }
         let mut out = self.child.wait_with_output().unwrap();
         self.reader.join().unwrap();
         let mut stderr = self.seen;
