@@ -180,6 +180,12 @@ pub fn gc(
     for (id, loc) in deleted {
         dead_in.entry(loc.pack).or_default().push((id, loc));
     }
+    // The packs first, then the rows: a pack is committed with its rows in one
+    // transaction and only gc takes rows out of a pack now, so every pack listed has
+    // all its rows counted below. (Listed after the rows, a pack a snapshot committed
+    // in between would look empty and be deleted under it.)
+    let packs = repo.index.packs()?;
+    crate::crash::pause("gc listed packs");
     // One pass over the rows left: live bytes per pack, and where the live blobs lie in
     // the packs that lost some (punching must never touch them).
     let mut live: HashMap<Id, u64> = HashMap::new();
@@ -192,7 +198,6 @@ pub fn gc(
             spans.push((loc.offset, end));
         }
     })?;
-    let packs = repo.index.packs()?;
     let mut to_punch = Vec::new();
     let empty: Vec<(Id, PathBuf)> = packs
         .iter()

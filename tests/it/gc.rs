@@ -835,3 +835,19 @@ fn check_reports_a_hole_in_a_live_blob() {
         "no snapshot named as damaged: {report}"
     );
 }
+
+#[test]
+fn a_pack_committed_while_gc_counts_live_rows_is_not_taken_for_an_empty_one() {
+    // After the sweep gc lists the packs and counts the rows left in each; one with
+    // none is deleted. A snapshot that commits a pack between the two must keep it.
+    let repo = Repo::new();
+    let mut expected = forgotten_rounds(&repo);
+    let data = repo.mkdir("new");
+    write(data.join("f"), random_bytes("new", 300_000));
+    let gc = repo.spawn_paused("gc listed packs", &["gc"]);
+    let snap = repo.snapshot(&[&data], &["--name", "new"]);
+    let report = gc.finish().code(0).json();
+    assert!(report["packs_deleted"].as_u64().unwrap() > 0, "{report}");
+    expected.insert(id(&snap), data);
+    assert_all_restore(&repo, &expected);
+}
