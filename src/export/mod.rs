@@ -452,6 +452,7 @@ pub fn export_to_file(
         .map_err(Error::io("create temporary file in", dir))?;
     let file = tmp.reopen().map_err(Error::io("open", tmp.path()))?;
     let report = export(repo, snap, path, file, opts, progress)?;
+    crate::crash::point("export wrote the archive");
     tmp.as_file()
         .sync_all()
         .map_err(Error::io("fsync", tmp.path()))?;

@@ -280,6 +280,22 @@ fn undo_decision(l: &Listed, policy: &Policy, undos: &Undos) -> Decision {
 /// A crash between the two leaves a row whose file is gone, which listing drops.
 pub fn remove(repo: &Repository, ids: &[Id]) -> Result<()> {
     let dir = repo.snapshots_dir();
+    // Version numbers are never handed out again, even once the index is rebuilt from
+    // the records left.
+    let mut highest: HashMap<String, u64> = HashMap::new();
+    for id in ids {
+        let path = dir.join(id.hex());
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("read", &path)(e)),
+        };
+        if let Ok(s) = crate::snapshot::record::Snapshot::decode(&bytes) {
+            let v = highest.entry(s.series).or_default();
+            *v = (*v).max(s.version);
+        }
+    }
+    crate::snapshot::record::remember_forgotten(repo, &highest)?;
     for id in ids {
         let path = dir.join(id.hex());
         match std::fs::remove_file(&path) {

@@ -546,12 +546,12 @@ impl Index {
 
     /// Reserves the next version number of `series` in its own transaction, so no
     /// version is ever handed out twice: a crash after this leaves a gap, never a
-    /// duplicate.
-    pub fn reserve_version(&self, series: &str) -> Result<u64> {
+    /// duplicate. It is above `floor` (the highest version forgotten in the series).
+    pub fn reserve_version(&self, series: &str, floor: u64) -> Result<u64> {
         self.guard(|| {
             self.write(|txn| {
                 let mut table = txn.open_table(SERIES)?;
-                let version = table.get(series)?.map_or(0, |v| v.value()) + 1;
+                let version = table.get(series)?.map_or(0, |v| v.value()).max(floor) + 1;
                 table.insert(series, version)?;
                 Ok(version)
             })

@@ -182,7 +182,7 @@ fn open_lock(root: &Path, exclusive: bool) -> Result<File> {
 
 /// Names a repository directory may hold; anything else means `root` is some other
 /// directory, which init must not fill with repository files.
-const LAYOUT: [&str; 9] = [
+const LAYOUT: [&str; 10] = [
     "config",
     "index.redb",
     "index.redb.old",
@@ -190,6 +190,7 @@ const LAYOUT: [&str; 9] = [
     "locks",
     "packs",
     "restores",
+    "series",
     "snapshots",
     "tmp",
 ];

@@ -310,7 +310,7 @@ fn materialize(
     }
     // Pass 3: directory metadata, every directory after everything inside it.
     let dirs = std::mem::take(&mut *ctx.dir_meta.lock().expect("lock"));
-    crate::crash::pause("restore before directory metadata");
+    crate::crash::point("restore before directory metadata");
     apply_dir_meta(&ctx, root, &dirs)?;
     let mut warnings = ctx.warnings.into_inner().expect("lock");
     warnings.sort();

@@ -323,11 +323,12 @@ pub fn create(
     if let Some(p) = parent
         .as_ref()
         .filter(|_| opts.skip_if_unchanged && unreadable.is_empty())
+        // The root directory's own metadata is in the record, not in a tree.
         && p.snapshot
             .volumes
             .iter()
-            .map(|v| (&v.label, v.tree))
-            .eq(volumes.iter().map(|v| (&v.label, v.tree)))
+            .map(|v| (&v.label, v.tree, &v.root))
+            .eq(volumes.iter().map(|v| (&v.label, v.tree, &v.root)))
     {
         return Ok(Outcome {
             listed: p.clone(),

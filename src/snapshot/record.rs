@@ -221,7 +221,8 @@ pub struct Listed {
 /// point), then indexes it. A crash after the record leaves a row missing, which
 /// `scan` adds back.
 pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
-    snapshot.version = repo.index.reserve_version(&snapshot.series)?;
+    let floor = forgotten_version(repo, &snapshot.series)?;
+    snapshot.version = repo.index.reserve_version(&snapshot.series, floor)?;
     crate::crash::point("snapshot version reserved");
     let bytes = snapshot.encode();
     let id = Id::of(&bytes);
@@ -239,6 +240,59 @@ pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
         snapshot,
         guarded_by: repo.oldest_held_lease(),
     })
+}
+
+const SERIES_MAGIC: &[u8; 8] = b"VSNPSERI";
+
+/// The file holding the highest version of `series` that `forget` removed.
+fn forgotten_path(repo: &Repository, series: &str) -> std::path::PathBuf {
+    let hex: String = series.bytes().map(|b| format!("{b:02x}")).collect();
+    repo.root.join("series").join(hex)
+}
+
+/// The highest version of `series` whose record `forget` removed (0: none). The index's
+/// version counter is derived data: after `repair index` it knows only the records left,
+/// and without this a forgotten snapshot's number would be handed out again, so that
+/// `SERIES@N` would name other data than it did.
+pub fn forgotten_version(repo: &Repository, series: &str) -> Result<u64> {
+    let path = forgotten_path(repo, series);
+    match std::fs::read(&path) {
+        Ok(b) if b.len() == 16 && &b[..8] == SERIES_MAGIC => {
+            Ok(u64::from_le_bytes(b[8..].try_into().expect("8 bytes")))
+        }
+        Ok(_) => Err(Error::Corrupt {
+            what: "series file",
+            path,
+            detail: "not a highest forgotten version".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io("read", &path)(e)),
+    }
+}
+
+/// Records, durably and before any record is removed, the highest version `forget` is
+/// about to remove in each series (see `forgotten_version`). Forgets are serialized on
+/// `locks/series.lock` so that the highest value always wins.
+pub fn remember_forgotten(repo: &Repository, highest: &HashMap<String, u64>) -> Result<()> {
+    if highest.is_empty() {
+        return Ok(());
+    }
+    let lock_path = repo.root.join("locks").join("series.lock");
+    let lock = fsutil::open_lock_file(&lock_path)?;
+    lock.lock().map_err(Error::io("lock", &lock_path))?;
+    let dir = repo.root.join("series");
+    if !dir.is_dir() {
+        fsutil::create_dir_private_here(&dir)?;
+        fsutil::fsync_dir(&repo.root)?;
+    }
+    for (series, &version) in highest {
+        if version > forgotten_version(repo, series)? {
+            let mut bytes = SERIES_MAGIC.to_vec();
+            bytes.extend_from_slice(&version.to_le_bytes());
+            fsutil::atomic_write(&repo.tmp_dir(), &forgotten_path(repo, series), &bytes)?;
+        }
+    }
+    Ok(())
 }
 
 /// Every snapshot, and what could not be used.

@@ -205,8 +205,12 @@ fn restore_steps(swaps: &[&'static str]) -> Vec<&'static str> {
     let mut steps = vec![
         "live journal written",
         "live quiesced",
+        // Each volume restored beside its target (files, then directory metadata).
+        "restore before directory metadata",
         "live staged a volume",
+        "restore before directory metadata",
         "live staged a volume",
+        "restore before directory metadata",
         "live staged a volume",
         // The undo snapshot: its data pack, its tree pack, its commit.
         "pack written",

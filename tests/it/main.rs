@@ -22,6 +22,7 @@ mod hostile_restore;
 mod incremental;
 mod limits;
 mod live;
+mod model;
 mod roundtrip;
 mod sparse;
 mod swap;
