@@ -9,7 +9,7 @@
 use std::ffi::CStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -41,7 +41,9 @@ pub fn create_dir_private_here(path: &Path) -> Result<()> {
 /// Fsyncs a directory so that renames and creations in it are durable.
 pub fn fsync_dir(path: &Path) -> Result<()> {
     let dir = File::open(path).map_err(Error::io("open directory", path))?;
-    dir.sync_all().map_err(Error::io("fsync directory", path))
+    crate::crash::before_fsync(dir.as_fd())
+        .and_then(|()| dir.sync_all())
+        .map_err(Error::io("fsync directory", path))
 }
 
 /// Writes `bytes` to a new private temporary file in `tmp_dir` and fsyncs it.
@@ -51,10 +53,11 @@ pub fn write_temp_durable(tmp_dir: &Path, bytes: &[u8]) -> Result<tempfile::Name
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(FILE_MODE))
         .tempfile_in(tmp_dir)
         .map_err(Error::io("create temporary file in", tmp_dir))?;
-    tmp.write_all(bytes)
+    crate::crash::before_write(tmp.as_file().as_fd())
+        .and_then(|()| tmp.write_all(bytes))
         .map_err(Error::io("write", tmp.path()))?;
-    tmp.as_file()
-        .sync_all()
+    crate::crash::before_fsync(tmp.as_file().as_fd())
+        .and_then(|()| tmp.as_file().sync_all())
         .map_err(Error::io("fsync", tmp.path()))?;
     Ok(tmp)
 }

@@ -66,6 +66,9 @@ pub fn container_snapshot(
         match &report.outcome {
             Some(o) => {
                 let snap = &o.listed.snapshot;
+                for w in &o.warnings {
+                    eprintln!("warning: {w}");
+                }
                 for u in &snap.unreadable {
                     eprintln!(
                         "warning: could not read {}: {}",

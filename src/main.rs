@@ -502,6 +502,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })?;
             let value = render::snapshot_json(&outcome.listed, outcome.skipped);
             let snap = &outcome.listed.snapshot;
+            for w in &outcome.warnings {
+                eprintln!("warning: {w}");
+            }
             for u in &snap.unreadable {
                 eprintln!(
                     "warning: could not read {}: {}",
@@ -936,6 +939,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 "blobs_reindexed": report.blobs_reindexed,
                 "index_compaction": report.index_compaction,
             });
+            if let Some(why) = report
+                .index_compaction
+                .as_deref()
+                .and_then(|c| c.strip_prefix("failed: "))
+            {
+                eprintln!("warning: the index could not be compacted: {why}");
+            }
             if report.blobs_reindexed > 0 {
                 eprintln!(
                     "warning: gc found {} referenced blob(s) the index did not name in {} pack(s) and indexed them again (run `volsnap check`)",

@@ -451,10 +451,10 @@ pub fn export_to_file(
         .tempfile_in(dir)
         .map_err(Error::io("create temporary file in", dir))?;
     let file = tmp.reopen().map_err(Error::io("open", tmp.path()))?;
-    let report = export(repo, snap, path, file, opts, progress)?;
+    let report = export(repo, snap, path, crate::crash::Faulty(file), opts, progress)?;
     crate::crash::point("export wrote the archive");
-    tmp.as_file()
-        .sync_all()
+    crate::crash::before_fsync(std::os::fd::AsFd::as_fd(tmp.as_file()))
+        .and_then(|()| tmp.as_file().sync_all())
         .map_err(Error::io("fsync", tmp.path()))?;
     tmp.persist(dest)
         .map_err(|e| Error::io("rename into place", dest)(e.error))?;

@@ -331,8 +331,9 @@ pub fn gc(
     // Give the space of deleted index rows back when they were a large share.
     if report.unreachable_blobs > 0 && report.unreachable_blobs * 5 >= report.blobs {
         report.index_compaction = Some(match repo.index.compact() {
-            Ok(_) => "compacted".to_string(),
-            Err(why) => format!("skipped: {why}"),
+            Ok(true) => "compacted".to_string(),
+            Ok(false) => "skipped: another operation holds a transaction".to_string(),
+            Err(why) => format!("failed: {why}"),
         });
     }
 

@@ -25,6 +25,8 @@ use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::limits::BLOB_SIZE_MAX;
 
+mod faulty;
+
 const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
 const PACKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("packs");
 const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots");
@@ -115,6 +117,9 @@ pub struct Index {
     /// A shared read snapshot of the chunk table: opening a read transaction costs
     /// several microseconds (file locks), more than the lookup itself.
     chunk_reader: Mutex<Option<(Arc<ChunkTables>, Instant)>>,
+    /// The first I/O error of the file in this process: after it redb refuses every
+    /// call ("previous I/O error"), and errors then name it.
+    io_failure: std::sync::OnceLock<String>,
 }
 
 impl Index {
@@ -134,7 +139,17 @@ impl Index {
             crate::fsutil::ensure_private_file(path)?;
         }
         let opened = catch_quietly(|| {
-            if create {
+            if crate::crash::io_faults() {
+                // Test-only: writes and syncs through the fault layer (an existing file
+                // is opened, as `open` would).
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(create)
+                    .truncate(false)
+                    .open(path)?;
+                builder.create_with_backend(faulty::Faulty::new(file)?)
+            } else if create {
                 builder.create(path)
             } else {
                 builder.open(path)
@@ -159,6 +174,7 @@ impl Index {
             path: path.to_path_buf(),
             damage: damage.map_or_else(std::sync::OnceLock::new, std::sync::OnceLock::from),
             chunk_reader: Mutex::new(None),
+            io_failure: std::sync::OnceLock::new(),
         };
         if create {
             // Create every table once so readers never meet a missing table.
@@ -208,12 +224,35 @@ impl Index {
     }
 
     fn err(&self, e: impl Into<redb::Error>) -> Error {
-        match e.into() {
-            redb::Error::Corrupted(why) => self.damaged_error(why),
-            e => Error::Index {
+        let detail = self.io_detail(e.into());
+        match detail {
+            Ok(detail) => Error::Index {
                 path: self.path.clone(),
-                detail: e.to_string(),
+                detail,
             },
+            Err(why) => self.damaged_error(why),
+        }
+    }
+
+    /// What a redb error says (`Err` for damage), remembering the first I/O error so
+    /// that redb's later "previous I/O error" refusals name it.
+    fn io_detail(&self, e: redb::Error) -> std::result::Result<String, String> {
+        match e {
+            redb::Error::Corrupted(why) => Err(why),
+            redb::Error::PreviousIo => Ok(match self.io_failure.get() {
+                Some(first) => format!(
+                    "closed after an earlier I/O error in this process ({first}); run the \
+                     command again"
+                ),
+                None => redb::Error::PreviousIo.to_string(),
+            }),
+            e => {
+                let detail = e.to_string();
+                if matches!(e, redb::Error::Io(_)) {
+                    let _ = self.io_failure.set(detail.clone());
+                }
+                Ok(detail)
+            }
         }
     }
 
@@ -255,13 +294,17 @@ impl Index {
         Ok(tables)
     }
 
-    /// Compacts the file after large deletions. Best effort: another process's open
-    /// transaction makes redb refuse, and that is reported, not an error.
+    /// Compacts the file after large deletions. Best effort: an open transaction makes
+    /// redb refuse (`Ok(false)`); anything else (an I/O error) is an `Err` to report.
     pub fn compact(&self) -> std::result::Result<bool, String> {
         self.refresh();
         let mut db = self.db.write().expect("index lock");
         match db.as_mut() {
-            Some(db) => catch_quietly(|| db.compact().map_err(|e| e.to_string()))?,
+            Some(db) => catch_quietly(|| match db.compact() {
+                Err(redb::CompactionError::TransactionInProgress) => Ok(false),
+                Err(e) => Err(self.io_detail(e.into()).unwrap_or_else(|why| why)),
+                Ok(done) => Ok(done),
+            })?,
             None => Err("the index is damaged".to_string()),
         }
     }

@@ -52,7 +52,9 @@ fn os(name: &CStr) -> &std::ffi::OsStr {
 
 /// Fsyncs an open directory.
 pub fn fsync(dir: BorrowedFd<'_>, path: &Path) -> Result<()> {
-    rustix::fs::fsync(dir).map_err(|e| Error::io("fsync directory", path)(e.into()))
+    crate::crash::before_fsync(dir)
+        .and_then(|()| rustix::fs::fsync(dir).map_err(Into::into))
+        .map_err(Error::io("fsync directory", path))
 }
 
 /// Opens a directory given by path, not following a final symlink.
@@ -168,7 +170,9 @@ pub fn apply_root_attrs(fd: BorrowedFd<'_>, path: &Path, a: &RootAttrs) -> Resul
 /// Makes a staged tree durable: the whole filesystem's dirty data (one `syncfs`), then
 /// the staging directory and its parent.
 pub fn sync_tree(dir: BorrowedFd<'_>, parent: BorrowedFd<'_>, path: &Path) -> Result<()> {
-    rustix::fs::syncfs(dir).map_err(|e| Error::io("syncfs", path)(e.into()))?;
+    crate::crash::before_fsync(dir)
+        .and_then(|()| rustix::fs::syncfs(dir).map_err(Into::into))
+        .map_err(Error::io("syncfs", path))?;
     fsync(dir, path)?;
     fsync(parent, path)
 }

@@ -474,6 +474,7 @@ fn swap_in(
             ..Default::default()
         };
         let outcome = snapshot::create(repo, &dirs, &opts, &Progress::default())?;
+        warnings.extend(outcome.warnings.iter().cloned());
         let undo = &outcome.listed;
         if undo.snapshot.incomplete || !undo.snapshot.notes.is_empty() {
             return Err(Error::Refused(format!(

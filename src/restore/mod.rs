@@ -873,6 +873,7 @@ fn write_nonzero(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
         while end < data.len() && !zero(&data[end..piece_end(end)]) {
             end = piece_end(end);
         }
+        crate::crash::before_write(std::os::fd::AsFd::as_fd(file))?;
         file.write_all_at(&data[i..end], offset + i as u64)?;
         i = end;
     }

@@ -65,6 +65,8 @@ pub struct Outcome {
     pub listed: Listed,
     /// True when `skip_if_unchanged` found nothing new and `listed` is the parent.
     pub skipped: bool,
+    /// What went wrong after the commit without undoing it (an index compaction).
+    pub warnings: Vec<String>,
 }
 
 /// An entry found by the walk, before it becomes part of a tree.
@@ -333,6 +335,7 @@ pub fn create(
         return Ok(Outcome {
             listed: p.clone(),
             skipped: true,
+            warnings: Vec::new(),
         });
     }
     stats.new_chunks = data.new_blobs();
@@ -363,21 +366,38 @@ pub fn create(
                 guarded_by: None,
             },
             skipped: false,
+            warnings: Vec::new(),
         });
     }
     crate::crash::pause("snapshot before commit");
     let listed = record::commit(repo, snapshot)?;
-    cache::store_spool(repo, cache_rows.into_inner().expect("lock"))?;
+    if let Err(e) = cache::store_spool(repo, cache_rows.into_inner().expect("lock")) {
+        return Err(record::withdraw(repo, &listed.id, e));
+    }
     // A snapshot that added a large share of the index (a first snapshot, a big change)
     // leaves redb's file full of pages freed by its many small transactions: give them
     // back. Best effort, and proportional to the work just done; skipped (by redb) while
-    // another process holds a transaction.
-    if listed.snapshot.stats.new_chunks * 4 >= repo.index.chunk_count()? {
-        let _ = repo.index.compact();
+    // another process holds a transaction. The snapshot is committed whatever happens
+    // here; an error (an I/O error of the index) is said as a warning.
+    let mut warnings = Vec::new();
+    let compact = repo
+        .index
+        .chunk_count()
+        .map_err(|e| e.to_string())
+        .and_then(|n| {
+            if listed.snapshot.stats.new_chunks * 4 >= n {
+                repo.index.compact()
+            } else {
+                Ok(false)
+            }
+        });
+    if let Err(why) = compact {
+        warnings.push(format!("the index could not be compacted: {why}"));
     }
     Ok(Outcome {
         listed,
         skipped: false,
+        warnings,
     })
 }
 

@@ -233,7 +233,9 @@ pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
         return Err(e);
     }
     crate::crash::point("snapshot record written");
-    repo.index.insert_snapshot(&id, &bytes)?;
+    if let Err(e) = repo.index.insert_snapshot(&id, &bytes) {
+        return Err(withdraw(repo, &id, e));
+    }
     crate::crash::point("snapshot record indexed");
     Ok(Listed {
         id,
@@ -293,6 +295,26 @@ pub fn remember_forgotten(repo: &Repository, highest: &HashMap<String, u64>) -> 
         }
     }
     Ok(())
+}
+
+/// Takes back the record of a snapshot whose commit failed after the record was written
+/// (its index row, its files-cache rows), so a snapshot the user is told failed never
+/// appears: like a `forget`, which is always safe. Returns `cause`, extended when the
+/// record could not be removed.
+pub fn withdraw(repo: &Repository, id: &Id, cause: Error) -> Error {
+    let dir = repo.snapshots_dir();
+    let path = dir.join(id.hex());
+    match std::fs::remove_file(&path)
+        .map_err(Error::io("remove", &path))
+        .and_then(|()| fsutil::fsync_dir(&dir))
+    {
+        Ok(()) => cause,
+        Err(e) => Error::Refused(format!(
+            "{cause}; the record of the failed snapshot {} could not be removed ({e}), so it \
+             may still be listed",
+            id.short()
+        )),
+    }
 }
 
 /// Every snapshot, and what could not be used.

@@ -15,6 +15,7 @@ mod crafted;
 mod crash;
 mod docker;
 mod export;
+mod faults;
 mod gc;
 mod growth;
 mod hostile;

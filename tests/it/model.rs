@@ -492,6 +492,14 @@ pub fn assert_check_clean(repo: &Repo) {
     assert_eq!(check.json()["ok"], true, "{}", check.describe());
 }
 
+/// The ids `list` shows (it must list without problems).
+pub fn listed_ids(repo: &Repo) -> BTreeSet<String> {
+    match repo.ok(["list"]) {
+        Value::Array(a) => a.iter().map(id).collect(),
+        other => panic!("list did not print an array: {other}"),
+    }
+}
+
 /// `restore SNAP --to to` succeeds without warnings and gives exactly `tree`.
 pub fn assert_restores_as(repo: &Repo, snap: &str, tree: &Scan, to: &Path) {
     let run = repo.run_json([
