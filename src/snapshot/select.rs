@@ -13,7 +13,7 @@ use crate::id::Id;
 use crate::limits::PATH_DEPTH_MAX;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
-use crate::tree::{self, Entry, Kind};
+use crate::tree::{self, DirEntries, Entry, Kind};
 
 /// One tree (or single entry) to materialize, and where.
 #[derive(Clone, Debug)]
@@ -190,17 +190,20 @@ fn survey_tree(repo: &Repository, root: &Id, s: &Selection, out: &mut LinkTarget
                 let parent = stack.last_mut().expect("the top is never known yet");
                 parent.height = parent.height.max(1 + h);
             } else {
-                let tree = tree::load(repo, &id).map_err(|e| Error::Corrupt {
+                let corrupt = |e: Error, stack: &[SurveyFrame]| Error::Corrupt {
                     what: "directory",
-                    path: display_stack(s, &stack, &name).into(),
+                    path: display_stack(s, stack, &name).into(),
                     detail: e.to_string(),
-                })?;
-                if depth >= PATH_DEPTH_MAX && !tree.entries.is_empty() {
-                    return Err(too_deep(s, &stack, &name));
-                }
+                };
+                // One part of a split directory in memory at a time.
+                let mut entries = DirEntries::open(repo, &id).map_err(|e| corrupt(e, &stack))?;
                 let mut subdirs = Vec::new();
-                let height = usize::from(!tree.entries.is_empty());
-                for e in tree.entries {
+                let mut height = 0;
+                while let Some(e) = entries.next(repo).map_err(|e| corrupt(e, &stack))? {
+                    if depth >= PATH_DEPTH_MAX {
+                        return Err(too_deep(s, &stack, &name));
+                    }
+                    height = 1;
                     match e.kind {
                         Kind::Dir { tree } => subdirs.push((e.name, tree)),
                         Kind::Hardlink { target } => out.insert(&s.volume, &target),
