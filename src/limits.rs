@@ -79,6 +79,17 @@ pub const READ_BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Files-cache rows written per index write transaction.
 pub const CACHE_ROWS_PER_TRANSACTION: usize = 2_000;
 
+/// Rows gc's condemn and sweep steps (and its pass over the files cache) handle per
+/// index write transaction. A concurrent snapshot, restore or lease waits for at most one
+/// such transaction at a time, never for a pass over the whole index: a batch of 5,000
+/// holds the write lock for 10 to 20 ms (BENCHMARKS.md, "gc and concurrent writers").
+/// Tests may lower it with `VOLSNAP_GC_BATCH_ROWS` (see `gc`).
+pub const GC_ROWS_PER_TRANSACTION: usize = 5_000;
+
+/// gc's pause between two batches, so that a writer woken when gc releases the index's
+/// write lock can take it before gc's next batch does (see `gc::between_batches`).
+pub const GC_PAUSE_BETWEEN_BATCHES_MS: u64 = 10;
+
 /// A file whose mtime or ctime lies within this window before the scan started is
 /// "racily clean": a later change within the same timestamp tick could leave its stat
 /// unchanged, so it is not trusted from the files cache. One second covers every
@@ -101,6 +112,10 @@ const _: () = assert!(CHUNK_SIZE_MAX_DEFAULT as usize * 4 <= READ_BATCH_BYTES);
 const _: () = assert!((CHUNK_SIZE_MAX_DEFAULT as usize) < PACK_SIZE_TARGET);
 const _: () = assert!(CHUNK_SIZE_MAX_DEFAULT <= BLOB_SIZE_MAX);
 const _: () = assert!(UNDO_RESTORES_KEPT >= 1);
+// A gc batch is a bounded transaction (tens of milliseconds at most), yet large enough
+// that the pauses between batches and their commits stay a small part of gc's time.
+const _: () = assert!(GC_ROWS_PER_TRANSACTION >= 1_000 && GC_ROWS_PER_TRANSACTION <= 50_000);
+const _: () = assert!(GC_PAUSE_BETWEEN_BATCHES_MS >= 1 && GC_PAUSE_BETWEEN_BATCHES_MS <= 100);
 
 /// After a hole gc punched, a pack scan looks for the next blob header this far: the
 /// true one lies within one filesystem block of the hole's end (holes cover whole

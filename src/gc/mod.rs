@@ -4,15 +4,18 @@
 //!
 //! The protocol (no timers or clocks decide safety; see ARCHITECTURE.md):
 //! 1. mark: a Bloom filter of every blob reachable from every committed snapshot;
-//! 2. condemn (one transaction): every indexed blob not in the filter is condemned;
-//!    writers' dedup treats condemned blobs as absent, so from now on no new work
-//!    reuses them (storing a condemned blob again lifts the condemnation); files-cache
-//!    rows naming a condemned blob are dropped, and writers that start while blobs are
-//!    condemned check their cache hits against the condemned set;
-//! 3. wait until every lease older than the condemnation has ended (work that may have
-//!    decided to reuse a blob before it was condemned has committed or died);
-//! 4. mark again, then sweep (one transaction): delete the rows of condemned blobs
-//!    still unreachable, lift the rest, drop cache rows naming deleted blobs;
+//! 2. condemn (in batches of `GC_ROWS_PER_TRANSACTION` rows with a pause between two,
+//!    so writers never wait for a pass over the index): every indexed blob not in the
+//!    filter is condemned; writers' dedup treats condemned blobs as absent, so from
+//!    then on no new work reuses them (storing a condemned blob again lifts the
+//!    condemnation), and writers that start while blobs are condemned check their
+//!    files-cache hits against the condemned set;
+//! 3. wait until every lease older than the last condemn batch has ended (work that
+//!    may have decided to reuse a blob before its batch condemned it has committed or
+//!    died);
+//! 4. mark again, then sweep (in batches): delete the rows of blobs still condemned
+//!    and unreachable, their condemnations staying as tombstones, and lift the rest;
+//!    drop the files-cache rows naming a tombstoned blob, then the tombstones;
 //! 5. delete packs with nothing live; in the others, punch holes in the bodies of the
 //!    blobs just deleted (the space comes back without rewriting live data); rewrite
 //!    packs still holding too much dead weight, and delete the old ones after another
@@ -149,9 +152,14 @@ pub fn gc(
         return Ok(report);
     }
 
+    // Condemn in bounded batches: writers wait for one batch at a time. The wait below
+    // reads the lease counter after the last batch, so it covers every operation that
+    // may have looked a blob up before its own batch condemned it.
+    let rows = rows_per_transaction();
     let (n, bytes) = repo.index.condemn(
         |id| reach1.contains(id),
-        |row| cache_row_names(row, &|id| !reach1.contains(id)),
+        rows,
+        || between_batches("gc condemned a batch"),
     )?;
     report.unreachable_blobs = n;
     report.unreachable_bytes = bytes;
@@ -161,11 +169,25 @@ pub fn gc(
     crate::crash::point("gc waited");
 
     let (reach2, _) = mark(repo, progress)?;
-    let deleted = repo.index.sweep(
+    let swept = repo.index.sweep(
         |id| reach2.contains(id),
-        |row, gone| cache_row_names(row, &|id| gone.contains(id)),
+        rows,
+        || between_batches("gc swept a batch"),
     )?;
     crate::crash::point("gc swept");
+    // Files-cache rows naming a deleted blob go before the tombstones: until then
+    // writers check every cache hit against the index.
+    let gone = swept.tombstones;
+    repo.index.drop_cache_rows(
+        |row| cache_row_names(row, &|id| gone.contains(id)),
+        rows,
+        || between_batches("gc dropped a batch of cache rows"),
+    )?;
+    drop(gone);
+    crate::crash::point("gc dropped cache rows");
+    repo.index.clear_tombstones()?;
+    crate::crash::point("gc cleared tombstones");
+    let deleted = swept.deleted;
     // A reader that looked up a location before the sweep may still be reading it:
     // nothing is deleted or punched until every operation older than the sweep ended.
     wait_for_older_leases(repo, on_wait)?;
@@ -328,12 +350,21 @@ pub fn gc(
         }
     }
 
-    // Give the space of deleted index rows back when they were a large share.
+    // Give the space of deleted index rows back when they were a large share. redb's
+    // compaction holds the whole file: every other process's transactions wait for it
+    // (0.3 to 0.6 s for an index of 825,000 rows, BENCHMARKS.md). So it runs only
+    // while no operation holds a lease; otherwise later writes reuse the freed pages and
+    // the next gc tries again.
     if report.unreachable_blobs > 0 && report.unreachable_blobs * 5 >= report.blobs {
-        report.index_compaction = Some(match repo.index.compact() {
-            Ok(true) => "compacted".to_string(),
-            Ok(false) => "skipped: another operation holds a transaction".to_string(),
-            Err(why) => format!("failed: {why}"),
+        let running = repo.live_leases()?.len();
+        report.index_compaction = Some(if running > 0 {
+            format!("skipped: {running} operations running")
+        } else {
+            match repo.index.compact() {
+                Ok(true) => "compacted".to_string(),
+                Ok(false) => "skipped: another operation holds a transaction".to_string(),
+                Err(why) => format!("failed: {why}"),
+            }
         });
     }
 
@@ -361,6 +392,34 @@ pub fn gc(
         }
     }
     Ok(report)
+}
+
+/// Rows per index write transaction of condemn and sweep: `GC_ROWS_PER_TRANSACTION`, or
+/// `VOLSNAP_GC_BATCH_ROWS` (read once; for tests, which need several batches from a
+/// few rows to stop gc between two of them).
+fn rows_per_transaction() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("VOLSNAP_GC_BATCH_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(crate::limits::GC_ROWS_PER_TRANSACTION)
+    })
+}
+
+/// Between two of gc's batches: the crash point, then a pause that lets writers waiting
+/// for the index's write lock take it. redb's writer lock is an fcntl lock, which the
+/// kernel does not hand to waiters in turn: a gc that began its next transaction at once
+/// would take the lock again before a woken writer runs, batch after batch (measured on
+/// 825,000 rows: a snapshot then waited 1.3 to 1.9 s, no better than behind the single
+/// transaction batching replaced). The pause is the time a woken writer needs to be
+/// scheduled and take it.
+fn between_batches(point: &str) {
+    crate::crash::point(point);
+    std::thread::sleep(Duration::from_millis(
+        crate::limits::GC_PAUSE_BETWEEN_BATCHES_MS,
+    ));
 }
 
 /// Marks every blob reachable from every committed snapshot.

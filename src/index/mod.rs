@@ -12,7 +12,7 @@
 //! the snapshot record files; losing `index.redb` loses nothing but time.
 //! **Boundary:** no other module names a redb type.
 //! Processes share the file in redb's `MultiWriter` mode; every write transaction is
-//! short (one pack, one snapshot, or a bounded batch of cache rows).
+//! short (one pack, one snapshot, or a bounded batch of cache rows or of gc's rows).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -34,7 +34,10 @@ const SERIES: TableDefinition<&str, u64> = TableDefinition::new("series");
 const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-/// Chunks a running gc found unreachable: dedup treats them as absent (see `gc`).
+/// Chunks a running gc found unreachable: dedup treats them as absent (see `gc`). A
+/// condemned chunk whose row the sweep deleted stays here as a tombstone until gc has
+/// dropped the files-cache rows that may name it: while any entry is here,
+/// `any_condemned` holds and writers check their cache hits. (The value is unused.)
 const CONDEMNED: TableDefinition<&[u8], u64> = TableDefinition::new("condemned");
 
 /// Where a blob lives.
@@ -92,11 +95,20 @@ type CondemnedTable = redb::ReadOnlyTable<&'static [u8], u64>;
 /// A read snapshot of the chunk table and the condemned set, taken together.
 type ChunkTables = (ChunkTable, CondemnedTable);
 
+/// What a sweep did: the rows it deleted, and every tombstone it leaves (the blobs it
+/// deleted and those a sweep that stopped had deleted).
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub deleted: Vec<(Id, Location)>,
+    pub tombstones: std::collections::HashSet<Id>,
+}
+
 /// How `commit_pack` treats a blob whose id already has a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Commit {
     /// New data: keep an existing location unless the chunk is condemned, in which
-    /// case this copy replaces it (and the chunk is no longer condemned).
+    /// case this copy replaces it (and the chunk is no longer condemned); a chunk with
+    /// no row gets one, and loses any tombstone the sweep left.
     Store,
     /// A repack of pack `from`: move rows that still point into `from` to the new pack.
     Repack { from: Id },
@@ -375,7 +387,12 @@ impl Index {
                         .get(&id.0[..])?
                         .and_then(|v| Location::decode(v.value()));
                     let replace = match (mode, current) {
-                        (Commit::Store, None) => true,
+                        // A tombstone left by a sweep goes with the blob's return: a
+                        // later sweep must not take this copy for the one it deleted.
+                        (Commit::Store, None) => {
+                            condemned.remove(&id.0[..])?;
+                            true
+                        }
                         (Commit::Store, Some(_)) => condemned.remove(&id.0[..])?.is_some(),
                         // A repack only moves rows still pointing into the old pack; it
                         // never brings back a row deleted meanwhile.
@@ -402,92 +419,148 @@ impl Index {
         })
     }
 
-    /// gc step 2: in one transaction, condemns every indexed blob `reachable` rejects
-    /// (replacing any earlier condemnation) and drops the files-cache rows
-    /// `stale_cache_row` accepts. Returns the number condemned and their stored bytes.
+    /// gc step 2, in write transactions of at most `rows` chunk rows each, in key order
+    /// (a writer waits for one batch, never for the whole table): condemns every indexed
+    /// blob `reachable` rejects and lifts any earlier condemnation of the others (left by
+    /// a gc that stopped). `between` runs after every batch that has another after it.
+    /// Returns the number condemned and their stored bytes.
     pub fn condemn(
         &self,
         reachable: impl Fn(&Id) -> bool,
-        stale_cache_row: impl Fn(&[u8]) -> bool,
+        rows: usize,
+        mut between: impl FnMut(),
     ) -> Result<(u64, u64)> {
+        assert!(rows > 0);
+        // Only gc adds condemnations (one gc at a time): with none left by an earlier
+        // one, there is nothing to lift.
+        let stale = self.any_condemned()?;
         self.guard(|| {
-            self.write(|txn| {
-                txn.delete_table(CONDEMNED)?;
-                let mut condemned = txn.open_table(CONDEMNED)?;
-                let chunks = txn.open_table(CHUNKS)?;
-                let (mut n, mut bytes) = (0, 0);
-                for item in chunks.iter()? {
-                    let (k, v) = item?;
-                    let Ok(raw) = <[u8; 32]>::try_from(k.value()) else {
-                        continue;
-                    };
-                    if !reachable(&Id(raw)) {
-                        condemned.insert(&raw[..], 1)?;
-                        n += 1;
-                        bytes += Location::decode(v.value()).map_or(0, |l| u64::from(l.stored_len));
+            let (mut n, mut bytes) = (0, 0);
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let more = self.write(|txn| {
+                    let chunks = txn.open_table(CHUNKS)?;
+                    let mut condemned = txn.open_table(CONDEMNED)?;
+                    let (batch, more) =
+                        next_batch(&chunks, after.as_deref(), rows, |v| v.to_vec())?;
+                    for (k, v) in &batch {
+                        let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
+                            continue;
+                        };
+                        if !reachable(&Id(raw)) {
+                            condemned.insert(&raw[..], 1)?;
+                            n += 1;
+                            bytes += Location::decode(v).map_or(0, |l| u64::from(l.stored_len));
+                        } else if stale {
+                            condemned.remove(&raw[..])?;
+                        }
                     }
+                    after = batch.into_iter().last().map(|(k, _)| k);
+                    Ok(more)
+                })?;
+                if !more {
+                    return Ok((n, bytes));
                 }
-                let mut files = txn.open_table(FILES)?;
-                let stale: Vec<Vec<u8>> = files
-                    .iter()?
-                    .filter_map(|item| item.ok())
-                    .filter(|(_, v)| stale_cache_row(v.value()))
-                    .map(|(k, _)| k.value().to_vec())
-                    .collect();
-                for k in stale {
-                    files.remove(&k[..])?;
-                }
-                Ok((n, bytes))
-            })
+                between();
+            }
         })
     }
 
-    /// gc step 4, in one transaction: deletes the rows of condemned blobs that
-    /// `reachable` still rejects, lifts the condemnation of the others, and drops the
-    /// files-cache rows `stale_cache_row` accepts given the deleted ids. Returns the
-    /// locations deleted.
+    /// gc step 4, in write transactions of at most `rows` condemned blobs each, in key
+    /// order: the row of a condemned blob that `reachable` still rejects is deleted and
+    /// its condemnation stays as a tombstone; the condemnation of a reachable one is
+    /// lifted. A condemnation with no row (left by a sweep that stopped) stays a
+    /// tombstone whatever `reachable` says: files-cache rows may name the blob. Each batch
+    /// reads the condemnations inside its own transaction, so a blob a writer stored
+    /// again meanwhile (lifting its condemnation) is never deleted. `between` runs after
+    /// every batch that has another after it.
     pub fn sweep(
         &self,
         reachable: impl Fn(&Id) -> bool,
-        stale_cache_row: impl Fn(&[u8], &std::collections::HashSet<Id>) -> bool,
-    ) -> Result<Vec<(Id, Location)>> {
+        rows: usize,
+        mut between: impl FnMut(),
+    ) -> Result<Swept> {
+        assert!(rows > 0);
         self.guard(|| {
-            self.write(|txn| {
-                let mut deleted = Vec::new();
-                {
-                    let condemned = txn.open_table(CONDEMNED)?;
+            let mut swept = Swept::default();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let more = self.write(|txn| {
+                    let mut condemned = txn.open_table(CONDEMNED)?;
                     let mut chunks = txn.open_table(CHUNKS)?;
-                    for item in condemned.iter()? {
-                        let (k, _) = item?;
-                        let Ok(raw) = <[u8; 32]>::try_from(k.value()) else {
+                    let (batch, more) = next_batch(&condemned, after.as_deref(), rows, |_| ())?;
+                    for (k, ()) in &batch {
+                        let Ok(raw) = <[u8; 32]>::try_from(&k[..]) else {
+                            condemned.remove(&k[..])?;
                             continue;
                         };
                         let id = Id(raw);
                         if reachable(&id) {
-                            continue;
-                        }
-                        if let Some(v) = chunks.remove(&raw[..])?
+                            if chunks.get(&raw[..])?.is_some() {
+                                condemned.remove(&raw[..])?;
+                                continue;
+                            }
+                        } else if let Some(v) = chunks.remove(&raw[..])?
                             && let Some(loc) = Location::decode(v.value())
                         {
-                            deleted.push((id, loc));
+                            swept.deleted.push((id, loc));
+                        }
+                        swept.tombstones.insert(id);
+                    }
+                    after = batch.into_iter().last().map(|(k, _)| k);
+                    Ok(more)
+                })?;
+                if !more {
+                    return Ok(swept);
+                }
+                between();
+            }
+        })
+    }
+
+    /// gc step 4, after the sweep: drops every files-cache row `stale` accepts, in write
+    /// transactions of at most `rows` rows each. `between` runs after every batch that
+    /// has another after it. Returns the number of rows dropped.
+    pub fn drop_cache_rows(
+        &self,
+        stale: impl Fn(&[u8]) -> bool,
+        rows: usize,
+        mut between: impl FnMut(),
+    ) -> Result<u64> {
+        assert!(rows > 0);
+        self.guard(|| {
+            let mut dropped = 0;
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let more = self.write(|txn| {
+                    let mut files = txn.open_table(FILES)?;
+                    let (batch, more) = next_batch(&files, after.as_deref(), rows, |v| v.to_vec())?;
+                    for (k, v) in &batch {
+                        if stale(v) {
+                            files.remove(&k[..])?;
+                            dropped += 1;
                         }
                     }
+                    after = batch.into_iter().last().map(|(k, _)| k);
+                    Ok(more)
+                })?;
+                if !more {
+                    return Ok(dropped);
                 }
+                between();
+            }
+        })
+    }
+
+    /// gc step 4, last: forgets every tombstone. Only once a sweep has run to its end
+    /// (only tombstones are left) and the files-cache rows naming them are dropped.
+    /// Dropping the table costs a pass over its pages, not a B-tree update per row.
+    pub fn clear_tombstones(&self) -> Result<()> {
+        self.guard(|| {
+            self.write(|txn| {
                 txn.delete_table(CONDEMNED)?;
                 txn.open_table(CONDEMNED)?;
-                let gone: std::collections::HashSet<Id> =
-                    deleted.iter().map(|(id, _)| *id).collect();
-                let mut files = txn.open_table(FILES)?;
-                let stale: Vec<Vec<u8>> = files
-                    .iter()?
-                    .filter_map(|item| item.ok())
-                    .filter(|(_, v)| stale_cache_row(v.value(), &gone))
-                    .map(|(k, _)| k.value().to_vec())
-                    .collect();
-                for k in stale {
-                    files.remove(&k[..])?;
-                }
-                Ok(deleted)
+                Ok(())
             })
         })
     }
@@ -725,6 +798,33 @@ impl Index {
             })
         })
     }
+}
+
+/// Rows (key, mapped value) of one batch, and whether more rows follow.
+type Batch<T> = (Vec<(Vec<u8>, T)>, bool);
+
+/// Up to `rows` rows of `table` after the key `after` (from the first when `None`), their
+/// values mapped by `value`, and whether more rows follow.
+fn next_batch<V: redb::Value + 'static, T>(
+    table: &impl ReadableTable<&'static [u8], V>,
+    after: Option<&[u8]>,
+    rows: usize,
+    value: impl for<'a> Fn(V::SelfType<'a>) -> T,
+) -> std::result::Result<Batch<T>, redb::Error> {
+    use std::ops::Bound;
+    let range = match after {
+        Some(k) => table.range::<&[u8]>((Bound::Excluded(k), Bound::Unbounded))?,
+        None => table.range::<&[u8]>(..)?,
+    };
+    let mut out = Vec::new();
+    for item in range {
+        let (k, v) = item?;
+        if out.len() == rows {
+            return Ok((out, true));
+        }
+        out.push((k.value().to_vec(), value(v.value())));
+    }
+    Ok((out, false))
 }
 
 thread_local! {

@@ -318,11 +318,15 @@ fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() 
         copy_tree(&pristine, &repo.path);
     };
 
-    // Every kind of step, from the same start: abort there, check, finish, check.
+    // Every kind of step, from the same start: abort there, check, finish, check. (The
+    // steps between two batches of condemn and sweep: see
+    // `gc_aborted_between_two_batches_leaves_a_sound_repository`.)
     for step in [
         "gc condemned",
         "gc waited",
         "gc swept",
+        "gc dropped cache rows",
+        "gc cleared tombstones",
         "gc waited after the sweep",
         "gc deleted a pack",
         "gc punched a pack",
@@ -382,6 +386,8 @@ fn gc_aborted_at_every_step_leaves_a_sound_repository_and_finishes_when_rerun() 
             "gc condemned",
             "gc waited",
             "gc swept",
+            "gc dropped cache rows",
+            "gc cleared tombstones",
             "gc waited after the sweep",
             "gc deleted a pack",
             "gc deleted a pack",
@@ -465,10 +471,12 @@ fn forget_aborted_at_every_step_removes_only_what_the_policy_removes() {
 
 /// The steps of a gc run that deletes, punches and repacks, as its crash (and pause)
 /// points name them.
-const GC_STEPS: [&str; 10] = [
+const GC_STEPS: [&str; 12] = [
     "gc condemned",
     "gc waited",
     "gc swept",
+    "gc dropped cache rows",
+    "gc cleared tombstones",
     "gc waited after the sweep",
     "gc deleted a pack",
     "gc punched a pack",
@@ -856,4 +864,232 @@ fn a_pack_committed_while_gc_counts_live_rows_is_not_taken_for_an_empty_one() {
     assert!(report["packs_deleted"].as_u64().unwrap() > 0, "{report}");
     expected.insert(id(&snap), data);
     assert_all_restore(&repo, &expected);
+}
+
+/// Runs `volsnap --json snapshot DIR --name SERIES` to its end and returns its output,
+/// failing the test if it has not finished within a minute: a gc holding the index's
+/// write lock (one transaction over every row) would hold it there.
+fn snapshot_within_a_minute(repo: &Repo, data: &Path, series: &str) -> Value {
+    let mut cmd = repo.command();
+    cmd.args([
+        "--json",
+        "snapshot",
+        data.to_str().unwrap(),
+        "--name",
+        series,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let desc = format!("{cmd:?}");
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{desc} did not finish in a minute while gc was paused\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let snap = Run::from_output(desc, child.wait_with_output().unwrap())
+        .code(0)
+        .json();
+    assert_snapshot_shape(&snap);
+    snap
+}
+
+/// Three directories of twelve 100 kB files: `kept` (a snapshot that stays), `again`
+/// (snapshotted, then forgotten: what tests snapshot again while gc works) and `gone`
+/// (snapshotted and forgotten). Their files are older than the racily-clean window, so
+/// the files cache of series `again` names the chunks gc condemns. Returns the
+/// directories and the snapshots still listed, with what each must restore to.
+fn kept_again_gone(repo: &Repo) -> (PathBuf, PathBuf, BTreeMap<String, PathBuf>) {
+    let (kept, again, gone) = (repo.mkdir("kept"), repo.mkdir("again"), repo.mkdir("gone"));
+    for f in 0..12 {
+        for (dir, what) in [(&kept, "kept"), (&again, "again"), (&gone, "gone")] {
+            write(
+                dir.join(format!("f{f}")),
+                random_bytes(&format!("{what} {f}"), 100_000),
+            );
+        }
+    }
+    // Let the ctimes leave the racily-clean window: the files cache is then trusted.
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut expected = BTreeMap::new();
+    snapshot_and_keep(repo, &kept, "kept", &mut expected);
+    for (dir, series) in [(&again, "again"), (&gone, "gone")] {
+        let sid = snapshot_and_keep(repo, dir, series, &mut expected);
+        repo.ok(["forget", &sid]);
+        expected.remove(&sid);
+    }
+    (kept, again, expected)
+}
+
+#[test]
+fn snapshots_commit_while_gc_is_paused_between_condemn_batches_and_between_sweep_batches() {
+    let repo = Repo::new();
+    let (_, again, mut expected) = kept_again_gone(&repo);
+    // Four rows per index transaction: condemn and sweep take many batches here.
+    let small_batches = [("VOLSNAP_GC_BATCH_ROWS", "4")];
+    let mut previous: Option<String> = None;
+    for pause in ["gc condemned a batch", "gc swept a batch"] {
+        if let Some(sid) = previous.take() {
+            // The snapshot taken during the last gc becomes the garbage of this one.
+            repo.ok(["forget", &sid]);
+            expected.remove(&sid);
+        }
+        let mut gc = repo.spawn_paused_env(pause, &["gc"], &small_batches);
+        // gc has committed some batches and has more to do. A snapshot whose files
+        // cache names condemned (mid-sweep: some deleted) chunks commits meanwhile.
+        let snap = snapshot_within_a_minute(&repo, &again, "again");
+        assert!(
+            gc.is_running(),
+            "gc ended although it was held at {pause:?}"
+        );
+        if pause == "gc swept a batch" {
+            // Every chunk of `again` is condemned or already deleted: every cache hit
+            // was checked and every file read again.
+            assert_eq!(stat_u64(&snap, "bytes_read"), 12 * 100_000, "{snap}");
+        }
+        let report = gc.finish().code(0).json();
+        let deleted = report["unreachable_blobs"].as_u64().unwrap();
+        if pause == "gc condemned a batch" {
+            // `gone`'s twelve files at least.
+            assert!(deleted >= 12, "{pause}: {report}");
+        } else {
+            // The batch swept before the pause; the snapshot stored every other
+            // condemned blob again, which lifted its condemnation.
+            assert_eq!(deleted, 4, "{pause}: {report}");
+        }
+        let sid = id(&snap);
+        expected.insert(sid.clone(), again.clone());
+        previous = Some(sid);
+        assert_all_restore(&repo, &expected);
+        assert_eq!(repo.list(&[]).len(), expected.len());
+    }
+    let last = repo.ok(["gc"]);
+    assert_eq!(last["unreachable_blobs"], 0, "{last}");
+    assert_all_restore(&repo, &expected);
+}
+
+#[test]
+fn a_gc_stopped_after_its_sweep_leaves_no_cache_row_a_snapshot_trusts() {
+    // The sweep deletes rows in batches and drops the files-cache rows naming them
+    // afterwards: stopped in between, the rows of series `again` name deleted chunks.
+    let repo = Repo::new();
+    let (_, again, mut expected) = kept_again_gone(&repo);
+    let crashed = repo.run_crashing_at_env("gc swept", &["gc"], &[("VOLSNAP_GC_BATCH_ROWS", "4")]);
+    assert_eq!(crashed.as_deref(), Some("gc swept"));
+    let snap = repo.snapshot(&[&again], &["--name", "again"]);
+    assert_eq!(
+        stat_u64(&snap, "bytes_read"),
+        12 * 100_000,
+        "a cached chunk list naming deleted chunks was trusted: {snap}"
+    );
+    expected.insert(id(&snap), again.clone());
+    assert_all_restore(&repo, &expected);
+    let rerun = repo.ok(["gc"]);
+    assert_all_restore(&repo, &expected);
+    let last = repo.ok(["gc"]);
+    assert_eq!(last["unreachable_blobs"], 0, "{rerun} then {last}");
+    // With the tombstones gone, the cache is trusted again.
+    let next = repo.snapshot(&[&again], &["--name", "again"]);
+    assert_eq!(stat_u64(&next, "bytes_read"), 0, "{next}");
+}
+
+#[test]
+fn a_blob_stored_again_after_a_stopped_sweep_is_not_taken_for_the_one_it_deleted() {
+    // A sweep that stopped leaves tombstones for the rows it deleted. A writer that
+    // stores such a blob again, while the next gc resumes the sweep, must lose the
+    // tombstone with it: otherwise the sweep deletes the new copy, which that writer's
+    // snapshot (not yet committed when gc marked) references.
+    let repo = Repo::new();
+    let (_, again, mut expected) = kept_again_gone(&repo);
+    let small_batches = [("VOLSNAP_GC_BATCH_ROWS", "4")];
+    let crashed = repo.run_crashing_at_env("gc swept", &["gc"], &small_batches);
+    assert_eq!(crashed.as_deref(), Some("gc swept"));
+    let gc = repo.spawn_paused_env("gc swept a batch", &["gc"], &small_batches);
+    let data = again.to_str().unwrap();
+    let writer = repo.spawn_paused(
+        "snapshot before commit",
+        &["snapshot", data, "--name", "again"],
+    );
+    // The writer's packs, holding `again`'s blobs anew, are indexed; the sweep goes on
+    // over the tombstones of those blobs, then waits for the writer's lease.
+    gc.release();
+    let snap = writer.finish().code(0).json();
+    assert_eq!(stat_u64(&snap, "bytes_read"), 12 * 100_000, "{snap}");
+    let report = gc.finish().code(0).json();
+    expected.insert(id(&snap), again.clone());
+    assert_all_restore(&repo, &expected);
+    let last = repo.ok(["gc"]);
+    assert_eq!(last["unreachable_blobs"], 0, "{report} then {last}");
+    assert_all_restore(&repo, &expected);
+}
+
+#[test]
+fn gc_aborted_between_two_batches_leaves_a_sound_repository() {
+    // Two rows per index transaction: condemn, sweep and the files-cache pass (three
+    // series, three rows) each take several batches; gc is aborted after the first
+    // batch of each. A snapshot of `again` (whose files-cache
+    // rows name condemned or deleted chunks) then stays whole, and a rerun finishes.
+    let repo = Repo::new();
+    let (_, again, expected) = kept_again_gone(&repo);
+    let pristine = repo.scratch("pristine");
+    copy_tree(&repo.path, &pristine);
+    for step in [
+        "gc condemned a batch",
+        "gc swept a batch",
+        "gc dropped a batch of cache rows",
+    ] {
+        fs::remove_dir_all(&repo.path).unwrap();
+        copy_tree(&pristine, &repo.path);
+        let crashed = repo.run_crashing_at_env(step, &["gc"], &[("VOLSNAP_GC_BATCH_ROWS", "2")]);
+        assert_eq!(crashed.as_deref(), Some(step), "gc never reached {step:?}");
+        assert_all_restore(&repo, &expected);
+        let snap = repo.snapshot(&[&again], &["--name", "again"]);
+        let mut now = expected.clone();
+        now.insert(id(&snap), again.clone());
+        assert_all_restore(&repo, &now);
+        let rerun = repo.ok(["gc"]);
+        assert_all_restore(&repo, &now);
+        let last = repo.ok(["gc"]);
+        assert_eq!(
+            last["unreachable_blobs"], 0,
+            "after {step:?}: {rerun} then {last}"
+        );
+    }
+}
+
+#[test]
+fn gc_compacts_the_index_only_while_no_operation_runs() {
+    // Compaction holds the whole index file: every other process waits for it.
+    let repo = Repo::new();
+    forgotten_rounds(&repo);
+    let pristine = repo.scratch("pristine");
+    copy_tree(&repo.path, &pristine);
+    let report = repo.ok(["gc"]);
+    assert_eq!(report["index_compaction"], "compacted", "{report}");
+
+    fs::remove_dir_all(&repo.path).unwrap();
+    copy_tree(&pristine, &repo.path);
+    let data = repo.mkdir("new");
+    write(data.join("f"), random_bytes("new", 100_000));
+    // A snapshot that starts once gc no longer waits for anything holds its lease while
+    // gc reaches the compaction.
+    let gc = repo.spawn_paused("gc waited after the sweep", &["gc"]);
+    let snap = repo.spawn_paused(
+        "snapshot before commit",
+        &["snapshot", data.to_str().unwrap(), "--name", "new"],
+    );
+    let report = gc.finish().code(0).json();
+    assert_eq!(
+        report["index_compaction"], "skipped: 1 operations running",
+        "{report}"
+    );
+    snap.finish().code(0);
 }

@@ -935,8 +935,19 @@ impl Repo {
     /// first crash point named `at`. Returns the name of the point it aborted at, or
     /// `None` when the run finished first.
     pub fn run_crashing_at(&self, at: impl ToString, args: &[&str]) -> Option<String> {
+        self.run_crashing_at_env(at, args, &[])
+    }
+
+    /// `run_crashing_at` with extra environment variables.
+    pub fn run_crashing_at_env(
+        &self,
+        at: impl ToString,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Option<String> {
         let mut cmd = self.command();
-        cmd.env("VOLSNAP_CRASH_AT", at.to_string())
+        cmd.envs(env.iter().copied())
+            .env("VOLSNAP_CRASH_AT", at.to_string())
             .arg("--json")
             .args(args);
         let run = Run::from_command(cmd);
@@ -991,16 +1002,21 @@ impl Repo {
     /// Starts `volsnap --json ARGS...` and returns once it waits at pause point `at`
     /// (it has created `<flag>.reached` and waits for `<flag>` to be removed).
     pub fn spawn_paused(&self, at: &str, args: &[&str]) -> Paused {
-        self.spawn_paused_as(at, args, true)
+        self.spawn_paused_as(at, args, true, &[])
+    }
+
+    /// `spawn_paused` with extra environment variables.
+    pub fn spawn_paused_env(&self, at: &str, args: &[&str], env: &[(&str, &str)]) -> Paused {
+        self.spawn_paused_as(at, args, true, env)
     }
 
     /// `spawn_paused` without `--json`: for the progress lines of the human output
     /// (see `Paused::go_until_stderr`).
     pub fn spawn_paused_human(&self, at: &str, args: &[&str]) -> Paused {
-        self.spawn_paused_as(at, args, false)
+        self.spawn_paused_as(at, args, false, &[])
     }
 
-    fn spawn_paused_as(&self, at: &str, args: &[&str], json: bool) -> Paused {
+    fn spawn_paused_as(&self, at: &str, args: &[&str], json: bool, env: &[(&str, &str)]) -> Paused {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let flag = self.scratch(&format!("pause-{}-{n}", at.replace(' ', "-")));
@@ -1008,7 +1024,8 @@ impl Repo {
         let reached = PathBuf::from(format!("{}.reached", flag.display()));
         let _ = std::fs::remove_file(&reached);
         let mut cmd = self.command();
-        cmd.env("VOLSNAP_PAUSE_AT", at)
+        cmd.envs(env.iter().copied())
+            .env("VOLSNAP_PAUSE_AT", at)
             .env("VOLSNAP_PAUSE_FILE", &flag);
         if json {
             cmd.arg("--json");
@@ -1049,6 +1066,11 @@ impl Paused {
         let pid = rustix::process::Pid::from_child(&self.child);
         rustix::process::kill_process(pid, signal).unwrap();
         self.child.wait_with_output().unwrap()
+    }
+
+    /// Whether the process is still running (held at its pause point, or past it).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// Sends `signal` to the process held at the pause point, and leaves it there.
