@@ -466,17 +466,22 @@ impl DirState {
         self.new_cache
             .files
             .sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        let bytes = self.new_cache.encode();
-        let unchanged = match &self.old {
-            Some((_, old_bytes)) => *old_bytes == bytes,
-            None => self.new_cache.files.is_empty(),
+        // The cache rows go first and are dropped before the tree is built: in a
+        // directory of millions of entries each is hundreds of megabytes.
+        let new_cache = std::mem::take(&mut self.new_cache);
+        let bytes = new_cache.encode();
+        let unchanged = match self.old.take() {
+            Some((_, old_bytes)) => old_bytes == bytes,
+            None => new_cache.files.is_empty(),
         };
+        drop(new_cache);
         if !unchanged {
             ctx.cache_rows
                 .lock()
                 .expect("lock")
                 .push(&self.key, &bytes)?;
         }
+        drop(bytes);
         if self.nodes.iter().any(Node::holds_links) {
             return Ok(DirNode::Pending(self.nodes));
         }

@@ -329,44 +329,27 @@ pub fn encode_dir(entries: &[Entry]) -> Result<Encoded> {
         .collect();
     for (e, bytes) in entries.iter().zip(&encoded) {
         if bytes.len() > ENTRY_BYTES_MAX {
-            return Err(Error::Usage(format!(
-                "directory entry {:?} encodes to {} bytes, over the limit of {ENTRY_BYTES_MAX}",
-                String::from_utf8_lossy(&e.name),
-                bytes.len()
-            )));
+            return Err(entry_too_large(e, bytes.len()));
         }
     }
     let total: usize = encoded.iter().map(Vec::len).sum();
-    if total + 16 <= TREE_BLOB_BYTES_MAX {
+    let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
+    let bounds = if total + 16 <= TREE_BLOB_BYTES_MAX {
+        Vec::new()
+    } else {
+        part_bounds(entries, &sizes)
+    };
+    if bounds.len() < 2 {
+        // Small enough, or one entry too large to share a part: one blob.
         return Ok(Encoded {
             root: join_entries(entries, &encoded),
             parts: Vec::new(),
         });
     }
-    let mut parts = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    for i in 0..entries.len() {
-        if i > start && bytes + encoded[i].len() > TREE_PART_BYTES_MAX {
-            parts.push(join_entries(&entries[start..i], &encoded[start..i]));
-            (start, bytes) = (i, 0);
-        }
-        bytes += encoded[i].len();
-        if part_ends_after(&entries[i].name) {
-            parts.push(join_entries(&entries[start..=i], &encoded[start..=i]));
-            (start, bytes) = (i + 1, 0);
-        }
-    }
-    if start < entries.len() {
-        parts.push(join_entries(&entries[start..], &encoded[start..]));
-    }
-    if parts.len() < 2 {
-        // One entry too large to share a part: the directory is that one blob.
-        return Ok(Encoded {
-            root: join_entries(entries, &encoded),
-            parts: Vec::new(),
-        });
-    }
+    let parts: Vec<Vec<u8>> = bounds
+        .into_iter()
+        .map(|r| join_entries(&entries[r.clone()], &encoded[r]))
+        .collect();
     let ids: Vec<Id> = parts.iter().map(|p| Id::of(p)).collect();
     let mut root = vec![TREE_VERSION_SPLIT];
     postcard::to_io(&ids, &mut root).expect("ids encode");
@@ -563,14 +546,92 @@ fn read_tree_blob(repo: &Repository, id: &Id) -> Result<Vec<u8>> {
 }
 
 /// Stores a directory's blobs (parts first) through `store`; returns the root's id.
+/// The blobs are exactly `encode_dir`'s, but built one part at a time: beyond the
+/// entries themselves it holds one part's bytes and eight bytes per entry, where
+/// `encode_dir` holds every entry's encoding and every part at once (for a directory
+/// of 2 million entries, over a gigabyte).
 pub fn store_dir(entries: &[Entry], mut store: impl FnMut(Id, &[u8]) -> Result<()>) -> Result<Id> {
-    let encoded = encode_dir(entries)?;
-    for part in &encoded.parts {
-        store(Id::of(part), part)?;
+    assert!(
+        entries.windows(2).all(|w| w[0].name < w[1].name),
+        "tree entries must be sorted and unique"
+    );
+    let mut scratch = Vec::new();
+    let mut sizes = Vec::with_capacity(entries.len());
+    for e in entries {
+        scratch.clear();
+        postcard::to_io(e, &mut scratch).expect("entries encode");
+        if scratch.len() > ENTRY_BYTES_MAX {
+            return Err(entry_too_large(e, scratch.len()));
+        }
+        sizes.push(scratch.len());
     }
-    let id = Id::of(&encoded.root);
-    store(id, &encoded.root)?;
+    let encode = |part: &[Entry]| -> Vec<u8> {
+        let version = if part.iter().any(|e| e.kind.has_long_run()) {
+            TREE_VERSION_RUNS
+        } else {
+            TREE_VERSION
+        };
+        let mut out = vec![version];
+        postcard::to_io(&part.len(), &mut out).expect("a length encodes");
+        for e in part {
+            postcard::to_io(e, &mut out).expect("entries encode");
+        }
+        out
+    };
+    let total: usize = sizes.iter().sum();
+    let bounds = if total + 16 <= TREE_BLOB_BYTES_MAX {
+        Vec::new()
+    } else {
+        part_bounds(entries, &sizes)
+    };
+    if bounds.len() < 2 {
+        let root = encode(entries);
+        let id = Id::of(&root);
+        store(id, &root)?;
+        return Ok(id);
+    }
+    let mut ids = Vec::with_capacity(bounds.len());
+    for range in bounds {
+        let part = encode(&entries[range]);
+        let id = Id::of(&part);
+        store(id, &part)?;
+        ids.push(id);
+    }
+    let mut root = vec![TREE_VERSION_SPLIT];
+    postcard::to_io(&ids, &mut root).expect("ids encode");
+    let id = Id::of(&root);
+    store(id, &root)?;
     Ok(id)
+}
+
+/// Where the parts of a split directory begin and end (see `encode_dir`), from the
+/// entries' names and encoded sizes.
+fn part_bounds(entries: &[Entry], sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for i in 0..entries.len() {
+        if i > start && bytes + sizes[i] > TREE_PART_BYTES_MAX {
+            parts.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += sizes[i];
+        if part_ends_after(&entries[i].name) {
+            parts.push(start..i + 1);
+            (start, bytes) = (i + 1, 0);
+        }
+    }
+    if start < entries.len() {
+        parts.push(start..entries.len());
+    }
+    parts
+}
+
+fn entry_too_large(e: &Entry, len: usize) -> Error {
+    Error::Usage(format!(
+        "directory entry {:?} encodes to {len} bytes, over the limit of {ENTRY_BYTES_MAX}",
+        String::from_utf8_lossy(&e.name)
+    ))
 }
 
 /// Splits a '/'-separated path into components, dropping empty ones and `.`.
@@ -898,13 +959,35 @@ mod tests {
     }
 
     #[test]
+    fn store_dir_stores_exactly_the_blobs_encode_dir_makes() {
+        for entries in [entries(0, 8), entries(100, 20), entries(40_000, 100)] {
+            let enc = encode_dir(&entries).unwrap();
+            let mut stored = Vec::new();
+            let id = store_dir(&entries, |id, bytes| {
+                assert_eq!(id, Id::of(bytes));
+                stored.push(bytes.to_vec());
+                Ok(())
+            })
+            .unwrap();
+            let mut expected = enc.parts.clone();
+            expected.push(enc.root.clone());
+            assert_eq!(stored, expected);
+            assert_eq!(id, Id::of(&enc.root));
+        }
+    }
+
+    #[test]
     fn an_entry_larger_than_a_blob_can_hold_is_an_error_not_a_panic() {
         let mut e = entry(b"huge");
         e.xattrs = vec![Xattr {
             name: b"user.big".to_vec(),
             value: vec![0; ENTRY_BYTES_MAX],
         }];
-        let err = encode_dir(&[e]).unwrap_err().to_string();
+        let err = encode_dir(std::slice::from_ref(&e))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("over the limit"), "{err}");
+        let err = store_dir(&[e], |_, _| Ok(())).unwrap_err().to_string();
         assert!(err.contains("over the limit"), "{err}");
     }
 
