@@ -580,18 +580,28 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             // Streamed: a listing of millions of entries is never held whole.
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let mut first = true;
-            inspect::ls_each(&repo, &listed, &sub, recursive, &mut |path, entry| {
-                let io = |e: std::io::Error| volsnap::error::Error::io("write", "stdout")(e);
-                if json {
-                    let sep = if first { "[" } else { "," };
-                    write!(out, "{sep}{}", render::entry_json(path, entry)).map_err(io)?;
-                } else {
-                    out.write_all(render::ls_line(path, entry, long).as_bytes())
-                        .map_err(io)?;
+            let listed_all =
+                inspect::ls_each(&repo, &listed, &sub, recursive, &mut |path, entry| {
+                    let io = |e: std::io::Error| volsnap::error::Error::io("write", "stdout")(e);
+                    if json {
+                        let sep = if first { "[" } else { "," };
+                        write!(out, "{sep}{}", render::entry_json(path, entry)).map_err(io)?;
+                    } else {
+                        out.write_all(render::ls_line(path, entry, long).as_bytes())
+                            .map_err(io)?;
+                    }
+                    first = false;
+                    Ok(())
+                });
+            if let Err(e) = listed_all {
+                // Stopped part way (a damaged tree): what was listed stays one
+                // complete document, and the error follows on its own line.
+                if json && !first {
+                    writeln!(out, "]")?;
                 }
-                first = false;
-                Ok(())
-            })?;
+                out.flush()?;
+                return Err(e.into());
+            }
             if json {
                 writeln!(out, "{}]", if first { "[" } else { "" })?;
             }
