@@ -310,7 +310,7 @@ fn eio_at_every_write_and_fsync_of_a_snapshot() {
             "no {kind} error in the compaction was reported"
         );
         assert!(failed >= 4, "only {failed} {kind}s in a snapshot");
-        eprintln!("snapshot: {failed} {kind}s, each failed cleanly");
+        eprintln!("snapshot: {failed} {kind}s, each failed in turn and checked");
     }
 }
 
@@ -336,7 +336,7 @@ fn eio_at_every_write_and_fsync_of_a_gc() {
             fx.verify();
         });
         assert!(failed >= 2, "only {failed} {kind}s in a gc");
-        eprintln!("gc: {failed} {kind}s, each failed cleanly");
+        eprintln!("gc: {failed} {kind}s, each failed in turn and checked");
     }
 }
 
@@ -371,7 +371,10 @@ fn eio_at_every_write_and_fsync_of_a_restore_and_an_export() {
             }
             n += 1;
         }
-        eprintln!("restore: {} {kind}s, each failed cleanly", n - 1);
+        eprintln!(
+            "restore: {} {kind}s, each failed in turn and checked",
+            n - 1
+        );
         // export -o: no output unless whole.
         let mut n = 1;
         loop {
@@ -405,7 +408,7 @@ fn eio_at_every_write_and_fsync_of_a_restore_and_an_export() {
             n += 1;
         }
         assert!(n > 1, "no {kind} in an export");
-        eprintln!("export: {} {kind}s, each failed cleanly", n - 1);
+        eprintln!("export: {} {kind}s, each failed in turn and checked", n - 1);
     }
 }
 
@@ -458,7 +461,7 @@ fn eio_at_every_write_and_fsync_of_an_in_place_restore() {
             fx.verify_with(&want);
         });
         assert!(failed >= 4, "only {failed} {kind}s in an in-place restore");
-        eprintln!("in-place restore: {failed} {kind}s, each failed cleanly");
+        eprintln!("in-place restore: {failed} {kind}s, each failed in turn and checked");
     }
 }
 
@@ -541,6 +544,75 @@ fn enospc_in_a_snapshot_and_a_gc_commits_nothing_half() {
         assert!(k < 1_000, "gc never fitted");
     }
     eprintln!("gc: ran out of space {failures} times, each cleanly");
+}
+
+#[test]
+fn enospc_in_an_in_place_restore_leaves_the_volume_whole() {
+    // The repository (journal, undo snapshot, restore record) on a small tmpfs, the
+    // volume and its staging on another with room to spare.
+    let mut fx = Fx::new();
+    let fs_dir = fx.dir.join("small");
+    fx.mounts.insert(0, Tmpfs::mount(&fs_dir, "8m"));
+    fx.repo.path = fs_dir.join("repo");
+    fx.repo.ok(["init", "--chunk-size-avg", "1024"]);
+    fill(&fx.data, 1);
+    let snap = fx.snapshot();
+    // Changed since: the undo snapshot has new data to store.
+    fill(&fx.data, 2);
+    fx.save();
+    let old = Rc::new(scan_tree(&fx.data));
+    let new = fx.want[&snap].clone();
+    let args = [
+        "restore",
+        snap.as_str(),
+        "--in-place",
+        "--yes",
+        "--ignore-running-containers",
+    ];
+    let mut failures = 0;
+    for k in 0.. {
+        fx.reset();
+        leave_free(&fs_dir, k * 4096);
+        let run = fx.repo.run_json(args);
+        fs::remove_file(fs_dir.join("filler")).unwrap();
+        fx.repo.ok(["recover"]);
+        let committed = fs::read_dir(fx.repo.path.join("restores")).map_or(0, |d| d.count()) == 1;
+        let want = if committed { &new } else { &old };
+        let diff = tree_diff(want, &scan_tree(&fx.data));
+        assert!(
+            diff.is_empty(),
+            "with {k} pages free: the volume is not wholly {}:\n{}",
+            if committed { "new" } else { "old" },
+            diff.join("\n")
+        );
+        let mut listed = fx.want.clone();
+        for u in listed_ids(&fx.repo) {
+            if !fx.want.contains_key(&u) {
+                listed.insert(u, old.clone());
+            }
+        }
+        assert!(listed.len() <= fx.want.len() + 1, "{listed:?}");
+        if committed {
+            assert_eq!(
+                listed.len(),
+                fx.want.len() + 1,
+                "a restore without its undo"
+            );
+        }
+        fx.verify_with(&listed);
+        if run.status == 0 {
+            assert!(committed);
+            break;
+        }
+        assert_enospc(&run);
+        failures += 1;
+        assert!(k < 1_000, "the in-place restore never fitted");
+    }
+    assert!(
+        failures >= 3,
+        "only {failures} in-place restores ran out of space"
+    );
+    eprintln!("in-place restore: ran out of space {failures} times, each cleanly");
 }
 
 #[test]

@@ -105,6 +105,39 @@ impl Snap {
 }
 
 const UNDO_TAG: &str = "pre-restore";
+
+/// Crash points by name, so runs also abort at the ones a random k rarely reaches.
+const SNAPSHOT_POINTS: &[&str] = &[
+    "pack written",
+    "pack committed",
+    "pack indexed",
+    "snapshot version reserved",
+    "snapshot record written",
+    "snapshot record indexed",
+    "files cache rows written",
+];
+const GC_POINTS: &[&str] = &[
+    "gc condemned",
+    "gc waited",
+    "gc swept",
+    "gc waited after the sweep",
+    "gc deleted a pack",
+    "gc punched a pack",
+    "gc repacked a pack",
+    "pack committed",
+];
+const LIVE_POINTS: &[&str] = &[
+    "live journal written",
+    "restore before directory metadata",
+    "live staged a volume",
+    "snapshot record written",
+    "live undo snapshot taken",
+    "live staged",
+    "live swapped a volume",
+    "live committed",
+    "live redeployed",
+    "live removed an old tree",
+];
 const SERIES: [&str; 2] = ["a", "b"];
 /// Kept by `forget --keep-tag keep`.
 const KEEP_TAG: &str = "keep";
@@ -544,6 +577,8 @@ struct World {
     pub ops: u64,
     /// The crash points runs were aborted at.
     reached: RefCell<BTreeSet<String>>,
+    /// Snapshots that trusted every file to the files cache (`op_age`).
+    cache_hits: u64,
 }
 
 impl Drop for World {
@@ -578,6 +613,7 @@ impl World {
             counter: 0,
             ops: 0,
             reached: RefCell::default(),
+            cache_hits: 0,
         };
         for _ in 0..8 {
             w.mutate_once();
@@ -599,10 +635,10 @@ impl World {
     }
 
     /// Runs `volsnap --json ARGS`, aborted at crash point `crash` if given.
-    fn run(&self, args: &[&str], crash: Option<u64>) -> Ended {
+    fn run(&self, args: &[&str], crash: Option<String>) -> Ended {
         let mut cmd = self.repo.command();
-        if let Some(k) = crash {
-            cmd.env("VOLSNAP_CRASH_AT", k.to_string());
+        if let Some(k) = &crash {
+            cmd.env("VOLSNAP_CRASH_AT", k);
         }
         cmd.arg("--json").args(args);
         let run = Run::from_command(cmd);
@@ -836,23 +872,7 @@ impl World {
             // Changed within the same second: same size, and the mtime put back. Only
             // the ctime (and the content) tell.
             4 | 5 if !files.is_empty() => {
-                let p = self.rng.pick(&files).clone();
-                let path = self.live_path(&p);
-                let mut data = fs::read(&path).unwrap();
-                if data.is_empty() {
-                    return;
-                }
-                let (sec, nsec) = mtime_of(&path);
-                let at = self.rng.below(data.len() as u64) as usize;
-                data[at] = data[at].wrapping_add(1 + self.rng.below(255) as u8);
-                self.note(format!(
-                    "  same-size change of {} at {at}, mtime kept",
-                    show(&p)
-                ));
-                let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
-                f.write_all(&data).unwrap();
-                drop(f);
-                set_mtime(&path, sec, nsec);
+                self.same_size_change(&files);
             }
             // Rename anything (not into itself), replacing a file or an empty directory.
             6 if !entries.is_empty() => {
@@ -992,6 +1012,29 @@ impl World {
         }
     }
 
+    /// Changes one byte of a non-empty file of `files`, keeping its size and putting its
+    /// mtime back: only the ctime (and the content) tell. Returns whether it did.
+    fn same_size_change(&mut self, files: &[Vec<u8>]) -> bool {
+        let p = self.rng.pick(files).clone();
+        let path = self.live_path(&p);
+        let mut data = fs::read(&path).unwrap();
+        if data.is_empty() {
+            return false;
+        }
+        let (sec, nsec) = mtime_of(&path);
+        let at = self.rng.below(data.len() as u64) as usize;
+        data[at] = data[at].wrapping_add(1 + self.rng.below(255) as u8);
+        self.note(format!(
+            "  same-size change of {} at {at}, mtime kept",
+            show(&p)
+        ));
+        let mut f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all(&data).unwrap();
+        drop(f);
+        set_mtime(&path, sec, nsec);
+        true
+    }
+
     fn mutate(&mut self) {
         for _ in 0..self.rng.below(5) {
             self.mutate_once();
@@ -1001,8 +1044,18 @@ impl World {
     // -------------------------------------------------------------- operations
 
     /// A crash point for the next run: `None` (run to the end) or 1..=max.
-    fn maybe_crash(&mut self, pct: u64, max: u64) -> Option<u64> {
-        self.rng.chance(pct).then(|| self.rng.range(1, max))
+    /// A crash point for the next run (`VOLSNAP_CRASH_AT`): `None` (run to the end), the
+    /// k-th point reached (1..=max), or the first point of one of `names` (reaching the
+    /// rarer ones, like a gc's punch and repack).
+    fn maybe_crash(&mut self, pct: u64, max: u64, names: &[&'static str]) -> Option<String> {
+        if !self.rng.chance(pct) {
+            return None;
+        }
+        Some(if names.is_empty() || self.rng.chance(50) {
+            self.rng.range(1, max).to_string()
+        } else {
+            self.rng.name(names).to_owned()
+        })
     }
 
     fn some_snapshot(&mut self) -> Option<String> {
@@ -1015,7 +1068,7 @@ impl World {
         let series = *self.rng.pick(&SERIES);
         let tag = self.rng.chance(25);
         let skip = self.rng.chance(20);
-        let crash = self.maybe_crash(30, 4);
+        let crash = self.maybe_crash(30, 11, SNAPSHOT_POINTS);
         let tree = Rc::new(scan_tree(&self.live));
         let live = self.live.to_str().unwrap().to_owned();
         let mut args = vec!["snapshot", &live, "--name", series];
@@ -1048,11 +1101,54 @@ impl World {
         }
     }
 
+    /// A plain snapshot of the live volume into `series`, added to the model.
+    fn snapshot_now(&mut self, series: &str) -> Value {
+        let tree = Rc::new(scan_tree(&self.live));
+        let live = self.live.to_str().unwrap().to_owned();
+        self.note(format!("snapshot {live} --name {series}"));
+        let Ended::Ok(run) = self.run(&["snapshot", &live, "--name", series], None) else {
+            unreachable!("no crash point was set")
+        };
+        let v = run.json();
+        self.model.add(&id(&v), &v, tree);
+        v
+    }
+
+    /// The files cache at work: once every file is older than the racily-clean window,
+    /// a snapshot caches them all and the next one trusts them all (reads nothing);
+    /// then a file changed within the same second, its size and mtime kept, must be
+    /// read again (the model's restores check it was).
+    fn op_age(&mut self) {
+        let series = self.rng.name(&SERIES);
+        self.note("wait out the racily-clean window");
+        wait_out_racy_window(&self.live);
+        self.snapshot_now(series);
+        let again = self.snapshot_now(series);
+        assert_eq!(
+            again["stats"]["bytes_read"], 0,
+            "nothing changed, yet files were read: {again}"
+        );
+        self.cache_hits += 1;
+        let files: Vec<Vec<u8>> = self
+            .live_entries()
+            .into_iter()
+            .filter(|(_, k)| *k == "file")
+            .map(|(p, _)| p)
+            .collect();
+        if !files.is_empty() && self.same_size_change(&files) {
+            let changed = self.snapshot_now(series);
+            assert_ne!(
+                changed["stats"]["bytes_read"], 0,
+                "a file changed within the same second was not read: {changed}"
+            );
+        }
+    }
+
     fn op_forget_policy(&mut self) {
         let last = self.rng.range(1, 3) as usize;
         let series = self.rng.chance(50).then(|| *self.rng.pick(&SERIES));
         let keep_tag = self.rng.chance(40);
-        let crash = self.maybe_crash(30, 3);
+        let crash = self.maybe_crash(30, 3, &[]);
         let last_s = last.to_string();
         let mut args = vec!["forget", "--keep-last", &last_s];
         if let Some(s) = series {
@@ -1108,7 +1204,7 @@ impl World {
 
     fn op_gc(&mut self) {
         let max_unused = *self.rng.pick(&["0", "10", "50"]);
-        let crash = self.maybe_crash(40, 10);
+        let crash = self.maybe_crash(40, 14, GC_POINTS);
         self.note(format!("gc --max-unused {max_unused} crash {crash:?}"));
         self.run(&["gc", "--max-unused", max_unused], crash);
     }
@@ -1125,7 +1221,7 @@ impl World {
             .map(|(p, _)| p.clone())
             .collect();
         let sub = (!dirs.is_empty() && self.rng.chance(40)).then(|| self.rng.pick(&dirs).clone());
-        let crash = self.maybe_crash(40, 2);
+        let crash = self.maybe_crash(40, 2, &[]);
         let to = self.fresh("restore");
         let mut source = sid.clone().into_bytes();
         if let Some(s) = &sub {
@@ -1154,7 +1250,7 @@ impl World {
             return;
         };
         let format = *self.rng.pick(&["tar", "tar.gz"]);
-        let crash = self.maybe_crash(30, 2);
+        let crash = self.maybe_crash(30, 2, &[]);
         let dir = self.fresh("export");
         fs::create_dir(&dir).unwrap();
         let out = dir.join(format!("out.{format}"));
@@ -1193,7 +1289,7 @@ impl World {
     /// Restores `sid` in place (or undoes the last in-place restore), maybe aborted at
     /// a crash point, then checks the volume is wholly old or wholly new and learns
     /// the undo snapshot.
-    fn in_place(&mut self, sid: Option<String>, crash: Option<u64>) {
+    fn in_place(&mut self, sid: Option<String>, crash: Option<String>) {
         let old = Rc::new(scan_tree(&self.live));
         let before = self.restore_records();
         let live = self.live.to_str().unwrap().to_owned();
@@ -1264,18 +1360,18 @@ impl World {
             return;
         };
         self.mutate();
-        let crash = self.maybe_crash(40, 12);
+        let crash = self.maybe_crash(40, 26, LIVE_POINTS);
         self.in_place(Some(sid), crash);
     }
 
     fn op_undo(&mut self) {
         self.mutate();
-        let crash = self.maybe_crash(40, 12);
+        let crash = self.maybe_crash(40, 26, LIVE_POINTS);
         self.in_place(None, crash);
     }
 
     fn op_repair(&mut self) {
-        let crash = self.maybe_crash(30, 1);
+        let crash = self.maybe_crash(30, 1, &[]);
         self.note(format!("repair index crash {crash:?}"));
         self.run(&["repair", "index"], crash);
     }
@@ -1286,7 +1382,7 @@ impl World {
         let run = self.repo.run_json(["check"]);
         let line = run.error_line();
         assert!(line.contains("volsnap repair index"), "{line}");
-        let crash = self.maybe_crash(30, 1);
+        let crash = self.maybe_crash(30, 1, &[]);
         self.note(format!("repair index crash {crash:?}"));
         if let Ended::Crashed = self.run(&["repair", "index"], crash) {
             self.run(&["repair", "index"], None);
@@ -1403,7 +1499,8 @@ impl World {
             75..=80 => self.op_undo(),
             81..=84 => self.op_repair(),
             85..=87 => self.op_delete_index(),
-            _ => self.op_pair(),
+            88..=96 => self.op_pair(),
+            _ => self.op_age(),
         }
         self.verify();
     }
@@ -1416,33 +1513,69 @@ fn brief(run: &Run) -> String {
     line.chars().take(160).collect()
 }
 
-/// Runs `ops` random operations from `seed`; returns how many ran and the crash points
-/// reached.
-fn run_seed(seed: u64, ops: u64) -> (u64, BTreeSet<String>) {
+/// What a seed did.
+struct Summary {
+    ops: u64,
+    reached: BTreeSet<String>,
+    cache_hits: u64,
+}
+
+/// Runs `ops` random operations from `seed`, then, if none did, the files-cache
+/// scenario (`op_age`).
+fn run_seed(seed: u64, ops: u64) -> Summary {
     let mut w = World::new(seed);
     w.verify();
     for _ in 0..ops {
         w.step();
     }
-    (w.ops, w.reached.take())
+    if w.cache_hits == 0 {
+        w.note("-- the files cache at the end");
+        w.op_age();
+        w.verify();
+    }
+    Summary {
+        ops: w.ops,
+        reached: w.reached.take(),
+        cache_hits: w.cache_hits,
+    }
 }
 
-/// Operations per CI seed: a few dozen keep the whole model test near a minute.
-const CI_OPS: u64 = 30;
+/// A CI seed.
+fn ci_seed(seed: u64) {
+    let started = Instant::now();
+    let s = run_seed(seed, CI_OPS);
+    assert_eq!(s.ops, CI_OPS);
+    eprintln!(
+        "model: seed {seed}: {} operations in {:.1}s",
+        s.ops,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Operations per CI seed: a few dozen keep the whole model test under a minute.
+const CI_OPS: u64 = 40;
 
 #[test]
 fn seed_1() {
-    run_seed(1, CI_OPS);
+    ci_seed(1);
 }
 
 #[test]
 fn seed_2() {
-    run_seed(2, CI_OPS);
+    ci_seed(2);
 }
 
 #[test]
 fn seed_3() {
-    run_seed(3, CI_OPS);
+    ci_seed(3);
+}
+
+/// The soak seed that found forgotten versions handed out again (see
+/// `forgotten_versions_are_never_handed_out_again`; its kill instant decides whether it
+/// reaches that state).
+#[test]
+fn seed_1758516286885080100() {
+    ci_seed(1_758_516_286_885_080_100);
 }
 
 /// `VOLSNAP_MODEL_SEED=N` replays seed N (`VOLSNAP_MODEL_OPS` operations, default
@@ -1456,15 +1589,19 @@ fn replay_or_soak() {
     if let Ok(seed) = std::env::var("VOLSNAP_MODEL_SEED") {
         let seed = seed.parse().expect("VOLSNAP_MODEL_SEED");
         let started = Instant::now();
-        let (n, reached) = run_seed(seed, ops);
+        let s = run_seed(seed, ops);
         eprintln!(
-            "model: seed {seed}: {n} operations in {:.1}s; crash points reached: {reached:?}",
-            started.elapsed().as_secs_f64()
+            "model: seed {seed}: {} operations in {:.1}s, {} snapshots trusted the files \
+             cache; crash points reached: {:?}",
+            s.ops,
+            started.elapsed().as_secs_f64(),
+            s.cache_hits,
+            s.reached
         );
         return;
     }
     let Ok(secs) = std::env::var("VOLSNAP_MODEL_SECONDS") else {
-        run_seed(4, CI_OPS);
+        ci_seed(4);
         return;
     };
     let secs: u64 = secs.parse().expect("VOLSNAP_MODEL_SECONDS");
@@ -1479,9 +1616,9 @@ fn replay_or_soak() {
         seed = Rng::new(seed).next();
         eprintln!("model: seed {seed}");
         match std::panic::catch_unwind(|| run_seed(seed, ops)) {
-            Ok((n, points)) => {
-                total += n;
-                reached.extend(points);
+            Ok(s) => {
+                total += s.ops;
+                reached.extend(s.reached);
             }
             Err(_) => {
                 eprintln!("model: FAILED seed {seed} (VOLSNAP_MODEL_SEED={seed})");
