@@ -918,7 +918,9 @@ fn kept_again_gone(repo: &Repo) -> (PathBuf, PathBuf, BTreeMap<String, PathBuf>)
         }
     }
     // Let the ctimes leave the racily-clean window: the files cache is then trusted.
-    std::thread::sleep(Duration::from_millis(1200));
+    for dir in [&kept, &again, &gone] {
+        wait_out_racy_window(dir);
+    }
     let mut expected = BTreeMap::new();
     snapshot_and_keep(repo, &kept, "kept", &mut expected);
     for (dir, series) in [(&again, "again"), (&gone, "gone")] {

@@ -145,6 +145,15 @@ fn sockets(dir: &Path, from: usize, n: usize) {
     }
 }
 
+fn notes_of(snap: &serde_json::Value) -> Vec<&str> {
+    snap["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn notes_keep_ten_examples_per_kind_and_count_the_rest() {
     let repo = Repo::new();
@@ -152,12 +161,7 @@ fn notes_keep_ten_examples_per_kind_and_count_the_rest() {
     write(vol.join("data"), "data\n");
     sockets(&vol, 0, NOTE_EXAMPLES_MAX);
     let snap = repo.snapshot(&[&vol], &[]);
-    let notes: Vec<&str> = snap["notes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap())
-        .collect();
+    let notes = notes_of(&snap);
     assert_eq!(notes.len(), NOTE_EXAMPLES_MAX, "{notes:?}");
     assert!(
         notes.iter().all(|n| n.contains("socket skipped")),
@@ -167,12 +171,7 @@ fn notes_keep_ten_examples_per_kind_and_count_the_rest() {
     // 20,000 sockets once made a 1.36 MB record that every command loads.
     sockets(&vol, NOTE_EXAMPLES_MAX, 20_000 - NOTE_EXAMPLES_MAX);
     let snap = repo.snapshot(&[&vol], &[]);
-    let notes: Vec<&str> = snap["notes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_str().unwrap())
-        .collect();
+    let notes = notes_of(&snap);
     assert_eq!(notes.len(), NOTE_EXAMPLES_MAX + 1, "{notes:?}");
     for (i, note) in notes[..NOTE_EXAMPLES_MAX].iter().enumerate() {
         let path = vol.join(format!("sock-{i:05}"));
