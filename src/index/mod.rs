@@ -251,6 +251,12 @@ impl Index {
     fn io_detail(&self, e: redb::Error) -> std::result::Result<String, String> {
         match e {
             redb::Error::Corrupted(why) => Err(why),
+            // Our tables are only ever opened with the types they were made with: a
+            // stored definition that disagrees is a damaged file, not a usage error.
+            e @ (redb::Error::TableTypeMismatch { .. }
+            | redb::Error::TypeDefinitionChanged { .. }
+            | redb::Error::TableIsMultimap(_)
+            | redb::Error::TableIsNotMultimap(_)) => Err(e.to_string()),
             redb::Error::PreviousIo => Ok(match self.io_failure.get() {
                 Some(first) => format!(
                     "closed after an earlier I/O error in this process ({first}); run the \
