@@ -24,6 +24,7 @@
 pub mod calendar;
 pub mod check;
 pub mod chunker;
+pub mod copy;
 pub mod crash;
 pub mod docker;
 pub mod error;

@@ -106,7 +106,18 @@ pub const OPEN_PACKS_MAX: usize = 64;
 /// `--keep-*` rules, go with the next policy run: this bounds how many accumulate.
 pub const UNDO_RESTORES_KEPT: usize = 3;
 
+/// `copy` reads and verifies the data blobs of this many chunk references at a time, in
+/// parallel: enough to keep every core busy, few enough that the blobs in flight stay
+/// a few megabytes per core.
+pub const COPY_BATCH_BLOBS: usize = 256;
+
+/// A packer remembers the id of every blob it accepted (so a blob met twice is stored
+/// once); `copy` commits its packs and starts new packers after this many, so a copy
+/// of a whole repository holds about 20 MB of ids, not one row per blob it sent.
+pub const COPY_PACKER_BLOBS_MAX: u64 = 262_144;
+
 const _: () = assert!(CHUNK_SIZE_MIN_DEFAULT < CHUNK_SIZE_AVG_DEFAULT);
+const _: () = assert!(COPY_BATCH_BLOBS as u64 <= COPY_PACKER_BLOBS_MAX);
 const _: () = assert!(CHUNK_SIZE_AVG_DEFAULT < CHUNK_SIZE_MAX_DEFAULT);
 const _: () = assert!(CHUNK_SIZE_MAX_DEFAULT as usize * 4 <= READ_BATCH_BYTES);
 const _: () = assert!((CHUNK_SIZE_MAX_DEFAULT as usize) < PACK_SIZE_TARGET);

@@ -210,6 +210,28 @@ enum Command {
         #[arg(long)]
         volume: Option<String>,
     },
+    /// Copy snapshots into another repository (--to) or out of one (--from), sending
+    /// only the blobs it lacks; a snapshot already there is not copied again
+    #[command(group(clap::ArgGroup::new("other").required(true).args(["to", "from"])))]
+    Copy {
+        /// Snapshots to copy [default: every snapshot --name and --tag select]
+        snapshots: Vec<String>,
+        /// Only this series
+        #[arg(long)]
+        name: Option<String>,
+        /// Only snapshots with this tag
+        #[arg(long)]
+        tag: Option<String>,
+        /// The repository to copy into (--repo is copied from)
+        #[arg(long, value_name = "REPO", conflicts_with = "from")]
+        to: Option<String>,
+        /// The repository to copy from (--repo is copied into)
+        #[arg(long, value_name = "REPO")]
+        from: Option<String>,
+        /// Say what would be copied and sent, and write nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Forget snapshots by id or by retention policy (records only; gc frees the data)
     Forget {
         /// Snapshots to forget (instead of a policy)
@@ -373,6 +395,20 @@ fn open(path: &std::path::Path) -> anyhow::Result<Repository> {
     let repo = Repository::open(path)?;
     recover_quietly(&repo);
     Ok(repo)
+}
+
+/// Opens the repository named by `copy --to` or `--from`, as `--repo` is opened: the
+/// one place that turns that argument into a repository. `this` is `--repo`'s path: a
+/// copy within one repository is refused before it is opened twice.
+fn open_other_repo(arg: &str, this: &std::path::Path) -> anyhow::Result<Repository> {
+    let path = PathBuf::from(arg);
+    if volsnap::copy::same_repository(this, &path) {
+        return Err(Error::Usage(format!(
+            "{arg} is the repository --repo names: copy between two repositories"
+        ))
+        .into());
+    }
+    open(&path)
 }
 
 /// Recovers interrupted in-place restores and quiesces, saying so on stderr.
@@ -907,6 +943,69 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 ));
                 out
             })?;
+        }
+        Command::Copy {
+            snapshots,
+            name,
+            tag,
+            to,
+            from,
+            dry_run,
+        } => {
+            let every = snapshots.is_empty();
+            let selection = volsnap::copy::Selection {
+                refs: snapshots,
+                series: name,
+                tag,
+            };
+            // With --from, --repo is written to like a snapshot's repository (the default
+            // one is made on first use, so a new host can be seeded from a copy).
+            let (source, dest) = match (&to, &from) {
+                (Some(to), _) => {
+                    let source = open(&path)?;
+                    let dest = open_other_repo(to, &path)?;
+                    (source, dest)
+                }
+                (None, Some(from)) => {
+                    let source = open_other_repo(from, &path)?;
+                    let dest = open_for_snapshot(&path, named)?;
+                    (source, dest)
+                }
+                (None, None) => unreachable!("clap requires --to or --from"),
+            };
+            let opts = volsnap::copy::Options { dry_run };
+            let progress = Progress::default();
+            let report = render::with_progress(show_progress, &progress, "copy", || {
+                volsnap::copy::copy(&source, &dest, &selection, &opts, &progress)
+            })?;
+            let value = render::copy_json(
+                &report,
+                &source.root.display().to_string(),
+                &dest.root.display().to_string(),
+            );
+            emit(json, &value, || render::copy_text(&report))?;
+            let unreadable = if every { report.problems.len() } else { 0 };
+            if let Some(f) = report.failed.first() {
+                eprintln!(
+                    "error: {} snapshot(s) of {} could not be copied (nothing of them was committed in {}); the first, {} ({}@{}): {}",
+                    report.failed.len(),
+                    source.root.display(),
+                    dest.root.display(),
+                    f.source.id.short(),
+                    f.source.snapshot.series,
+                    f.source.snapshot.version,
+                    f.error
+                );
+                return Ok(exit::ERROR);
+            }
+            if let Some((path, why)) = report.problems.first().filter(|_| unreadable > 0) {
+                eprintln!(
+                    "error: {unreadable} snapshot record(s) of {} cannot be read and were not copied; the first, {}: {why} (run `volsnap check`)",
+                    source.root.display(),
+                    path.display()
+                );
+                return Ok(exit::ERROR);
+            }
         }
         Command::Gc {
             dry_run,

@@ -498,3 +498,83 @@ pub fn volumes_text(cs: &[volsnap::docker::Container]) -> String {
     }
     out
 }
+
+fn copy_entry(c: &volsnap::copy::Copied) -> Value {
+    let s = &c.source.snapshot;
+    json!({
+        "source": c.source.id.hex(),
+        "series": s.series,
+        "version": s.version,
+        "time": time(s.time_ns),
+        "dest": c.dest.as_ref().map(|d| d.id.hex()),
+        "dest_version": c.dest.as_ref().map(|d| d.snapshot.version),
+    })
+}
+
+pub fn copy_json(r: &volsnap::copy::Report, from: &str, to: &str) -> Value {
+    json!({
+        "dry_run": r.dry_run,
+        "from": from,
+        "to": to,
+        "copied_count": r.copied.len(),
+        "skipped_count": r.skipped.len(),
+        "failed_count": r.failed.len(),
+        "copied": r.copied.iter().map(copy_entry).collect::<Vec<_>>(),
+        "skipped": r.skipped.iter().map(copy_entry).collect::<Vec<_>>(),
+        "failed": r.failed.iter().map(|f| json!({
+            "source": f.source.id.hex(),
+            "series": f.source.snapshot.series,
+            "version": f.source.snapshot.version,
+            "error": f.error,
+        })).collect::<Vec<_>>(),
+        "blobs_sent": r.data_blobs + r.tree_blobs,
+        "data_blobs_sent": r.data_blobs,
+        "tree_blobs_sent": r.tree_blobs,
+        "bytes_sent": r.bytes_sent,
+        "entries_walked": r.entries_walked,
+        "problems": r.problems.iter().map(|(p, why)| json!({"path": p, "error": why})).collect::<Vec<_>>(),
+        "duration_ms": r.duration_ms,
+    })
+}
+
+pub fn copy_text(r: &volsnap::copy::Report) -> String {
+    let mut out = String::new();
+    let name = |l: &Listed| {
+        format!(
+            "{} {}@{}",
+            l.id.short(),
+            l.snapshot.series,
+            l.snapshot.version
+        )
+    };
+    for c in &r.copied {
+        match &c.dest {
+            Some(d) => writeln!(out, "copied {} as {}", name(&c.source), name(d)),
+            None => writeln!(out, "would copy {}", name(&c.source)),
+        }
+        .expect("write to string");
+    }
+    // Snapshots already there are only counted: a nightly copy of everything would
+    // otherwise list the whole history every night (`--json` lists them).
+    for f in &r.failed {
+        writeln!(out, "not copied {}: {}", name(&f.source), f.error).expect("write to string");
+    }
+    writeln!(
+        out,
+        "{} {} snapshot(s), {} already there{}; {} {} blobs ({}) in {:.1}s",
+        if r.dry_run { "would copy" } else { "copied" },
+        r.copied.len(),
+        r.skipped.len(),
+        if r.failed.is_empty() {
+            String::new()
+        } else {
+            format!(", {} could not be copied", r.failed.len())
+        },
+        if r.dry_run { "would send" } else { "sent" },
+        r.data_blobs + r.tree_blobs,
+        bytes(r.bytes_sent),
+        r.duration_ms as f64 / 1000.0
+    )
+    .expect("write to string");
+    out
+}

@@ -317,6 +317,29 @@ impl PackReader {
 
     /// Reads, decompresses and verifies the blob `id` at `loc`.
     pub fn read(&self, repo: &Repository, id: &Id, loc: &Location) -> Result<Vec<u8>> {
+        Ok(self.read_verified(repo, id, loc)?.2)
+    }
+
+    /// Reads the blob `id` at `loc` as stored (header and stored bytes), after
+    /// decompressing and verifying it: what `Packer::add_encoded` appends to another
+    /// repository's pack without compressing it again.
+    pub fn read_encoded(&self, repo: &Repository, id: &Id, loc: &Location) -> Result<EncodedBlob> {
+        let (header, mut bytes, _) = self.read_verified(repo, id, loc)?;
+        bytes.drain(..HEADER_LEN);
+        Ok(EncodedBlob {
+            header,
+            stored: bytes,
+        })
+    }
+
+    /// The blob `id` at `loc`: its header, its bytes in the pack (header included) and
+    /// its content; `Err` unless the content verifies.
+    fn read_verified(
+        &self,
+        repo: &Repository,
+        id: &Id,
+        loc: &Location,
+    ) -> Result<(BlobHeader, Vec<u8>, Vec<u8>)> {
         let file = self.file(repo, &loc.pack)?;
         let mut buf = vec![0u8; HEADER_LEN + loc.stored_len as usize];
         let bad = |detail: String| Error::BadBlob {
@@ -336,7 +359,8 @@ impl PackReader {
         {
             return Err(bad("blob header does not match the index".into()));
         }
-        blob::decode_verified(&header, &buf[HEADER_LEN..]).map_err(bad)
+        let raw = blob::decode_verified(&header, &buf[HEADER_LEN..]).map_err(bad)?;
+        Ok((header, buf, raw))
     }
 }
 

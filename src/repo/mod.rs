@@ -440,4 +440,14 @@ impl Repository {
             .ok_or(Error::MissingChunk { id: *id })?;
         self.reader.read(self, id, &loc)
     }
+
+    /// Reads the blob `id` as stored, after decompressing and re-hashing it (`copy`
+    /// appends it to another repository as it is).
+    pub fn read_blob_encoded(&self, id: &Id) -> Result<crate::pack::blob::EncodedBlob> {
+        let loc = self
+            .index
+            .lookup(id)?
+            .ok_or(Error::MissingChunk { id: *id })?;
+        self.reader.read_encoded(self, id, &loc)
+    }
 }

@@ -10,6 +10,7 @@ mod support;
 mod claims;
 mod cli;
 mod concurrency;
+mod copy;
 mod corruption;
 mod crafted;
 mod crash;
