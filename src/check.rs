@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::Location;
 use crate::progress::Progress;
@@ -71,17 +71,19 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     // cannot be read and has no row any more is gone, not damaged.
     let deleted_since =
         |pack: &Id| -> Result<bool> { Ok(!repo.index.packs()?.iter().any(|(p, _)| p == pack)) };
+    // One listing of the store, not a request per pack.
+    let in_store: HashMap<Id, u64> = repo.pack_files()?.into_iter().collect();
     for (pack, row) in &packs {
         let path = repo.pack_path(pack);
-        let size = match std::fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(_) if deleted_since(pack)? => continue,
-            Err(e) => {
+        let size = match in_store.get(pack) {
+            Some(&size) => size,
+            None if deleted_since(pack)? => continue,
+            None => {
                 report.problems.push(Problem {
                     snapshot: None,
                     path: None,
                     pack: Some(*pack),
-                    message: format!("pack {}: {e}", path.display()),
+                    message: format!("pack {}: No such file or directory", path.display()),
                 });
                 damaged.insert(*pack, HashSet::new());
                 continue;
@@ -115,7 +117,13 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
         if !selected {
             continue;
         }
-        let (bytes, holes) = match crate::pack::read_pack(&path) {
+        let read = repo.open_pack(pack).and_then(|f| match f {
+            Some(f) => crate::pack::read_pack(&f).map_err(Error::io("read pack", &path)),
+            None => Err(Error::io("read pack", &path)(
+                std::io::ErrorKind::NotFound.into(),
+            )),
+        });
+        let (bytes, holes) = match read {
             Ok(b) => b,
             Err(_) if deleted_since(pack)? => continue,
             Err(e) => {
@@ -227,10 +235,18 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
     report.snapshots = snapshots.len() as u64;
     let mut sound_trees = HashSet::new();
     for snap in &snapshots {
-        let record_path = repo.snapshots_dir().join(snap.id.hex());
-        match std::fs::read(&record_path) {
-            Ok(bytes) if Id::of(&bytes) == snap.id => {}
-            Ok(_) => report.problems.push(Problem {
+        match repo
+            .store
+            .get(&crate::snapshot::record::record_key(&snap.id))
+        {
+            Ok(Some(bytes)) if Id::of(&bytes) == snap.id => {}
+            Ok(None) => report.problems.push(Problem {
+                snapshot: Some(snap.id),
+                path: None,
+                pack: None,
+                message: "snapshot record is missing".into(),
+            }),
+            Ok(Some(_)) => report.problems.push(Problem {
                 snapshot: Some(snap.id),
                 path: None,
                 pack: None,
@@ -240,7 +256,7 @@ pub fn check(repo: &Repository, opts: Options, progress: &Progress) -> Result<Re
                 snapshot: Some(snap.id),
                 path: None,
                 pack: None,
-                message: format!("read {}: {e}", record_path.display()),
+                message: e.to_string(),
             }),
         }
         let multi = snap.snapshot.volumes.len() > 1;

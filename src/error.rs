@@ -24,6 +24,13 @@ pub enum Error {
         path: PathBuf,
         cause: std::io::Error,
     },
+    /// A request to the object store failed (after its retries).
+    #[error("{op} {object}: {detail}")]
+    Store {
+        op: &'static str,
+        object: String,
+        detail: String,
+    },
     /// No repository exists at the path (exit code 10).
     #[error("no repository at {}: {why}; {}", path.display(), why.hint(path))]
     NoRepository { path: PathBuf, why: Absence },

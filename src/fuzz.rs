@@ -296,13 +296,14 @@ fn pack_file_target(data: &[u8]) -> bool {
         // punch leaves the zeros as data).
         pack::punch(&path, &zeros).expect("punch holes in a scratch file");
     }
-    let (bytes, holes) = pack::read_pack(&path).expect("read a scratch file");
+    let file = std::fs::File::open(&path).expect("open a scratch file");
+    let (bytes, holes) = pack::read_pack(&file).expect("read a scratch file");
     assert!(bytes == data, "a pack reads back as it was written");
     for &(start, end) in &holes {
         assert!(start < end && end <= data.len() as u64);
         assert!(data[start as usize..end as usize].iter().all(|&b| b == 0));
     }
-    let (found, stopped) = pack::read_headers(&path).expect("read a scratch file");
+    let (found, stopped) = pack::read_headers(&file).expect("read a scratch file");
     let (expect, expect_stopped) = pack::headers(data, &holes);
     assert_eq!(
         found, expect,
@@ -310,7 +311,7 @@ fn pack_file_target(data: &[u8]) -> bool {
     );
     assert_eq!(stopped.is_some(), expect_stopped.is_some());
     for (offset, header) in found.iter().take(8) {
-        let sound = pack::read_verified_at(&path, *offset, header).expect("read");
+        let sound = pack::read_verified_at(&file, *offset, header).expect("read");
         let at = *offset as usize + HEADER_LEN;
         let body = &data[at..at + header.stored_len as usize];
         assert_eq!(sound, blob::decode_verified(header, body).is_ok());
@@ -655,12 +656,13 @@ fn restore_record_seeds() -> Vec<Vec<u8>> {
 
 fn config_target(data: &[u8]) -> bool {
     use crate::repo::Config;
-    let Ok(config) = Config::decode(Path::new("/repo/config"), data) else {
+    let Ok((config, id)) = Config::decode(Path::new("/repo/config"), data) else {
         return false;
     };
     assert_eq!(config.validate(), Ok(()));
-    let again = Config::decode(Path::new("/repo/config"), &config.encode());
-    assert_eq!(again.ok().as_ref(), Some(&config));
+    let id = id.unwrap_or([7; 16]);
+    let again = Config::decode(Path::new("/repo/config"), &config.encode(&id));
+    assert_eq!(again.ok(), Some((config, Some(id))));
     true
 }
 
@@ -671,7 +673,15 @@ fn config_seeds() -> Vec<Vec<u8>> {
         chunk_size_max: 65_536,
         zstd_level: 19,
     };
-    vec![crate::repo::Config::default().encode(), small.encode()]
+    // Format version 1: no repository id.
+    let mut v1 = b"VSNPCONF".to_vec();
+    v1.extend_from_slice(&1u32.to_le_bytes());
+    v1.extend_from_slice(&postcard::to_stdvec(&small).expect("config encodes"));
+    vec![
+        crate::repo::Config::default().encode(&[1; 16]),
+        small.encode(&[2; 16]),
+        v1,
+    ]
 }
 
 fn quiesce_target(data: &[u8]) -> bool {

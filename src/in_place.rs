@@ -17,8 +17,7 @@ use crate::{emit, exit, open_for_snapshot, render, split_ref};
 
 /// `snapshot --container/--project/--label`: one snapshot per group of containers.
 pub fn container_snapshot(
-    path: &std::path::Path,
-    named: bool,
+    target: &crate::RepoArg,
     sel: &volsnap::docker::Selection,
     opts: &volsnap::docker::snapshot::Options,
     json: bool,
@@ -27,7 +26,7 @@ pub fn container_snapshot(
     use volsnap::docker::snapshot as dsnap;
     let engine = volsnap::docker::Engine::connect()?;
     let groups = dsnap::groups(engine.select(sel)?, opts.series.as_deref());
-    let repo = open_for_snapshot(path, named)?;
+    let repo = open_for_snapshot(target)?;
     // A signal while containers are paused or stopped resumes them before exiting.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -130,7 +129,7 @@ fn hold_signals_during_restore() -> anyhow::Result<()> {
 }
 
 pub fn live_restore(
-    path: &std::path::Path,
+    target: &crate::RepoArg,
     source: Option<OsString>,
     undo: bool,
     opts: live::Options,
@@ -139,7 +138,7 @@ pub fn live_restore(
     show_progress: bool,
 ) -> anyhow::Result<u8> {
     // A live restore must not start over an unsettled one: recovery errors stop it.
-    let repo = Repository::open(path)?;
+    let repo = target.open_raw()?;
     for r in live::recover(&repo)? {
         eprintln!("volsnap: {}", render::recovered_text(&r));
     }
@@ -205,12 +204,12 @@ fn emit_in_place(json: bool, report: &live::Report, undo_command: &str) -> anyho
 /// `volsnap [--repo PATH] restore --undo`: a repository other than the default one
 /// must be named (it is never created implicitly).
 fn undo_command_start(repo: &Repository) -> String {
-    if repo.root == volsnap::repo::default_path() {
+    if repo.location == volsnap::store::Location::Local(volsnap::repo::default_path()) {
         "volsnap restore --undo".to_string()
     } else {
         format!(
             "volsnap --repo {} restore --undo",
-            render::shell_word(&repo.root.to_string_lossy())
+            render::shell_word(&repo.location.to_string())
         )
     }
 }
@@ -265,14 +264,14 @@ pub struct ContainerRestore {
 /// `restore SNAP --container/--project`: the live restore, with targets resolved from
 /// the containers now, the containers mounting them stopped and started around it.
 pub fn container_restore(
-    path: &std::path::Path,
+    target: &crate::RepoArg,
     source: Option<&OsString>,
     sel: &volsnap::docker::Selection,
     how: &ContainerRestore,
     json: bool,
     show_progress: bool,
 ) -> anyhow::Result<u8> {
-    let repo = Repository::open(path)?;
+    let repo = target.open_raw()?;
     for r in live::recover(&repo)? {
         eprintln!("volsnap: {}", render::recovered_text(&r));
     }

@@ -43,6 +43,7 @@ pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod snapshot;
+pub mod store;
 pub mod tree;
 pub mod walk;
 

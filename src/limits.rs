@@ -1,7 +1,7 @@
 //! Every limit that bounds something that can grow, in one place.
 
 /// On-disk format version of the repository written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Default chunker sizes (FastCDC, normalization level 1), fixed per repository at init.
 pub const CHUNK_SIZE_MIN_DEFAULT: u32 = 16 * 1024;

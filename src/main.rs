@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use volsnap::progress::Progress;
 use volsnap::repo::{self, Config, Repository};
+use volsnap::store::Location;
 use volsnap::{Error, check, inspect, live, restore, snapshot};
 
 /// Exit codes (stable; documented in README.md).
@@ -34,10 +35,17 @@ mod exit {
     about = "Fast, deduplicating, incremental snapshots of container data volumes"
 )]
 struct Cli {
-    /// Repository path; it must have been made by `init` [default: $XDG_DATA_HOME/volsnap
-    /// or ~/.local/share/volsnap, created by the first snapshot]
+    /// Repository: a directory, or s3://BUCKET[/PREFIX] (endpoint, region and credentials
+    /// from the AWS_* variables or ~/.aws); it must have been made by `init`
+    /// [default: $XDG_DATA_HOME/volsnap or ~/.local/share/volsnap, created by the first
+    /// snapshot]
     #[arg(long, global = true, env = "VOLSNAP_REPO")]
-    repo: Option<PathBuf>,
+    repo: Option<OsString>,
+    /// Where this host keeps the derived state (index, files cache, journals) of an
+    /// s3:// repository [default: $XDG_CACHE_HOME/volsnap/<repository id> or
+    /// ~/.cache/volsnap/<repository id>]
+    #[arg(long, global = true, env = "VOLSNAP_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
     /// Print one JSON document on stdout instead of text
     #[arg(long, global = true)]
     json: bool,
@@ -346,8 +354,33 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-fn repo_path(cli: &Cli) -> PathBuf {
-    cli.repo.clone().unwrap_or_else(repo::default_path)
+/// The repository the command names (`--repo`, `VOLSNAP_REPO`), or the default one.
+pub(crate) struct RepoArg {
+    pub location: Location,
+    /// Named by the user (else the default, created on first use).
+    pub named: bool,
+    pub opts: repo::OpenOptions,
+}
+
+impl RepoArg {
+    /// Opens it as it is (no recovery).
+    pub fn open_raw(&self) -> anyhow::Result<Repository> {
+        Ok(Repository::open_at(&self.location, &self.opts)?)
+    }
+}
+
+fn repo_arg(cli: &Cli) -> anyhow::Result<RepoArg> {
+    let location = match &cli.repo {
+        Some(arg) => Location::parse(arg).map_err(|e| Error::Usage(format!("--repo: {e}")))?,
+        None => Location::Local(repo::default_path()),
+    };
+    Ok(RepoArg {
+        location,
+        named: cli.repo.is_some(),
+        opts: repo::OpenOptions {
+            cache_dir: cli.cache_dir.clone(),
+        },
+    })
 }
 
 /// Prints `value` as JSON, or `text` for humans.
@@ -376,13 +409,13 @@ fn split_ref(arg: &OsString) -> (String, Vec<u8>) {
 /// The repository a snapshot writes to: the default one is created on first use (said
 /// once, on stderr); one named by `--repo` or `VOLSNAP_REPO` must exist already, so a
 /// mistyped path or an unmounted disk is an error rather than a new repository.
-fn open_for_snapshot(path: &std::path::Path, named: bool) -> anyhow::Result<Repository> {
-    let repo = if named {
-        Repository::open(path)?
+fn open_for_snapshot(target: &RepoArg) -> anyhow::Result<Repository> {
+    let repo = if target.named {
+        target.open_raw()?
     } else {
         let (repo, created) = Repository::init_default(Config::default())?;
         if created {
-            eprintln!("volsnap: created repository {}", repo.root.display());
+            eprintln!("volsnap: created repository {}", repo.location);
         }
         repo
     };
@@ -391,8 +424,8 @@ fn open_for_snapshot(path: &std::path::Path, named: bool) -> anyhow::Result<Repo
 }
 
 /// Opens the repository and first recovers any interrupted in-place restore.
-fn open(path: &std::path::Path) -> anyhow::Result<Repository> {
-    let repo = Repository::open(path)?;
+fn open(target: &RepoArg) -> anyhow::Result<Repository> {
+    let repo = target.open_raw()?;
     recover_quietly(&repo);
     Ok(repo)
 }
@@ -440,8 +473,8 @@ fn recover_quietly(repo: &Repository) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
-    let path = repo_path(&cli);
-    let named = cli.repo.is_some();
+    let repo_at = repo_arg(&cli)?;
+    let named = repo_at.named;
     let json = cli.json;
     let show_progress = !json && std::io::stderr().is_terminal();
     match cli.command {
@@ -465,16 +498,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 .validate()
                 .map_err(|e| Error::Usage(format!("init: {e}")))?;
             let (repo, created) = if named {
-                Repository::init(&path, config)?
+                Repository::init_at(&repo_at.location, config, &repo_at.opts)?
             } else {
                 Repository::init_default(config)?
             };
-            let value = json!({"repo": repo.root, "format_version": volsnap::limits::FORMAT_VERSION, "created": created});
+            let value = json!({"repo": repo.location.to_string(), "format_version": volsnap::limits::FORMAT_VERSION, "created": created});
             emit(json, &value, || {
                 if created {
-                    format!("created repository {}\n", repo.root.display())
+                    format!("created repository {}\n", repo.location)
                 } else {
-                    format!("repository {} already exists\n", repo.root.display())
+                    format!("repository {} already exists\n", repo.location)
                 }
             })?;
         }
@@ -510,20 +543,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                         .expect("clap checked the value"),
                     stop_timeout_s: None,
                 };
-                return in_place::container_snapshot(
-                    &path,
-                    named,
-                    &sel,
-                    &opts,
-                    json,
-                    show_progress,
-                );
+                return in_place::container_snapshot(&repo_at, &sel, &opts, json, show_progress);
             }
             // Refuse bad sources before creating a repository for them.
             for d in &dirs {
                 std::fs::metadata(d).map_err(Error::io("snapshot source", d))?;
             }
-            let repo = open_for_snapshot(&path, named)?;
+            let repo = open_for_snapshot(&repo_at)?;
             let opts = snapshot::Options {
                 series: name,
                 tags: tag,
@@ -559,7 +585,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::List { name, tag } => {
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             let scan = snapshot::record::scan(&repo)?;
             let all: Vec<_> = scan
                 .snapshots
@@ -599,7 +625,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Show {
             snapshot: reference,
         } => {
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             let listed = snapshot::resolve(&repo, &reference)?;
             emit(json, &render::snapshot_json(&listed, false), || {
                 render::show_text(&listed)
@@ -610,7 +636,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             long,
             recursive,
         } => {
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             let (reference, sub) = split_ref(&target);
             let listed = snapshot::resolve(&repo, &reference)?;
             // Streamed: a listing of millions of entries is never held whole.
@@ -644,7 +670,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             out.flush()?;
         }
         Command::Diff { old, new } => {
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             let a = snapshot::resolve(&repo, &old)?;
             let b = snapshot::resolve(&repo, &new)?;
             let d = inspect::diff(&repo, &a, &b)?;
@@ -684,7 +710,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     yes,
                 };
                 return in_place::container_restore(
-                    &path,
+                    &repo_at,
                     source.as_ref(),
                     &sel,
                     &how,
@@ -701,7 +727,15 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     allow_copy: allow_in_place_copy,
                     ignore_running_containers,
                 };
-                return in_place::live_restore(&path, source, undo, opts, yes, json, show_progress);
+                return in_place::live_restore(
+                    &repo_at,
+                    source,
+                    undo,
+                    opts,
+                    yes,
+                    json,
+                    show_progress,
+                );
             }
             if !map.is_empty()
                 || pre_cmd.is_some()
@@ -724,7 +758,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 )
                 .into());
             };
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             // Held from before the snapshot is resolved: gc keeps what it names.
             let _lease = repo.lease("restore")?;
             let (reference, sub) = split_ref(&source);
@@ -778,7 +812,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 )
                 .into());
             }
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             // Held from before the snapshot is resolved: gc keeps what it names.
             let _lease = repo.lease("export")?;
             let (reference, sub) = split_ref(&source);
@@ -847,7 +881,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             dry_run,
         } => {
             use volsnap::gc::forget;
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             let within_ns = match &keep_within {
                 Some(d) => Some(forget::parse_duration(d).ok_or_else(|| {
                     Error::Usage(format!(
@@ -1012,7 +1046,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             max_unused,
             max_repack,
         } => {
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             let opts = volsnap::gc::Options {
                 dry_run,
                 max_unused_percent: max_unused,
@@ -1100,7 +1134,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })?;
         }
         Command::Recover => {
-            let repo = Repository::open(&path)?;
+            let repo = repo_at.open_raw()?;
             let resumed = if volsnap::docker::snapshot::quiesce_pending(&repo) {
                 volsnap::docker::snapshot::recover_quiesce(&repo)?
             } else {
@@ -1129,7 +1163,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let progress = Progress::default();
             let report = render::with_progress(show_progress, &progress, "repair", || {
-                volsnap::repo::repair::rebuild_index(&path, &progress)
+                volsnap::repo::repair::rebuild_index(&repo_at.location, &repo_at.opts, &progress)
             })?;
             for p in &report.problems {
                 eprintln!("warning: {p}");
@@ -1149,7 +1183,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })?;
         }
         Command::Check { read_data } => {
-            let repo = open(&path)?;
+            let repo = open(&repo_at)?;
             let progress = Progress::default();
             let opts = check::Options {
                 read_data_percent: read_data,

@@ -21,7 +21,6 @@ use std::collections::HashMap;
 
 use crate::calendar;
 use crate::error::{Error, Result};
-use crate::fsutil;
 use crate::id::Id;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
@@ -279,16 +278,12 @@ fn undo_decision(l: &Listed, policy: &Policy, undos: &Undos) -> Decision {
 /// Removes the records of `ids`: the record file first (durably), then its index row.
 /// A crash between the two leaves a row whose file is gone, which listing drops.
 pub fn remove(repo: &Repository, ids: &[Id]) -> Result<()> {
-    let dir = repo.snapshots_dir();
     // Version numbers are never handed out again, even once the index is rebuilt from
     // the records left.
     let mut highest: HashMap<String, u64> = HashMap::new();
     for id in ids {
-        let path = dir.join(id.hex());
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("read", &path)(e)),
+        let Some(bytes) = repo.store.get(&crate::snapshot::record::record_key(id))? else {
+            continue;
         };
         if let Ok(s) = crate::snapshot::record::Snapshot::decode(&bytes) {
             let v = highest.entry(s.series).or_default();
@@ -297,15 +292,10 @@ pub fn remove(repo: &Repository, ids: &[Id]) -> Result<()> {
     }
     crate::snapshot::record::remember_forgotten(repo, &highest)?;
     for id in ids {
-        let path = dir.join(id.hex());
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &path)(e)),
-        }
+        repo.store
+            .delete(&crate::snapshot::record::record_key(id))?;
         crate::crash::point("snapshot record removed");
     }
-    fsutil::fsync_dir(&dir)?;
     for id in ids {
         repo.index.remove_snapshot(id)?;
     }

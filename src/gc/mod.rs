@@ -221,10 +221,10 @@ pub fn gc(
         }
     })?;
     let mut to_punch = Vec::new();
-    let empty: Vec<(Id, PathBuf)> = packs
+    let empty: Vec<Id> = packs
         .iter()
         .filter(|(pack, _)| live.get(pack).copied().unwrap_or(0) == 0)
-        .map(|(pack, _)| (*pack, repo.pack_path(pack)))
+        .map(|(pack, _)| *pack)
         .collect();
     let kept = keep_referenced(repo, &empty, &reach2, &mut report, progress)?;
     for (pack, row) in &packs {
@@ -248,13 +248,9 @@ pub fn gc(
         .into_iter()
         .map(|(pack, dead)| {
             let spans = &live_spans[&pack];
-            let file = File::open(repo.pack_path(&pack)).ok();
             let proven: Vec<(u64, u32)> = dead
                 .into_iter()
-                .filter(|(id, loc)| {
-                    file.as_ref()
-                        .is_some_and(|f| crate::pack::header_matches(f, id, loc))
-                })
+                .filter(|(id, loc)| crate::pack::row_is_sound(repo, id, loc))
                 .map(|(_, loc)| (loc.offset, loc.stored_len))
                 .filter(|&(offset, len)| {
                     let end = offset + HEADER_LEN as u64 + u64::from(len);
@@ -268,9 +264,7 @@ pub fn gc(
     let punched: Vec<Option<u64>> = to_punch
         .par_iter()
         .map(|(pack, dead)| {
-            let path = repo.pack_path(pack);
-            let freed =
-                crate::pack::punch(&path, dead).map_err(Error::io("punch holes in pack", &path))?;
+            let freed = repo.store.punch(&repo.pack_key(pack), dead)?;
             crate::crash::point("gc punched a pack");
             Ok(freed)
         })
@@ -336,13 +330,13 @@ pub fn gc(
         // must finish before the old pack goes.
         wait_for_older_leases(repo, on_wait)?;
         let live = repo.index.pack_live_bytes()?;
-        let emptied: Vec<(Id, PathBuf)> = repacked
+        let emptied: Vec<Id> = repacked
             .iter()
             .filter(|pack| live.get(pack).copied().unwrap_or(0) == 0)
-            .map(|pack| (*pack, repo.pack_path(pack)))
+            .copied()
             .collect();
         let kept = keep_referenced(repo, &emptied, &reach2, &mut report, progress)?;
-        for (pack, _) in emptied {
+        for pack in emptied {
             if !kept.contains(&pack) {
                 delete_pack(repo, &pack)?;
                 report.packs_repacked += 1;
@@ -374,14 +368,15 @@ pub fn gc(
     // again and kept. Pack names never repeat (a nonce in every pack), so no writer
     // can re-create a file under a name decided here.
     let indexed: HashSet<Id> = repo.index.packs()?.into_iter().map(|(id, _)| id).collect();
-    let leftovers: Vec<(Id, PathBuf)> = packs_on_disk
+    let leftovers: Vec<Id> = packs_on_disk
         .into_iter()
-        .filter(|(id, path)| !indexed.contains(id) && path.exists())
+        .map(|(id, _)| id)
+        .filter(|id| !indexed.contains(id))
         .collect();
     let kept = keep_referenced(repo, &leftovers, &reach2, &mut report, progress)?;
-    for (id, path) in leftovers {
+    for id in leftovers {
         if !kept.contains(&id) {
-            remove_file(&path)?;
+            repo.store.delete(&repo.pack_key(&id))?;
             report.stale_files_removed += 1;
         }
     }
@@ -489,17 +484,24 @@ fn visit_tree(
 /// cannot be read, or whose walk stops on damage, is kept too: when in doubt, keep.
 fn keep_referenced(
     repo: &Repository,
-    packs: &[(Id, PathBuf)],
+    packs: &[Id],
     reach: &Bloom,
     report: &mut Report,
     progress: &Progress,
 ) -> Result<HashSet<Id>> {
     let mut keep = HashSet::new();
     let mut candidates = Vec::new();
-    for (pack, path) in packs {
-        let (headers, stopped) = match crate::pack::read_headers(path) {
+    for pack in packs {
+        let file = match repo.open_pack(pack) {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(_) => {
+                keep.insert(*pack);
+                continue;
+            }
+        };
+        let (headers, stopped) = match crate::pack::read_headers(&file) {
             Ok(h) => h,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(_) => {
                 keep.insert(*pack);
                 continue;
@@ -519,7 +521,7 @@ fn keep_referenced(
                         keep.insert(*pack); // indexed here after all: live
                     }
                 }
-                _ => candidates.push((*pack, path.clone(), offset, header)),
+                _ => candidates.push((*pack, offset, header)),
             }
         }
     }
@@ -528,7 +530,7 @@ fn keep_referenced(
         return Ok(keep);
     }
     // The Bloom filter can say yes by mistake: ask the snapshots exactly.
-    let wanted: HashSet<Id> = candidates.iter().map(|c| c.3.id).collect();
+    let wanted: HashSet<Id> = candidates.iter().map(|c| c.2.id).collect();
     let mut referenced = HashSet::new();
     reachable(repo, progress, &mut |id| {
         if wanted.contains(id) {
@@ -536,18 +538,31 @@ fn keep_referenced(
         }
     })?;
     type Rows = Vec<(Id, crate::index::Location)>;
-    let mut mend: HashMap<Id, (PathBuf, Rows, u8)> = HashMap::new();
-    for (pack, path, offset, header) in candidates {
+    let mut mend: HashMap<Id, (u64, Rows, u8)> = HashMap::new();
+    let mut opened: Option<(Id, File, u64)> = None;
+    for (pack, offset, header) in candidates {
         if !referenced.contains(&header.id) {
             continue;
         }
         keep.insert(pack);
-        let sound = crate::pack::read_verified_at(&path, offset, &header)
-            .map_err(Error::io("read pack", &path))?;
+        if opened.as_ref().is_none_or(|(p, _, _)| *p != pack) {
+            let path = repo.pack_path(&pack);
+            let file = repo.open_pack(&pack)?.ok_or_else(|| {
+                Error::io("read pack", &path)(std::io::ErrorKind::NotFound.into())
+            })?;
+            let size = file
+                .metadata()
+                .map_err(Error::io("read metadata of", &path))?
+                .len();
+            opened = Some((pack, file, size));
+        }
+        let (_, file, size) = opened.as_ref().expect("opened above");
+        let sound = crate::pack::read_verified_at(file, offset, &header)
+            .map_err(Error::io("read pack", repo.pack_path(&pack)))?;
         if sound {
             let entry = mend
                 .entry(pack)
-                .or_insert_with(|| (path.clone(), Vec::new(), header.kind as u8));
+                .or_insert_with(|| (*size, Vec::new(), header.kind as u8));
             entry.1.push((
                 header.id,
                 crate::index::Location {
@@ -559,10 +574,7 @@ fn keep_referenced(
             ));
         }
     }
-    for (pack, (path, rows, kind)) in mend {
-        let size_bytes = std::fs::metadata(&path)
-            .map_err(Error::io("read metadata of", &path))?
-            .len();
+    for (pack, (size_bytes, rows, kind)) in mend {
         let row = crate::index::PackRow {
             kind,
             size_bytes,
@@ -614,7 +626,9 @@ fn repack(
     rows: &[(Id, crate::index::Location)],
 ) -> Result<u64> {
     let path = repo.pack_path(pack);
-    let file = File::open(&path).map_err(Error::io("open pack", &path))?;
+    let file = repo
+        .open_pack(pack)?
+        .ok_or_else(|| Error::io("open pack", &path)(std::io::ErrorKind::NotFound.into()))?;
     let kind = if kind == BlobKind::Tree as u8 {
         BlobKind::Tree
     } else {
@@ -650,14 +664,13 @@ fn repack(
 /// Bytes the pack's file takes on disk: its size, less any holes gc punched in it.
 /// A file that cannot be examined counts at its indexed `size`.
 fn allocated(repo: &Repository, pack: &Id, size: u64) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(repo.pack_path(pack)).map_or(size, |m| size.min(m.blocks() * 512))
+    repo.store.allocated(&repo.pack_key(pack), size)
 }
 
 fn delete_pack(repo: &Repository, pack: &Id) -> Result<()> {
     // Row first: a crash after it leaves an unindexed file, removed by the next gc.
     repo.index.remove_pack(pack)?;
-    remove_file(&repo.pack_path(pack))?;
+    repo.store.delete(&repo.pack_key(pack))?;
     crate::crash::point("gc deleted a pack");
     Ok(())
 }
@@ -680,7 +693,7 @@ fn list_dir(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
 
 /// Only one gc runs at a time; a second one stops at once with a clear error.
 fn lock_gc(repo: &Repository) -> Result<File> {
-    let path = repo.root.join("locks").join("gc.lock");
+    let path = repo.cache.join("locks").join("gc.lock");
     let file = crate::fsutil::open_lock_file(&path)?;
     match file.try_lock() {
         Ok(()) => Ok(file),

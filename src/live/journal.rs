@@ -137,7 +137,7 @@ pub struct Journal {
 }
 
 pub fn dir(repo: &Repository) -> PathBuf {
-    repo.root.join("journals")
+    repo.cache.join("journals")
 }
 
 fn path(repo: &Repository, id: &str) -> PathBuf {
@@ -283,7 +283,7 @@ pub fn remove_lock(repo: &Repository, id: &str) {
 fn ensure_dir(repo: &Repository, d: &Path) -> Result<()> {
     if !d.exists() {
         fsutil::create_dir_private(d)?;
-        fsutil::fsync_dir(&repo.root)?;
+        fsutil::fsync_dir(&repo.cache)?;
     }
     Ok(())
 }
@@ -309,7 +309,7 @@ pub struct RestoreTarget {
 
 /// Records that restore `j` committed (once; later calls keep the first record).
 pub fn record_restore(repo: &Repository, j: &Journal) -> Result<()> {
-    let d = repo.root.join("restores");
+    let d = repo.cache.join("restores");
     ensure_dir(repo, &d)?;
     let p = d.join(&j.id);
     if p.exists() {
@@ -357,7 +357,7 @@ impl Restore {
 
 /// Every committed in-place restore recorded in the repository.
 pub fn restores(repo: &Repository) -> Result<Vec<Restore>> {
-    let d = repo.root.join("restores");
+    let d = repo.cache.join("restores");
     let entries = match std::fs::read_dir(&d) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

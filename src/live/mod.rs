@@ -760,7 +760,9 @@ fn resolve_targets(
             )));
         }
     }
-    let repo_root = std::fs::canonicalize(&repo.root).map_err(Error::io("resolve", &repo.root))?;
+    // The repository's local directory (the cache of an object-store repository).
+    let repo_root =
+        std::fs::canonicalize(&repo.cache).map_err(Error::io("resolve", &repo.cache))?;
     let mut out: Vec<Target> = Vec::new();
     for v in vols {
         let raw = maps

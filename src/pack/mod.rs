@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::fsutil;
 use crate::id::Id;
 use crate::index::{Commit, Location, PackRow};
 use crate::limits::{OPEN_PACKS_MAX, PACK_SIZE_TARGET};
@@ -184,7 +183,7 @@ impl<'r> Packer<'r> {
             blob::encode(self.kind, id, raw, self.repo.config.zstd_level).map_err(|detail| {
                 Error::Corrupt {
                     what: "new blob",
-                    path: self.repo.root.clone(),
+                    path: self.repo.store.display(""),
                     detail,
                 }
             })?;
@@ -256,14 +255,11 @@ impl<'r> Packer<'r> {
 
     fn commit(&self, mut pack: OpenPack) -> Result<()> {
         let pack_id = Id::of(&pack.bytes);
-        let path = self.repo.pack_path(&pack_id);
-        let dir = path.parent().expect("pack path has a parent");
-        self.repo.ensure_shard(dir)?;
-        // A unique temporary name: another process may be writing the same pack, and a
-        // crashed one may have left a partial file behind.
-        let tmp = fsutil::write_temp_durable(&self.repo.tmp_dir(), &pack.bytes)?;
-        crate::crash::point("pack written");
-        fsutil::persist_durable(tmp, &path)?;
+        self.repo.store.put(
+            &self.repo.pack_key(&pack_id),
+            &pack.bytes,
+            Some("pack written"),
+        )?;
         crate::crash::point("pack committed");
         for (_, loc) in &mut pack.rows {
             loc.pack = pack_id;
@@ -295,17 +291,12 @@ impl PackReader {
         if let Some(f) = open.get(pack) {
             return Ok(f.clone());
         }
-        let path = repo.pack_path(pack);
-        let file = Arc::new(File::open(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                // The pack is gone, or a damaged index row names a pack that never was.
-                Error::Corrupt {
-                    what: "repository: missing pack",
-                    path: path.clone(),
-                    detail: "run `volsnap check`, then `volsnap repair index`".into(),
-                }
-            } else {
-                Error::io("open pack", &path)(e)
+        let file = Arc::new(repo.open_pack(pack)?.ok_or_else(|| {
+            // The pack is gone, or a damaged index row names a pack that never was.
+            Error::Corrupt {
+                what: "repository: missing pack",
+                path: repo.pack_path(pack),
+                detail: "run `volsnap check`, then `volsnap repair index`".into(),
             }
         })?);
         if open.len() >= OPEN_PACKS_MAX {
@@ -545,12 +536,11 @@ pub type Headers = (Vec<(u64, BlobHeader)>, Option<String>);
 
 /// The blob headers of the pack at `path`, as `headers` finds them, reading only the
 /// headers (one small read each) when the file has no holes.
-pub fn read_headers(path: &Path) -> std::io::Result<Headers> {
-    let file = File::open(path)?;
+pub fn read_headers(file: &File) -> std::io::Result<Headers> {
     let len = file.metadata()?.len();
-    let hole = rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(0)).unwrap_or(0);
+    let hole = rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(0)).unwrap_or(0);
     if hole < len {
-        let (bytes, holes) = read_pack(path)?;
+        let (bytes, holes) = read_pack(file)?;
         return Ok(headers(&bytes, &holes));
     }
     let mut head = [0u8; PACK_HEADER_LEN];
@@ -584,9 +574,8 @@ pub fn read_headers(path: &Path) -> std::io::Result<Headers> {
     Ok((out, None))
 }
 
-/// Reads and verifies the blob whose header is at `offset` of the pack at `path`.
-pub fn read_verified_at(path: &Path, offset: u64, header: &BlobHeader) -> std::io::Result<bool> {
-    let file = File::open(path)?;
+/// Reads and verifies the blob whose header is at `offset` of the pack `file`.
+pub fn read_verified_at(file: &File, offset: u64, header: &BlobHeader) -> std::io::Result<bool> {
     let mut stored = vec![0u8; header.stored_len as usize];
     match file.read_exact_at(&mut stored, offset + HEADER_LEN as u64) {
         Ok(()) => Ok(blob::decode_verified(header, &stored).is_ok()),
@@ -598,7 +587,14 @@ pub fn read_verified_at(path: &Path, offset: u64, header: &BlobHeader) -> std::i
 /// Whether the index row `loc` of blob `id` names a header that is that blob's (one
 /// small read; the body is not verified).
 pub fn row_is_sound(repo: &Repository, id: &Id, loc: &Location) -> bool {
-    File::open(repo.pack_path(&loc.pack)).is_ok_and(|file| header_matches(&file, id, loc))
+    let key = repo.pack_key(&loc.pack);
+    let range = loc.offset..loc.offset + HEADER_LEN as u64;
+    match repo.store.get_range(&key, range) {
+        Ok(Some(buf)) if buf.len() == HEADER_LEN => BlobHeader::decode(&buf).is_ok_and(|h| {
+            h.id == *id && h.stored_len == loc.stored_len && h.raw_len == loc.raw_len
+        }),
+        _ => false,
+    }
 }
 
 /// Whether the pack `file` holds the header of blob `id` at `loc` (one small read).
@@ -613,21 +609,22 @@ pub fn header_matches(file: &File, id: &Id, loc: &Location) -> bool {
 
 /// Reads a whole pack file, and the byte ranges of it that are holes (space gc gave
 /// back). A filesystem that cannot report holes reports none.
-pub fn read_pack(path: &Path) -> std::io::Result<(Vec<u8>, Vec<Span>)> {
-    let mut file = File::open(path)?;
+pub fn read_pack(file: &File) -> std::io::Result<(Vec<u8>, Vec<Span>)> {
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
+    let mut reader = file;
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0))?;
+    reader.read_to_end(&mut bytes)?;
     let len = bytes.len() as u64;
     let mut holes = Vec::new();
     let mut at = 0;
     while at < len {
-        let Ok(hole) = rustix::fs::seek(&file, rustix::fs::SeekFrom::Hole(at)) else {
+        let Ok(hole) = rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(at)) else {
             break;
         };
         if hole >= len {
             break;
         }
-        let data = rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(hole)).unwrap_or(len);
+        let data = rustix::fs::seek(file, rustix::fs::SeekFrom::Data(hole)).unwrap_or(len);
         holes.push((hole, data.min(len)));
         at = data;
     }
@@ -781,7 +778,7 @@ mod tests {
             freed >= want && want > 60_000,
             "freed {freed}, punchable {want}"
         );
-        let (read, holes) = read_pack(&path).unwrap();
+        let (read, holes) = read_pack(&File::open(&path).unwrap()).unwrap();
         assert_eq!(read.len(), bytes.len(), "punching changed the file's size");
         assert!(!holes.is_empty());
         let (blobs, stopped) = scan(&read, &holes);

@@ -75,7 +75,7 @@ impl Repository {
 
     /// Takes a lease for an operation of `kind`.
     pub fn lease(&self, kind: &str) -> Result<Lease<'_>> {
-        let dir = locks_dir(&self.root);
+        let dir = locks_dir(&self.cache);
         if !dir.exists() {
             crate::fsutil::create_dir_private(&dir)?;
         }
@@ -122,7 +122,12 @@ impl Repository {
         let guarded = snap
             .guarded_by
             .is_some_and(|l| self.held_leases.lock().expect("lease lock").contains(&l));
-        if !guarded && !self.snapshots_dir().join(snap.id.hex()).exists() {
+        if !guarded
+            && self
+                .store
+                .size(&crate::snapshot::record::record_key(&snap.id))?
+                .is_none()
+        {
             return Err(Error::SnapshotRef {
                 reference: snap.id.hex(),
                 detail: "it was forgotten while this command started; nothing was read".into(),
@@ -140,11 +145,11 @@ impl Repository {
                 self.index.remove_lease(id)?;
                 continue;
             };
-            if lock_is_held(&locks_dir(&self.root).join(&row.lock))? {
+            if lock_is_held(&locks_dir(&self.cache).join(&row.lock))? {
                 out.push((id, row));
             } else {
                 self.index.remove_lease(id)?;
-                let _ = std::fs::remove_file(locks_dir(&self.root).join(&row.lock));
+                let _ = std::fs::remove_file(locks_dir(&self.cache).join(&row.lock));
             }
         }
         Ok(out)

@@ -1,15 +1,24 @@
-//! A repository on disk: layout, config and format version, opening and creating.
+//! A repository: layout, config and format version, opening and creating.
 //!
+//! Ground truth, in the store (`store`: a local directory or an object-store bucket):
 //! ```text
-//! <repo>/config               immutable after init: magic, format version, chunker settings
-//! <repo>/index.redb           the index (derived; see `index`)
-//! <repo>/packs/<2 hex>/<id>.pack
-//! <repo>/snapshots/<id>       one immutable record per snapshot (the commit point)
-//! <repo>/tmp/                 packs and records being written
+//! config                      immutable after init: magic, format version, chunker settings, id
+//! packs/<2 hex>/<id>.pack
+//! snapshots/<id>              one immutable record per snapshot (the commit point)
+//! series/<hex of the name>    the highest version `forget` removed in a series
 //! ```
-//! config file: magic "VSNPCONF" (8) | format version u32 LE | postcard `Config`.
+//! Derived state, in the cache (`Repository::cache`; for a local repository the
+//! repository directory itself, for an object store `$XDG_CACHE_HOME/volsnap/<id>`):
+//! ```text
+//! index.redb                  the index (see `index`)
+//! locks/ journals/ restores/  kernel locks, live-restore journals (this host's)
+//! tmp/                        files being written
+//! ```
+//! config: magic "VSNPCONF" (8) | format version u32 LE | postcard `Config`
+//! | (version 2) repository id, 16 bytes.
 //! Compatibility policy: a build reads every format version up to its own and refuses
-//! newer ones with a message; the version only changes with a migration.
+//! newer ones with a message; the version only changes with a migration. Version 1
+//! had no id (a local repository needs none: its cache is itself).
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -23,9 +32,11 @@ use crate::id::Id;
 use crate::index::Index;
 use crate::limits::{self, FORMAT_VERSION};
 use crate::pack::PackReader;
+use crate::store::{Location, Store};
 
 pub mod lease;
 pub mod repair;
+pub mod sync;
 
 const CONFIG_MAGIC: &[u8; 8] = b"VSNPCONF";
 
@@ -88,14 +99,16 @@ impl Config {
         Ok(())
     }
 
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self, id: &[u8; 16]) -> Vec<u8> {
         let mut out = CONFIG_MAGIC.to_vec();
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&postcard::to_stdvec(self).expect("config encodes"));
+        out.extend_from_slice(id);
         out
     }
 
-    pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Config> {
+    /// Decodes a config file: the settings and, from version 2 on, the repository id.
+    pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<(Config, Option<[u8; 16]>)> {
         let corrupt = |detail: &str| Error::Corrupt {
             what: "config",
             path: path.to_path_buf(),
@@ -112,21 +125,42 @@ impl Config {
                 supported: FORMAT_VERSION,
             });
         }
-        let config: Config =
-            postcard::from_bytes(&bytes[12..]).map_err(|e| corrupt(&e.to_string()))?;
+        let (config, rest): (Config, &[u8]) =
+            postcard::take_from_bytes(&bytes[12..]).map_err(|e| corrupt(&e.to_string()))?;
         config.validate().map_err(|e| corrupt(&e))?;
-        Ok(config)
+        let id = match (version, rest.len()) {
+            (1, 0) => None,
+            (2.., 16) => Some(rest.try_into().expect("16 bytes")),
+            _ => return Err(corrupt("trailing bytes after the settings")),
+        };
+        Ok((config, id))
     }
+}
+
+/// A new repository id: 16 bytes from the kernel's random source.
+fn new_repository_id() -> Result<[u8; 16]> {
+    use std::io::Read;
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .map_err(Error::io("read", "/dev/urandom"))?;
+    Ok(id)
 }
 
 /// An open repository.
 pub struct Repository {
-    pub root: PathBuf,
+    /// Where its ground truth is, as the user named it.
+    pub location: Location,
+    /// The store holding the ground truth (config, packs, records, series files).
+    pub store: Box<dyn Store>,
+    /// The local directory of derived state: index, locks, journals, staging (`tmp`).
+    /// For a local repository, the repository directory itself.
+    pub cache: PathBuf,
+    /// The repository's id (none for a format-1 repository).
+    pub id: Option<[u8; 16]>,
     pub config: Config,
     pub index: Index,
     reader: PackReader,
-    /// Pack shards this process has made durable (see `ensure_shard`).
-    shards: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
     /// Trees built by dry-run snapshots in this process: `tree::load` reads them like
     /// stored ones; they are never written (see `Packer::dry`).
     pub(crate) unstored: std::sync::Mutex<std::collections::HashMap<Id, Vec<u8>>>,
@@ -272,6 +306,15 @@ pub fn default_path() -> PathBuf {
     PathBuf::from(home).join(".local/share/volsnap")
 }
 
+/// A store, its settings and id, and its cache directory.
+type Located = (Box<dyn Store>, Config, Option<[u8; 16]>, PathBuf);
+
+/// Where the derived state of an object-store repository goes: `--cache-dir` if given.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    pub cache_dir: Option<PathBuf>,
+}
+
 impl Repository {
     /// Creates a repository at `root` if none is there. Returns it and whether it was created.
     ///
@@ -280,6 +323,38 @@ impl Repository {
     /// the root filesystem instead is the failure this refuses (see `init_default`
     /// for the one path whose parents are created).
     pub fn init(root: &Path, config: Config) -> Result<(Repository, bool)> {
+        Repository::init_at(
+            &Location::Local(root.to_path_buf()),
+            config,
+            &OpenOptions::default(),
+        )
+    }
+
+    /// Creates a repository at `location` if none is there (`init`). An object-store
+    /// repository needs its bucket to exist; only objects under its prefix are written.
+    pub fn init_at(
+        location: &Location,
+        config: Config,
+        opts: &OpenOptions,
+    ) -> Result<(Repository, bool)> {
+        let Location::Local(root) = location else {
+            let store = location.open_store()?;
+            if store.get("config")?.is_some() {
+                return Ok((Repository::open_at(location, opts)?, false));
+            }
+            if !store.list("")?.is_empty() {
+                return Err(Error::Usage(format!(
+                    "{location} holds objects but no volsnap config: choose another prefix"
+                )));
+            }
+            let id = new_repository_id()?;
+            // Two inits racing on a store without conditional writes may both write;
+            // each then opens whichever config is there (the same settings, so only the
+            // id, and with it the cache directory, differ).
+            let created = store.put_new("config", &config.encode(&id))?;
+            return Ok((Repository::open_at(location, opts)?, created));
+        };
+        let root = root.as_path();
         let config_path = root.join("config");
         if config_path.exists() {
             return Ok((Repository::open(root)?, false));
@@ -304,7 +379,9 @@ impl Repository {
         fsutil::fsync_dir(root)?;
         // The config is the last thing written: a repository without it does not exist.
         // Two concurrent inits race here; the loser keeps the winner's config.
-        let created = fsutil::write_new_durable(&root.join("tmp"), &config_path, &config.encode())?;
+        let id = new_repository_id()?;
+        let created =
+            fsutil::write_new_durable(&root.join("tmp"), &config_path, &config.encode(&id))?;
         Ok((Repository::open(root)?, created))
     }
 
@@ -318,32 +395,71 @@ impl Repository {
         Repository::init(&root, config)
     }
 
+    /// Reads and decodes the config at `location`, and finds the cache directory.
+    fn locate(
+        location: &Location,
+        opts: &OpenOptions,
+    ) -> Result<Located> {
+        let store = location.open_store()?;
+        match location {
+            Location::Local(root) => {
+                let bytes = read_config(root)?;
+                let (config, id) = Config::decode(&root.join("config"), &bytes)?;
+                Ok((store, config, id, root.clone()))
+            }
+            Location::S3 { .. } => {
+                let shown = PathBuf::from(location.to_string());
+                let bytes = store.get("config")?.ok_or_else(|| Error::NoRepository {
+                    path: shown.clone(),
+                    why: Absence::NoConfig,
+                })?;
+                let (config, id) = Config::decode(&store.display("config"), &bytes)?;
+                let Some(id) = id else {
+                    return Err(Error::Corrupt {
+                        what: "config",
+                        path: store.display("config"),
+                        detail: "an object-store repository's config has no id".into(),
+                    });
+                };
+                let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+                let cache = crate::store::cache_dir(&hex, opts.cache_dir.as_deref());
+                fsutil::create_dir_private(&cache)?;
+                for dir in ["tmp", "locks"] {
+                    fsutil::create_dir_private(&cache.join(dir))?;
+                }
+                Ok((store, config, Some(id), cache))
+            }
+        }
+    }
+
     /// Opens an existing repository, for `repair index` only, with a new, empty index
     /// at `index` (a temporary file that `install_index` later renames into place),
     /// holding the repository's open lock exclusively: no other process has the
     /// repository open while the index is rebuilt, and none opens it until the rebuild
     /// is over (they exit with code 11).
-    pub fn open_for_rebuild(root: &Path, index: &Path) -> Result<Repository> {
-        let config_path = root.join("config");
-        let bytes = read_config(root)?;
-        let config = Config::decode(&config_path, &bytes)?;
-        let lock = open_lock(root, true)?;
+    pub fn open_for_rebuild(location: &Location, opts: &OpenOptions) -> Result<Repository> {
+        let (store, config, id, cache) = Repository::locate(location, opts)?;
+        let lock = open_lock(&cache, true)?;
+        let index = rebuild_path(&cache);
         // Left by an interrupted rebuild: start from nothing.
-        match std::fs::remove_file(index) {
+        match std::fs::remove_file(&index) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", index)(e)),
+            Err(e) => return Err(Error::io("remove", &index)(e)),
         }
-        let index = Index::open(index, true)?;
-        Ok(Repository::assemble(root, config, index, lock))
+        let index = Index::open(&index, true)?;
+        Ok(Repository::assemble(
+            location, store, cache, id, config, index, lock,
+        ))
     }
 
-    /// Puts the rebuilt index at `new` in place of `index.redb` in one rename (the old
-    /// file, if any, is kept as `index.redb.old`): at every instant `index.redb` is
-    /// either the old index or the whole new one.
-    pub fn install_index(&self, new: &Path) -> Result<()> {
-        let path = self.root.join("index.redb");
-        let old = self.root.join("index.redb.old");
+    /// Puts the rebuilt index (`open_for_rebuild`) in place of `index.redb` in one
+    /// rename (the old file, if any, is kept as `index.redb.old`): at every instant
+    /// `index.redb` is either the old index or the whole new one.
+    pub fn install_index(&self) -> Result<()> {
+        let new = rebuild_path(&self.cache);
+        let path = self.cache.join("index.redb");
+        let old = self.cache.join("index.redb.old");
         if path.exists() {
             match std::fs::remove_file(&old) {
                 Ok(()) => {}
@@ -352,84 +468,87 @@ impl Repository {
             }
             std::fs::hard_link(&path, &old).map_err(Error::io("keep the old index as", &old))?;
         }
-        fsutil::rename_durable(new, &path)
+        fsutil::rename_durable(&new, &path)
     }
 
-    fn assemble(root: &Path, config: Config, index: Index, open_lock: File) -> Repository {
+    fn assemble(
+        location: &Location,
+        store: Box<dyn Store>,
+        cache: PathBuf,
+        id: Option<[u8; 16]>,
+        config: Config,
+        index: Index,
+        open_lock: File,
+    ) -> Repository {
         Repository {
-            root: root.to_path_buf(),
+            location: location.clone(),
+            store,
+            cache,
+            id,
             config,
             index,
             reader: PackReader::default(),
-            shards: Default::default(),
             unstored: Default::default(),
             _open_lock: open_lock,
             held_leases: Default::default(),
         }
     }
 
-    /// Opens an existing repository.
+    /// Opens an existing local repository.
     pub fn open(root: &Path) -> Result<Repository> {
-        let config_path = root.join("config");
-        let bytes = read_config(root)?;
-        let config = Config::decode(&config_path, &bytes)?;
-        let lock = open_lock(root, false)?;
-        let index = Index::open(&root.join("index.redb"), false)?;
-        Ok(Repository::assemble(root, config, index, lock))
+        Repository::open_at(
+            &Location::Local(root.to_path_buf()),
+            &OpenOptions::default(),
+        )
     }
 
-    pub fn pack_path(&self, id: &Id) -> PathBuf {
-        let hex = id.hex();
-        self.root
-            .join("packs")
-            .join(&hex[..2])
-            .join(format!("{hex}.pack"))
-    }
-
-    /// Makes sure the shard directory `dir` of `packs/` exists durably before a pack is
-    /// renamed into it. Shards are created on first use; every process fsyncs `packs/`
-    /// the first time it uses a shard, whoever created it, so no committed pack depends
-    /// on another (possibly killed) process having made the shard's entry durable.
-    pub fn ensure_shard(&self, dir: &Path) -> Result<()> {
-        let mut known = self.shards.lock().expect("shard lock");
-        if known.contains(dir) {
-            return Ok(());
+    /// Opens an existing repository at `location`. A new cache (a host that has not
+    /// used this object-store repository before) starts with an empty index, which
+    /// `sync` fills from the store.
+    pub fn open_at(location: &Location, opts: &OpenOptions) -> Result<Repository> {
+        let (store, config, id, cache) = Repository::locate(location, opts)?;
+        let lock = open_lock(&cache, false)?;
+        let index = Index::open(&cache.join("index.redb"), !location.is_local())?;
+        let repo = Repository::assemble(location, store, cache, id, config, index, lock);
+        if !location.is_local() {
+            crate::repo::sync::sync(&repo)?;
         }
-        fsutil::create_dir_private(dir)?;
-        fsutil::fsync_dir(dir.parent().expect("shards live in packs/"))?;
-        known.insert(dir.to_path_buf());
-        Ok(())
+        Ok(repo)
     }
 
-    /// Every pack file on disk (indexed or not), by the id in its name.
-    pub fn pack_files(&self) -> Result<Vec<(Id, PathBuf)>> {
-        let dir = self.root.join("packs");
+    /// The key of pack `id` in the store.
+    pub fn pack_key(&self, id: &Id) -> String {
+        let hex = id.hex();
+        format!("packs/{}/{hex}.pack", &hex[..2])
+    }
+
+    /// How messages name pack `id` (its path, or its URL in an object store).
+    pub fn pack_path(&self, id: &Id) -> PathBuf {
+        self.store.display(&self.pack_key(id))
+    }
+
+    /// A local file with the bytes of pack `id`, or `None` if the store has no such pack.
+    pub fn open_pack(&self, id: &Id) -> Result<Option<File>> {
+        self.store.open(&self.pack_key(id), &self.tmp_dir())
+    }
+
+    /// Every pack in the store (indexed or not), by the id in its name, with its size.
+    pub fn pack_files(&self) -> Result<Vec<(Id, u64)>> {
         let mut out = Vec::new();
-        for shard in std::fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
-            let shard = shard.map_err(Error::io("read directory", &dir))?.path();
-            if !shard.is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(&shard).map_err(Error::io("read directory", &shard))? {
-                let f = f.map_err(Error::io("read directory", &shard))?.path();
-                let name = f.file_name().and_then(|n| n.to_str());
-                if let Some(id) = name
-                    .and_then(|n| n.strip_suffix(".pack"))
-                    .and_then(Id::from_hex)
-                {
-                    out.push((id, f));
-                }
+        for object in self.store.list("packs/")? {
+            let name = object.key.rsplit('/').next().unwrap_or("");
+            if let Some(id) = name.strip_suffix(".pack").and_then(Id::from_hex)
+                && object.key == self.pack_key(&id)
+            {
+                out.push((id, object.size));
             }
         }
         Ok(out)
     }
 
+    /// The local directory for files being written (in the cache).
     pub fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
-    }
-
-    pub fn snapshots_dir(&self) -> PathBuf {
-        self.root.join("snapshots")
+        self.cache.join("tmp")
     }
 
     /// Reads and verifies the blob `id`.
@@ -450,4 +569,11 @@ impl Repository {
             .ok_or(Error::MissingChunk { id: *id })?;
         self.reader.read_encoded(self, id, &loc)
     }
+}
+
+/// Where `repair index` builds the new index.
+fn rebuild_path(cache: &Path) -> PathBuf {
+    cache
+        .join("tmp")
+        .join(format!("index-rebuild-{}.redb", std::process::id()))
 }

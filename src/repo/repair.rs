@@ -4,13 +4,13 @@
 //! damaged pack still yields its sound blobs. Snapshot rows come from the record files.
 //! The files cache starts empty: the next snapshot of each series reads its files again.
 
-use std::path::Path;
-
 use crate::error::Result;
+use crate::id::Id;
 use crate::index::{Commit, Location, PackRow};
 use crate::progress::Progress;
-use crate::repo::Repository;
+use crate::repo::{OpenOptions, Repository};
 use crate::snapshot;
+use crate::store::Location as StoreLocation;
 
 /// What a rebuild found.
 #[derive(Clone, Debug, Default)]
@@ -23,17 +23,19 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
-/// Rebuilds the index of the repository at `root` into a new file beside it, then
-/// renames it into place (the old index, if any, is kept as `index.redb.old`). Runs
-/// only while no other process has the repository open, and keeps every other process
-/// out until it is done; interrupted, it leaves the old index as it was.
-pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
-    let new = root
-        .join("tmp")
-        .join(format!("index-rebuild-{}.redb", std::process::id()));
-    let repo = Repository::open_for_rebuild(root, &new)?;
+/// Rebuilds the index of the repository at `location` into a new file beside it
+/// (in its cache), then renames it into place (the old index, if any, is kept as
+/// `index.redb.old`). Runs only while no other process has the repository open, and
+/// keeps every other process out until it is done; interrupted, it leaves the old
+/// index as it was.
+pub fn rebuild_index(
+    location: &StoreLocation,
+    opts: &OpenOptions,
+    progress: &Progress,
+) -> Result<Report> {
+    let repo = Repository::open_for_rebuild(location, opts)?;
     // Processes of builds that do not take the open lock still hold leases.
-    if Repository::any_live_lock(root)? {
+    if Repository::any_live_lock(&repo.cache)? {
         return Err(crate::error::Error::Busy(
             "another volsnap operation is running on this repository; repair the index when it has finished".into(),
         ));
@@ -41,63 +43,83 @@ pub fn rebuild_index(root: &Path, progress: &Progress) -> Result<Report> {
     let mut report = Report::default();
     let mut files = repo.pack_files()?;
     files.sort();
-    for (pack, path) in files {
-        let (bytes, holes) = match crate::pack::read_pack(&path) {
-            Ok(b) => b,
-            Err(e) => {
-                report
-                    .problems
-                    .push(format!("read {}: {e}", path.display()));
-                continue;
-            }
-        };
-        progress.add(1, bytes.len() as u64);
-        let (blobs, stopped) = crate::pack::scan(&bytes, &holes);
-        if let Some(why) = stopped {
-            report
-                .problems
-                .push(format!("pack {}: {why}", path.display()));
-        }
-        let mut rows = Vec::new();
-        let mut kind = None;
-        for b in &blobs {
-            match &b.verified {
-                Ok(()) => {
-                    kind.get_or_insert(b.header.kind as u8);
-                    rows.push((
-                        b.header.id,
-                        Location {
-                            pack,
-                            offset: b.offset,
-                            stored_len: b.header.stored_len,
-                            raw_len: b.header.raw_len,
-                        },
-                    ));
-                }
-                // Given back by gc: nothing referenced it.
-                Err(_) if b.collected => {}
-                Err(why) => {
-                    report.damaged_blobs += 1;
-                    report.problems.push(format!(
-                        "pack {}: blob {} at offset {}: {why}",
-                        path.display(),
-                        b.header.id.short(),
-                        b.offset
-                    ));
-                }
-            }
-        }
-        let row = PackRow {
-            kind: kind.unwrap_or(0),
-            size_bytes: bytes.len() as u64,
-            blobs: rows.len() as u64,
-        };
-        report.packs += 1;
-        report.blobs += rows.len() as u64;
-        repo.index.commit_pack(&pack, &row, &rows, Commit::Store)?;
+    for (pack, _) in files {
+        index_pack(&repo, &pack, &mut report, progress)?;
     }
     report.snapshots = snapshot::list_all(&repo)?.len() as u64;
     crate::crash::point("repair index built");
-    repo.install_index(&new)?;
+    repo.install_index()?;
     Ok(report)
+}
+
+/// Scans pack `pack` and indexes every blob in it that verifies; what does not is
+/// counted and named in `report`.
+pub(crate) fn index_pack(
+    repo: &Repository,
+    pack: &Id,
+    report: &mut Report,
+    progress: &Progress,
+) -> Result<()> {
+    let path = repo.pack_path(pack);
+    let read = repo
+        .open_pack(pack)
+        .and_then(|f| {
+            f.ok_or_else(|| crate::error::Error::Corrupt {
+                what: "pack",
+                path: path.clone(),
+                detail: "vanished while being read".into(),
+            })
+        })
+        .and_then(|f| crate::pack::read_pack(&f).map_err(crate::error::Error::io("read", &path)));
+    let (bytes, holes) = match read {
+        Ok(b) => b,
+        Err(e) => {
+            report.problems.push(e.to_string());
+            return Ok(());
+        }
+    };
+    progress.add(1, bytes.len() as u64);
+    let (blobs, stopped) = crate::pack::scan(&bytes, &holes);
+    if let Some(why) = stopped {
+        report
+            .problems
+            .push(format!("pack {}: {why}", path.display()));
+    }
+    let mut rows = Vec::new();
+    let mut kind = None;
+    for b in &blobs {
+        match &b.verified {
+            Ok(()) => {
+                kind.get_or_insert(b.header.kind as u8);
+                rows.push((
+                    b.header.id,
+                    Location {
+                        pack: *pack,
+                        offset: b.offset,
+                        stored_len: b.header.stored_len,
+                        raw_len: b.header.raw_len,
+                    },
+                ));
+            }
+            // Given back by gc: nothing referenced it.
+            Err(_) if b.collected => {}
+            Err(why) => {
+                report.damaged_blobs += 1;
+                report.problems.push(format!(
+                    "pack {}: blob {} at offset {}: {why}",
+                    path.display(),
+                    b.header.id.short(),
+                    b.offset
+                ));
+            }
+        }
+    }
+    let row = PackRow {
+        kind: kind.unwrap_or(0),
+        size_bytes: bytes.len() as u64,
+        blobs: rows.len() as u64,
+    };
+    report.packs += 1;
+    report.blobs += rows.len() as u64;
+    repo.index.commit_pack(pack, &row, &rows, Commit::Store)
 }

@@ -226,10 +226,10 @@ pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
     crate::crash::point("snapshot version reserved");
     let bytes = snapshot.encode();
     let id = Id::of(&bytes);
-    let path = repo.snapshots_dir().join(id.hex());
-    if let Err(e) = fsutil::atomic_write(&repo.tmp_dir(), &path, &bytes) {
+    let key = record_key(&id);
+    if let Err(e) = repo.store.put(&key, &bytes, None) {
         // The user is told this snapshot failed: it must not appear later.
-        let _ = std::fs::remove_file(&path);
+        let _ = repo.store.delete(&key);
         return Err(e);
     }
     crate::crash::point("snapshot record written");
@@ -244,12 +244,17 @@ pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
     })
 }
 
+/// The store key of the record with id `id`.
+pub fn record_key(id: &Id) -> String {
+    format!("snapshots/{}", id.hex())
+}
+
 const SERIES_MAGIC: &[u8; 8] = b"VSNPSERI";
 
-/// The file holding the highest version of `series` that `forget` removed.
-fn forgotten_path(repo: &Repository, series: &str) -> std::path::PathBuf {
+/// The key of the object holding the highest version of `series` that `forget` removed.
+fn forgotten_key(series: &str) -> String {
     let hex: String = series.bytes().map(|b| format!("{b:02x}")).collect();
-    repo.root.join("series").join(hex)
+    format!("series/{hex}")
 }
 
 /// The highest version of `series` whose record `forget` removed (0: none). The index's
@@ -257,18 +262,17 @@ fn forgotten_path(repo: &Repository, series: &str) -> std::path::PathBuf {
 /// and without this a forgotten snapshot's number would be handed out again, so that
 /// `SERIES@N` would name other data than it did.
 pub fn forgotten_version(repo: &Repository, series: &str) -> Result<u64> {
-    let path = forgotten_path(repo, series);
-    match std::fs::read(&path) {
-        Ok(b) if b.len() == 16 && &b[..8] == SERIES_MAGIC => {
+    let key = forgotten_key(series);
+    match repo.store.get(&key)? {
+        Some(b) if b.len() == 16 && &b[..8] == SERIES_MAGIC => {
             Ok(u64::from_le_bytes(b[8..].try_into().expect("8 bytes")))
         }
-        Ok(_) => Err(Error::Corrupt {
+        Some(_) => Err(Error::Corrupt {
             what: "series file",
-            path,
+            path: repo.store.display(&key),
             detail: "not a highest forgotten version".into(),
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(Error::io("read", &path)(e)),
+        None => Ok(0),
     }
 }
 
@@ -279,19 +283,14 @@ pub fn remember_forgotten(repo: &Repository, highest: &HashMap<String, u64>) -> 
     if highest.is_empty() {
         return Ok(());
     }
-    let lock_path = repo.root.join("locks").join("series.lock");
+    let lock_path = repo.cache.join("locks").join("series.lock");
     let lock = fsutil::open_lock_file(&lock_path)?;
     lock.lock().map_err(Error::io("lock", &lock_path))?;
-    let dir = repo.root.join("series");
-    if !dir.is_dir() {
-        fsutil::create_dir_private_here(&dir)?;
-        fsutil::fsync_dir(&repo.root)?;
-    }
     for (series, &version) in highest {
         if version > forgotten_version(repo, series)? {
             let mut bytes = SERIES_MAGIC.to_vec();
             bytes.extend_from_slice(&version.to_le_bytes());
-            fsutil::atomic_write(&repo.tmp_dir(), &forgotten_path(repo, series), &bytes)?;
+            repo.store.put(&forgotten_key(series), &bytes, None)?;
         }
     }
     Ok(())
@@ -302,12 +301,7 @@ pub fn remember_forgotten(repo: &Repository, highest: &HashMap<String, u64>) -> 
 /// appears: like a `forget`, which is always safe. Returns `cause`, extended when the
 /// record could not be removed.
 pub fn withdraw(repo: &Repository, id: &Id, cause: Error) -> Error {
-    let dir = repo.snapshots_dir();
-    let path = dir.join(id.hex());
-    match std::fs::remove_file(&path)
-        .map_err(Error::io("remove", &path))
-        .and_then(|()| fsutil::fsync_dir(&dir))
-    {
+    match repo.store.delete(&record_key(id)) {
         Ok(()) => cause,
         Err(e) => Error::Refused(format!(
             "{cause}; the record of the failed snapshot {} could not be removed ({e}), so it \
@@ -346,7 +340,7 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
         Ok(rows) => rows.into_iter().collect(),
         Err(e) if e.is_index_unusable() => {
             out.problems
-                .push((repo.root.join("index.redb"), e.to_string()));
+                .push((repo.cache.join("index.redb"), e.to_string()));
             HashMap::new()
         }
         Err(e) => return Err(e),
@@ -354,11 +348,9 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
     let index_usable = out.problems.is_empty();
     // Listed after the rows were read: a record committed in between has a file and
     // no row (adopted below), never a row whose file was not looked for.
-    let dir = repo.snapshots_dir();
     let mut on_disk = Vec::new();
-    for entry in std::fs::read_dir(&dir).map_err(Error::io("read directory", &dir))? {
-        let entry = entry.map_err(Error::io("read directory", &dir))?;
-        if let Some(id) = entry.file_name().to_str().and_then(Id::from_hex) {
+    for object in repo.store.list("snapshots/")? {
+        if let Some(id) = object.key.strip_prefix("snapshots/").and_then(Id::from_hex) {
             on_disk.push(id);
         }
     }
@@ -369,15 +361,16 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
         let (bytes, from_file) = match row {
             Some(bytes) => (bytes, false),
             None => {
-                let path = dir.join(id.hex());
-                match std::fs::read(&path) {
-                    Ok(b) if Id::of(&b) == *id => (b, true),
-                    Ok(_) => {
+                let key = record_key(id);
+                let path = repo.store.display(&key);
+                match repo.store.get(&key) {
+                    Ok(Some(b)) if Id::of(&b) == *id => (b, true),
+                    Ok(Some(_)) => {
                         out.problems
                             .push((path, "record does not match its name (damaged)".into()));
                         continue;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // forgotten meanwhile
+                    Ok(None) => continue, // forgotten meanwhile
                     Err(e) => {
                         out.problems.push((path, e.to_string()));
                         continue;
@@ -396,7 +389,7 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
                     guarded_by,
                 });
             }
-            Err(e) => out.problems.push((dir.join(id.hex()), e)),
+            Err(e) => out.problems.push((repo.store.display(&record_key(id)), e)),
         }
     }
     // Rows left over name no record file: forgotten, or keys damaged in the index.
@@ -407,7 +400,7 @@ pub fn scan(repo: &Repository) -> Result<Scan> {
             // Mending is best effort: the records were read from their files.
             Err(e) if e.is_index_unusable() => {
                 out.problems
-                    .push((repo.root.join("index.redb"), e.to_string()));
+                    .push((repo.cache.join("index.redb"), e.to_string()));
             }
             Err(e) => return Err(e),
         }

@@ -43,7 +43,7 @@ fn init_creates_a_private_repository() {
     let repo = Repo::uninit();
     let out = repo.ok(["init"]);
     assert_eq!(out["repo"], repo.path.to_str().unwrap(), "{out}");
-    assert_eq!(out["format_version"], 1, "{out}");
+    assert_eq!(out["format_version"], 2, "{out}");
     assert_eq!(out["created"], true, "{out}");
     assert_eq!(
         fs::metadata(&repo.path).unwrap().permissions().mode() & 0o777,
@@ -877,4 +877,31 @@ fn hardlinks_stay_within_their_volume_when_volumes_are_identical() {
         );
         assert_eq!(a.nlink(), 2, "{label}: linked across volumes");
     }
+}
+
+#[test]
+fn a_format_1_repository_is_still_read_and_written() {
+    let repo = Repo::new();
+    let data = tempfile::tempdir().unwrap();
+    fs::write(data.path().join("a"), b"one").unwrap();
+    repo.snapshot(&[data.path()], &["--name", "s"]);
+    // The config of format version 1: the same settings, no repository id.
+    let config = repo.path.join("config");
+    let mut bytes = fs::read(&config).unwrap();
+    assert_eq!(&bytes[8..12], &2u32.to_le_bytes());
+    bytes.truncate(bytes.len() - 16);
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    fs::write(&config, &bytes).unwrap();
+    fs::write(data.path().join("b"), b"two").unwrap();
+    repo.snapshot(&[data.path()], &["--name", "s"]);
+    assert_eq!(repo.list(&[]).len(), 2);
+    let dest = repo.scratch("r");
+    repo.restore("s@2", &dest);
+    assert_eq!(fs::read(dest.join("b")).unwrap(), b"two");
+    // And a config that claims version 1 but carries an id is damage, not silently read.
+    let mut bad = bytes.clone();
+    bad.extend_from_slice(&[0; 16]);
+    fs::write(&config, &bad).unwrap();
+    let err = repo.run(["list"]).error_line();
+    assert!(err.contains("corrupt config"), "{err}");
 }
