@@ -44,7 +44,6 @@
 //! repository with other chunk sizes do not deduplicate with the copied ones.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -125,9 +124,13 @@ pub fn copy_key(snapshot: &Snapshot) -> Id {
 
 /// Whether two repository directories are one (the same directory, by device and
 /// inode, however it is named).
-pub fn same_repository(a: &Path, b: &Path) -> bool {
+pub fn same_repository(a: &Repository, b: &Repository) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
+    if let (Some(x), Some(y)) = (a.id, b.id) {
+        return x == y;
+    }
+    // Format-1 repositories have no id: the same directory is the same repository.
+    match (std::fs::metadata(&a.cache), std::fs::metadata(&b.cache)) {
         (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
         _ => false,
     }
@@ -145,10 +148,10 @@ pub fn copy(
     progress: &Progress,
 ) -> Result<Report> {
     let started = Instant::now();
-    if same_repository(&source.root, &dest.root) {
+    if same_repository(source, dest) {
         return Err(Error::Usage(format!(
-            "{} is the repository copied from: copy to another one",
-            dest.root.display()
+            "{} and {} are the same repository: copy between two repositories",
+            source.location, dest.location
         )));
     }
     // Before anything is listed: gc on either side keeps what the listed snapshots name
@@ -273,7 +276,7 @@ fn select(source: &Repository, all: &[Listed], selection: &Selection) -> Result<
                 reference,
                 detail: format!(
                     "{detail} (in repository {}, the one copied from)",
-                    source.root.display()
+                    source.location
                 ),
             },
             other => other,

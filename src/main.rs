@@ -433,15 +433,21 @@ fn open(target: &RepoArg) -> anyhow::Result<Repository> {
 /// Opens the repository named by `copy --to` or `--from`, as `--repo` is opened: the
 /// one place that turns that argument into a repository. `this` is `--repo`'s path: a
 /// copy within one repository is refused before it is opened twice.
-fn open_other_repo(arg: &str, this: &std::path::Path) -> anyhow::Result<Repository> {
-    let path = PathBuf::from(arg);
-    if volsnap::copy::same_repository(this, &path) {
+fn open_other_repo(arg: &str, this: &RepoArg) -> anyhow::Result<Repository> {
+    let location = Location::parse(std::ffi::OsStr::new(arg))
+        .map_err(|e| Error::Usage(format!("{arg}: {e}")))?;
+    if location == this.location {
         return Err(Error::Usage(format!(
             "{arg} is the repository --repo names: copy between two repositories"
         ))
         .into());
     }
-    open(&path)
+    // Its own cache: --cache-dir names the cache of --repo only.
+    open(&RepoArg {
+        location,
+        named: true,
+        opts: repo::OpenOptions::default(),
+    })
 }
 
 /// Recovers interrupted in-place restores and quiesces, saying so on stderr.
@@ -996,13 +1002,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             // one is made on first use, so a new host can be seeded from a copy).
             let (source, dest) = match (&to, &from) {
                 (Some(to), _) => {
-                    let source = open(&path)?;
-                    let dest = open_other_repo(to, &path)?;
+                    let source = open(&repo_at)?;
+                    let dest = open_other_repo(to, &repo_at)?;
                     (source, dest)
                 }
                 (None, Some(from)) => {
-                    let source = open_other_repo(from, &path)?;
-                    let dest = open_for_snapshot(&path, named)?;
+                    let source = open_other_repo(from, &repo_at)?;
+                    let dest = open_for_snapshot(&repo_at)?;
                     (source, dest)
                 }
                 (None, None) => unreachable!("clap requires --to or --from"),
@@ -1014,8 +1020,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })?;
             let value = render::copy_json(
                 &report,
-                &source.root.display().to_string(),
-                &dest.root.display().to_string(),
+                &source.location.to_string(),
+                &dest.location.to_string(),
             );
             emit(json, &value, || render::copy_text(&report))?;
             let unreadable = if every { report.problems.len() } else { 0 };
@@ -1023,8 +1029,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 eprintln!(
                     "error: {} snapshot(s) of {} could not be copied (nothing of them was committed in {}); the first, {} ({}@{}): {}",
                     report.failed.len(),
-                    source.root.display(),
-                    dest.root.display(),
+                    source.location,
+                    dest.location,
                     f.source.id.short(),
                     f.source.snapshot.series,
                     f.source.snapshot.version,
@@ -1035,7 +1041,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             if let Some((path, why)) = report.problems.first().filter(|_| unreadable > 0) {
                 eprintln!(
                     "error: {unreadable} snapshot record(s) of {} cannot be read and were not copied; the first, {}: {why} (run `volsnap check`)",
-                    source.root.display(),
+                    source.location,
                     path.display()
                 );
                 return Ok(exit::ERROR);

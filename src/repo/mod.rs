@@ -396,10 +396,7 @@ impl Repository {
     }
 
     /// Reads and decodes the config at `location`, and finds the cache directory.
-    fn locate(
-        location: &Location,
-        opts: &OpenOptions,
-    ) -> Result<Located> {
+    fn locate(location: &Location, opts: &OpenOptions) -> Result<Located> {
         let store = location.open_store()?;
         match location {
             Location::Local(root) => {
