@@ -35,6 +35,8 @@ pub struct S3Store {
     prefix: String,
     client: Arc<dyn ObjectStore>,
     rt: tokio::runtime::Runtime,
+    /// The most time a request may take with its retries.
+    budget: Duration,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -124,6 +126,7 @@ impl S3Store {
             )));
         };
         let timeout = seconds("VOLSNAP_S3_TIMEOUT_SECONDS", 30)?;
+        let budget = seconds("VOLSNAP_S3_RETRY_SECONDS", 60)?;
         let retry = RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(100),
@@ -131,7 +134,7 @@ impl S3Store {
                 base: 2.0,
             },
             max_retries: 1000,
-            retry_timeout: seconds("VOLSNAP_S3_RETRY_SECONDS", 60)?,
+            retry_timeout: budget,
         };
         let options = ClientOptions::new()
             .with_allow_http(true)
@@ -169,6 +172,7 @@ impl S3Store {
             prefix: prefix.to_string(),
             client: Arc::new(client),
             rt,
+            budget,
         })
     }
 
@@ -219,6 +223,60 @@ fn not_found(e: &object_store::Error) -> bool {
     matches!(e, object_store::Error::NotFound { .. })
 }
 
+impl S3Store {
+    /// Runs `attempt` until it succeeds, fails for good, or the retry budget
+    /// (`VOLSNAP_S3_RETRY_SECONDS`) is spent. `object_store` already retries each request
+    /// on connection errors, 5xx answers and GET bodies cut short; this outer loop also
+    /// covers what it does not retry: a listing or a HEAD whose answer is cut short, a
+    /// connection reset while a response body is read. An answer that will not change
+    /// (not found, 4xx, refused credentials) is not retried.
+    async fn retrying<T, F, Fut>(
+        &self,
+        mut attempt: F,
+    ) -> std::result::Result<T, object_store::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
+    {
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(e) if !transient(&e) || started.elapsed() + pause > self.budget => {
+                    return Err(e);
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error may go away by asking again: transport and server errors, not a
+/// missing object, a refusal, or a client error (4xx).
+fn transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. }
+        | E::AlreadyExists { .. }
+        | E::Precondition { .. }
+        | E::NotModified { .. }
+        | E::NotImplemented
+        | E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::NotSupported { .. }
+        | E::InvalidPath { .. }
+        | E::UnknownConfigurationKey { .. } => false,
+        other => {
+            let text = one_line(other);
+            !(text.contains("status code: 4") || text.contains("Client error with status 4"))
+        }
+    }
+}
+
 impl Store for S3Store {
     fn location(&self) -> String {
         if self.prefix.is_empty() {
@@ -234,17 +292,15 @@ impl Store for S3Store {
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(key);
-        self.rt.block_on(async {
-            let got = match self.client.get(&path).await {
-                Ok(g) => g,
-                Err(e) if not_found(&e) => return Ok(None),
-                Err(e) => return Err(self.fail("read", key, &e)),
-            };
-            match got.bytes().await {
-                Ok(b) => Ok(Some(b.to_vec())),
-                Err(e) => Err(self.fail("read", key, &e)),
-            }
-        })
+        self.rt
+            .block_on(self.retrying(|| async {
+                match self.client.get(&path).await {
+                    Ok(g) => Ok(Some(g.bytes().await?.to_vec())),
+                    Err(e) if not_found(&e) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }))
+            .map_err(|e| self.fail("read", key, &e))
     }
 
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Vec<u8>>> {
@@ -252,55 +308,65 @@ impl Store for S3Store {
             return self.size(key).map(|s| s.map(|_| Vec::new()));
         }
         let path = self.path(key);
-        self.rt.block_on(async {
-            // A range past the end is an error in S3: clamp it to the object's size.
-            let size = match self.client.head(&path).await {
-                Ok(m) => m.size,
-                Err(e) if not_found(&e) => return Ok(None),
-                Err(e) => return Err(self.fail("read", key, &e)),
-            };
-            let end = range.end.min(size);
-            if range.start >= end {
-                return Ok(Some(Vec::new()));
-            }
-            match self.client.get_range(&path, range.start..end).await {
-                Ok(b) => Ok(Some(b.to_vec())),
-                Err(e) if not_found(&e) => Ok(None),
-                Err(e) => Err(self.fail("read", key, &e)),
-            }
-        })
+        self.rt
+            .block_on(self.retrying(|| async {
+                // A range past the end is an error in S3: clamp it to the object's size.
+                let size = match self.client.head(&path).await {
+                    Ok(m) => m.size,
+                    Err(e) if not_found(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let end = range.end.min(size);
+                if range.start >= end {
+                    return Ok(Some(Vec::new()));
+                }
+                match self.client.get_range(&path, range.start..end).await {
+                    Ok(b) => Ok(Some(b.to_vec())),
+                    Err(e) if not_found(&e) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }))
+            .map_err(|e| self.fail("read", key, &e))
     }
 
     fn open(&self, key: &str, tmp: &Path) -> Result<Option<File>> {
         let path = self.path(key);
-        let mut file = tempfile::tempfile_in(tmp).map_err(Error::io("create a file in", tmp))?;
-        self.rt
-            .block_on(async {
-                let got = match self.client.get(&path).await {
-                    Ok(g) => g,
-                    Err(e) if not_found(&e) => return Ok(None),
-                    Err(e) => return Err(self.fail("read", key, &e)),
-                };
-                let mut stream = got.into_stream();
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| self.fail("read", key, &e))?;
-                    file.write_all(&chunk)
-                        .map_err(Error::io("write a copy of an object into", tmp))?;
-                }
-                Ok(Some(()))
-            })?
-            .map_or(Ok(None), |()| Ok(Some(file)))
+        let fetched = self.rt.block_on(self.retrying(|| async {
+            let got = match self.client.get(&path).await {
+                Ok(g) => g,
+                Err(e) if not_found(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            // A new file per attempt: an attempt cut short leaves nothing behind.
+            let mut file =
+                tempfile::tempfile_in(tmp).map_err(|e| object_store::Error::Generic {
+                    store: "local",
+                    source: Box::new(e),
+                })?;
+            let mut stream = got.into_stream();
+            while let Some(chunk) = stream.next().await {
+                file.write_all(&chunk?)
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "local",
+                        source: Box::new(e),
+                    })?;
+            }
+            Ok(Some(file))
+        }));
+        fetched.map_err(|e| self.fail("read", key, &e))
     }
 
     fn size(&self, key: &str) -> Result<Option<u64>> {
         let path = self.path(key);
-        self.rt.block_on(async {
-            match self.client.head(&path).await {
-                Ok(m) => Ok(Some(m.size)),
-                Err(e) if not_found(&e) => Ok(None),
-                Err(e) => Err(self.fail("stat", key, &e)),
-            }
-        })
+        self.rt
+            .block_on(self.retrying(|| async {
+                match self.client.head(&path).await {
+                    Ok(m) => Ok(Some(m.size)),
+                    Err(e) if not_found(&e) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }))
+            .map_err(|e| self.fail("stat", key, &e))
     }
 
     fn put(&self, key: &str, bytes: &[u8], staged: Option<&'static str>) -> Result<()> {
@@ -308,14 +374,15 @@ impl Store for S3Store {
             crate::crash::point(point);
         }
         let path = self.path(key);
-        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(bytes));
-        self.rt.block_on(async {
-            self.client
-                .put(&path, payload)
-                .await
-                .map(drop)
-                .map_err(|e| self.fail("write", key, &e))
-        })
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        self.rt
+            .block_on(self.retrying(|| async {
+                self.client
+                    .put(&path, PutPayload::from(body.clone()))
+                    .await
+                    .map(drop)
+            }))
+            .map_err(|e| self.fail("write", key, &e))
     }
 
     fn put_new(&self, key: &str, bytes: &[u8]) -> Result<bool> {
@@ -329,31 +396,34 @@ impl Store for S3Store {
 
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key);
-        self.rt.block_on(async {
-            match self.client.delete(&path).await {
-                Ok(()) => Ok(()),
-                Err(e) if not_found(&e) => Ok(()),
-                Err(e) => Err(self.fail("delete", key, &e)),
-            }
-        })
+        self.rt
+            .block_on(self.retrying(|| async {
+                match self.client.delete(&path).await {
+                    Err(e) if not_found(&e) => Ok(()),
+                    other => other,
+                }
+            }))
+            .map_err(|e| self.fail("delete", key, &e))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<Object>> {
         let path = self.path(prefix.trim_end_matches('/'));
-        self.rt.block_on(async {
-            let mut stream = self.client.list(Some(&path));
-            let mut out = Vec::new();
-            while let Some(meta) = stream.next().await {
-                let meta = meta.map_err(|e| self.fail("list", prefix, &e))?;
-                if let Some(key) = self.key_of(&meta.location) {
-                    out.push(Object {
-                        key,
-                        size: meta.size,
-                    });
+        self.rt
+            .block_on(self.retrying(|| async {
+                let mut stream = self.client.list(Some(&path));
+                let mut out = Vec::new();
+                while let Some(meta) = stream.next().await {
+                    let meta = meta?;
+                    if let Some(key) = self.key_of(&meta.location) {
+                        out.push(Object {
+                            key,
+                            size: meta.size,
+                        });
+                    }
                 }
-            }
-            Ok(out)
-        })
+                Ok(out)
+            }))
+            .map_err(|e| self.fail("list", prefix, &e))
     }
 
     fn punch(&self, _key: &str, _runs: &[(u64, u64)]) -> Result<Option<u64>> {
