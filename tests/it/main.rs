@@ -17,6 +17,7 @@ mod crash;
 mod docker;
 mod export;
 mod faults;
+mod garage;
 mod gc;
 mod growth;
 mod hostile;

@@ -28,6 +28,28 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Whether `CI` is set to a true value: anything but empty, `0`, `false`, `no` and
+/// `off` (any case), as CI services set it (`true`, `1`, `yes`).
+pub fn in_ci(value: Option<&str>) -> bool {
+    value.is_some_and(|v| {
+        let v = v.trim().to_ascii_lowercase();
+        !v.is_empty() && !["0", "false", "no", "off"].contains(&v.as_str())
+    })
+}
+
+/// A component a test drives (the Docker engine, Garage) is missing, as `why` says:
+/// in CI that fails the test, since CI must run it; elsewhere the caller skips the
+/// test after this note.
+#[track_caller]
+pub fn missing_component(why: &str) {
+    let ci = std::env::var("CI").ok();
+    assert!(
+        !in_ci(ci.as_deref()),
+        "CI={ci:?} but {why}: these tests must run in CI"
+    );
+    eprintln!("{why}: skipping");
+}
+
 /// A scratch directory on the real disk holding a repository (`new`: made by
 /// `volsnap init`; `uninit`: only a path) and any data directories.
 pub struct Repo {
