@@ -1179,6 +1179,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 "blobs": report.blobs,
                 "damaged_blobs": report.damaged_blobs,
                 "snapshots": report.snapshots,
+                "logs": report.logs,
+                "packs_scanned": report.packs_scanned,
                 "problems": report.problems,
             });
             emit(json, &value, || {

@@ -374,6 +374,12 @@ pub fn gc(
         .filter(|id| !indexed.contains(id))
         .collect();
     let kept = keep_referenced(repo, &leftovers, &reach2, &mut report, progress)?;
+    let doomed: Vec<Id> = leftovers
+        .iter()
+        .filter(|id| !kept.contains(id))
+        .copied()
+        .collect();
+    crate::repo::sync::log_removed(repo, &doomed)?;
     for id in leftovers {
         if !kept.contains(&id) {
             repo.store.delete(&repo.pack_key(&id))?;
@@ -668,6 +674,8 @@ fn allocated(repo: &Repository, pack: &Id, size: u64) -> u64 {
 }
 
 fn delete_pack(repo: &Repository, pack: &Id) -> Result<()> {
+    // Other hosts drop their rows of it (object stores; see `repo::sync`).
+    crate::repo::sync::log_removed(repo, std::slice::from_ref(pack))?;
     // Row first: a crash after it leaves an unindexed file, removed by the next gc.
     repo.index.remove_pack(pack)?;
     repo.store.delete(&repo.pack_key(pack))?;

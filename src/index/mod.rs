@@ -7,6 +7,11 @@
 //! - `series`: series name → highest version ever allocated (u64)
 //! - `files`: files-cache key → files-cache value (owned by `snapshot::cache`)
 //! - `meta`: name → bytes
+//! - `sync`: host id (hex) → the sequence number of the last of its logs applied here
+//! - `gone`: pack id (32) → 0: packs a removal log named (their logs are not applied)
+//! - `alt`: blob id (32) ++ pack id (32) → `Location`: other copies of a blob that sync
+//!   saw in another host's pack while the blob already had a row (used when a removal
+//!   takes the row's pack away)
 //!
 //! **Invariant:** the index is derived data. Every row can be rebuilt from the packs and
 //! the snapshot record files; losing `index.redb` loses nothing but time.
@@ -39,6 +44,12 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// dropped the files-cache rows that may name it: while any entry is here,
 /// `any_condemned` holds and writers check their cache hits. (The value is unused.)
 const CONDEMNED: TableDefinition<&[u8], u64> = TableDefinition::new("condemned");
+/// Sync cursors: host id (hex) → sequence number of the last log of that host applied.
+const SYNC: TableDefinition<&str, u64> = TableDefinition::new("sync");
+/// Packs a removal log named: a log of one of them seen later is not applied.
+const GONE: TableDefinition<&[u8], u64> = TableDefinition::new("gone");
+/// Other copies of blobs (blob id ++ pack id → location), from other hosts' logs.
+const ALT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("alt");
 
 /// Where a blob lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,6 +210,9 @@ impl Index {
                 txn.open_table(LEASES)?;
                 txn.open_table(COUNTERS)?;
                 txn.open_table(CONDEMNED)?;
+                txn.open_table(SYNC)?;
+                txn.open_table(GONE)?;
+                txn.open_table(ALT)?;
                 Ok(())
             })?;
         }
@@ -412,6 +426,180 @@ impl Index {
                 }
                 txn.open_table(PACKS)?.insert(&pack.0[..], &row_bytes[..])?;
                 Ok(())
+            })
+        })
+    }
+
+    /// Where sync stands with every host: host id (hex) → sequence number of the last
+    /// of its logs applied here.
+    pub fn sync_cursors(&self) -> Result<std::collections::HashMap<String, u64>> {
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = match txn.open_table(SYNC) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Default::default()),
+                Err(e) => return Err(self.err(e)),
+            };
+            let mut out = std::collections::HashMap::new();
+            for item in table.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                out.insert(k.value().to_string(), v.value());
+            }
+            Ok(out)
+        })
+    }
+
+    /// Moves the cursor of `host` to `seq` unless it is already there or beyond.
+    pub fn advance_sync_cursor(&self, host: &str, seq: u64) -> Result<()> {
+        self.guard(|| {
+            self.write(|txn| {
+                let mut table = txn.open_table(SYNC)?;
+                let current = table.get(host)?.map_or(0, |v| v.value());
+                if seq > current {
+                    table.insert(host, seq)?;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Whether a removal log named `pack`.
+    pub fn is_gone(&self, pack: &Id) -> Result<bool> {
+        self.guard(|| {
+            let txn = self.read()?;
+            let table = match txn.open_table(GONE) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+                Err(e) => return Err(self.err(e)),
+            };
+            Ok(table.get(&pack.0[..]).map_err(|e| self.err(e))?.is_some())
+        })
+    }
+
+    /// Records a pack another host wrote, from its log, in one transaction: a blob
+    /// with no row gets one (and loses any tombstone); a row pointing into `from` (the
+    /// pack this one was repacked from) moves here; a condemned row is replaced (as with
+    /// `Commit::Store`); any other row stays, and this copy is remembered as another
+    /// location of the blob (see `remove_packs`). A pack already gone is skipped.
+    pub fn commit_synced_pack(
+        &self,
+        pack: &Id,
+        row: &PackRow,
+        blobs: &[(Id, Location)],
+        from: Option<Id>,
+    ) -> Result<()> {
+        self.guard(|| {
+            let row_bytes = postcard::to_stdvec(row).expect("pack rows encode");
+            self.write(|txn| {
+                if txn.open_table(GONE)?.get(&pack.0[..])?.is_some() {
+                    return Ok(());
+                }
+                let mut chunks = txn.open_table(CHUNKS)?;
+                let mut condemned = txn.open_table(CONDEMNED)?;
+                let mut alt = txn.open_table(ALT)?;
+                for (id, loc) in blobs {
+                    let current = chunks
+                        .get(&id.0[..])?
+                        .and_then(|v| Location::decode(v.value()));
+                    let replace = match current {
+                        None => {
+                            condemned.remove(&id.0[..])?;
+                            true
+                        }
+                        Some(cur) if cur.pack == *pack => false,
+                        Some(cur) if Some(cur.pack) == from => true,
+                        Some(_) => condemned.remove(&id.0[..])?.is_some(),
+                    };
+                    if replace {
+                        chunks.insert(&id.0[..], &loc.encode()[..])?;
+                    } else if current.is_some_and(|c| c.pack != *pack) {
+                        alt.insert(&alt_key(id, pack)[..], &loc.encode()[..])?;
+                    }
+                }
+                txn.open_table(PACKS)?.insert(&pack.0[..], &row_bytes[..])?;
+                Ok(())
+            })
+        })
+    }
+
+    /// Marks `packs` gone (a removal log names them): a log of one of them met later is
+    /// not applied, and other locations remembered in them are forgotten. Rows are left
+    /// to the caller (gc removes its own).
+    pub fn mark_gone(&self, packs: &[Id]) -> Result<()> {
+        self.guard(|| {
+            if packs.is_empty() {
+                return Ok(());
+            }
+            let set: std::collections::HashSet<Id> = packs.iter().copied().collect();
+            self.write(|txn| {
+                let mut gone = txn.open_table(GONE)?;
+                for p in packs {
+                    gone.insert(&p.0[..], 0)?;
+                }
+                drop_alt_in(&mut txn.open_table(ALT)?, &set)?;
+                Ok(())
+            })
+        })
+    }
+
+    /// Applies removal logs: `packs` are gone from the store (or about to be), so their
+    /// rows are dropped, every chunk row pointing into them moves to another known
+    /// copy of the blob (`alt`) or is dropped, and they are remembered as gone. One pass
+    /// over the chunk rows, in one transaction. Returns the chunk rows dropped.
+    pub fn remove_packs(&self, packs: &[Id]) -> Result<u64> {
+        self.guard(|| {
+            if packs.is_empty() {
+                return Ok(0);
+            }
+            let set: std::collections::HashSet<Id> = packs.iter().copied().collect();
+            self.write(|txn| {
+                let mut gone = txn.open_table(GONE)?;
+                let mut pack_rows = txn.open_table(PACKS)?;
+                for p in packs {
+                    gone.insert(&p.0[..], 0)?;
+                    pack_rows.remove(&p.0[..])?;
+                }
+                let mut alt = txn.open_table(ALT)?;
+                drop_alt_in(&mut alt, &set)?;
+                let mut chunks = txn.open_table(CHUNKS)?;
+                let mut dead = Vec::new();
+                for item in chunks.iter()? {
+                    let (k, v) = item?;
+                    if let Some(loc) = Location::decode(v.value())
+                        && set.contains(&loc.pack)
+                    {
+                        dead.push(k.value().to_vec());
+                    }
+                }
+                let mut dropped = 0;
+                for k in &dead {
+                    let mut moved = None;
+                    let mut lo = k.clone();
+                    lo.extend_from_slice(&[0u8; 32]);
+                    let mut hi = k.clone();
+                    hi.extend_from_slice(&[0xffu8; 32]);
+                    for item in alt.range::<&[u8]>(&lo[..]..=&hi[..])? {
+                        let (ak, av) = item?;
+                        let Some(loc) = Location::decode(av.value()) else {
+                            continue;
+                        };
+                        if gone.get(&loc.pack.0[..])?.is_none() {
+                            moved = Some((ak.value().to_vec(), loc));
+                            break;
+                        }
+                    }
+                    match moved {
+                        Some((ak, loc)) => {
+                            chunks.insert(&k[..], &loc.encode()[..])?;
+                            alt.remove(&ak[..])?;
+                        }
+                        None => {
+                            chunks.remove(&k[..])?;
+                            dropped += 1;
+                        }
+                    }
+                }
+                Ok(dropped)
             })
         })
     }
@@ -804,6 +992,34 @@ impl Index {
             })
         })
     }
+}
+
+/// The `alt` key of a copy of blob `id` in pack `pack`.
+fn alt_key(id: &Id, pack: &Id) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    k[..32].copy_from_slice(&id.0);
+    k[32..].copy_from_slice(&pack.0);
+    k
+}
+
+/// Drops the `alt` rows of copies in `packs` (the table holds only copies of blobs
+/// two hosts stored at once, so a pass over it is short).
+fn drop_alt_in(
+    alt: &mut redb::Table<&'static [u8], &'static [u8]>,
+    packs: &std::collections::HashSet<Id>,
+) -> std::result::Result<(), redb::Error> {
+    let mut drop = Vec::new();
+    for item in alt.iter()? {
+        let (k, _) = item?;
+        let k = k.value();
+        if k.len() == 64 && packs.contains(&Id(k[32..].try_into().expect("32 bytes"))) {
+            drop.push(k.to_vec());
+        }
+    }
+    for k in drop {
+        alt.remove(&k[..])?;
+    }
+    Ok(())
 }
 
 /// Rows (key, mapped value) of one batch, and whether more rows follow.

@@ -269,6 +269,13 @@ impl<'r> Packer<'r> {
             size_bytes: pack.bytes.len() as u64,
             blobs: pack.rows.len() as u64,
         };
+        // Its log before its rows: no pack is indexed anywhere without one (object
+        // stores only; see `repo::sync`).
+        let from = match self.mode {
+            Commit::Repack { from } => Some(from),
+            _ => None,
+        };
+        crate::repo::sync::log_pack(self.repo, &pack_id, &row, &pack.rows, from)?;
         self.repo
             .index
             .commit_pack(&pack_id, &row, &pack.rows, self.mode)?;

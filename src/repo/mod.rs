@@ -37,6 +37,7 @@ use crate::store::{Location, Store};
 pub mod lease;
 pub mod repair;
 pub mod sync;
+pub mod versions;
 
 const CONFIG_MAGIC: &[u8; 8] = b"VSNPCONF";
 

@@ -1,7 +1,9 @@
 //! `repair index`: rebuild the index from the packs and the snapshot records.
 //!
-//! Every pack is scanned; each blob that verifies is indexed at its offset, so a
-//! damaged pack still yields its sound blobs. Snapshot rows come from the record files.
+//! A local repository: every pack is scanned; each blob that verifies is indexed at its
+//! offset, so a damaged pack still yields its sound blobs. An object store: the index is
+//! built from every host's logs (`repo::sync`), without reading a pack body; only packs
+//! that no log names are scanned. Snapshot rows come from the record files.
 //! The files cache starts empty: the next snapshot of each series reads its files again.
 
 use crate::error::Result;
@@ -19,6 +21,10 @@ pub struct Report {
     pub blobs: u64,
     pub damaged_blobs: u64,
     pub snapshots: u64,
+    /// Logs read (object stores: the index is built from them).
+    pub logs: u64,
+    /// Packs whose bytes were read and scanned.
+    pub packs_scanned: u64,
     /// Packs that could not be read or are damaged, with why.
     pub problems: Vec<String>,
 }
@@ -41,10 +47,34 @@ pub fn rebuild_index(
         ));
     }
     let mut report = Report::default();
+    // An object store: every host's logs first (no pack body is read), then only the
+    // packs no log names are scanned (and logged, so other hosts see them too).
+    let logged = if repo.store.is_local() {
+        None
+    } else {
+        let synced = crate::repo::sync::apply_logs(&repo, true)?;
+        report.logs = synced.logs;
+        report.problems.extend(
+            (0..synced.bad_logs).map(|_| "a damaged log (named above) was skipped".to_string()),
+        );
+        Some(synced)
+    };
     let mut files = repo.pack_files()?;
     files.sort();
     for (pack, _) in files {
+        if let Some(s) = &logged {
+            if s.removed.contains(&pack) {
+                continue;
+            }
+            if s.packs.contains(&pack) {
+                report.packs += 1;
+                continue;
+            }
+        }
         index_pack(&repo, &pack, &mut report, progress)?;
+    }
+    if logged.is_some() {
+        report.blobs = repo.index.chunk_count()?;
     }
     report.snapshots = snapshot::list_all(&repo)?.len() as u64;
     crate::crash::point("repair index built");
@@ -79,6 +109,7 @@ pub(crate) fn index_pack(
         }
     };
     progress.add(1, bytes.len() as u64);
+    report.packs_scanned += 1;
     let (blobs, stopped) = crate::pack::scan(&bytes, &holes);
     if let Some(why) = stopped {
         report
@@ -121,5 +152,7 @@ pub(crate) fn index_pack(
     };
     report.packs += 1;
     report.blobs += rows.len() as u64;
+    // Found without a log (object stores): log it now, so other hosts index it too.
+    crate::repo::sync::log_pack(repo, pack, &row, &rows, None)?;
     repo.index.commit_pack(pack, &row, &rows, Commit::Store)
 }

@@ -222,7 +222,7 @@ pub struct Listed {
 /// `scan` adds back.
 pub fn commit(repo: &Repository, mut snapshot: Snapshot) -> Result<Listed> {
     let floor = forgotten_version(repo, &snapshot.series)?;
-    snapshot.version = repo.index.reserve_version(&snapshot.series, floor)?;
+    snapshot.version = crate::repo::versions::reserve(repo, &snapshot.series, floor)?;
     crate::crash::point("snapshot version reserved");
     let bytes = snapshot.encode();
     let id = Id::of(&bytes);

@@ -170,6 +170,41 @@ impl Store for LocalStore {
         Ok(out)
     }
 
+    fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
+        let dir = self.path(prefix);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if missing(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("read directory", &dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(Error::io("read directory", &dir))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if entry
+                .file_type()
+                .map_err(Error::io("stat", entry.path()))?
+                .is_dir()
+            {
+                out.push(format!("{prefix}{name}/"));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<Object>> {
+        let mut out: Vec<Object> = self
+            .list(prefix)?
+            .into_iter()
+            .filter(|o| o.key.as_str() > after)
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     fn punch(&self, key: &str, runs: &[(u64, u64)]) -> Result<Option<u64>> {
         let path = self.path(key);
         crate::pack::punch(&path, runs).map_err(Error::io("punch holes in pack", &path))

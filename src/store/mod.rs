@@ -78,6 +78,17 @@ pub trait Store: Send + Sync {
     /// `/`), in no particular order.
     fn list(&self, prefix: &str) -> Result<Vec<Object>>;
 
+    /// The "directories" directly under `prefix` (a prefix ending in `/`): every
+    /// distinct `prefix` + NAME + `/` some key starts with, as that string, sorted. One
+    /// request per thousand names on an object store (a delimiter listing), whatever the
+    /// number of objects below them.
+    fn list_dirs(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// Every object under `prefix` whose key sorts after `after` (a full key, which
+    /// need not exist), in key order. Costs requests in proportion to what it returns,
+    /// not to what sorts before `after`.
+    fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<Object>>;
+
     /// Gives back the space of byte ranges of an object no reader needs (gc). Returns
     /// the bytes freed, or `None` where the store cannot do it (gc then repacks).
     fn punch(&self, key: &str, runs: &[(u64, u64)]) -> Result<Option<u64>>;
