@@ -428,43 +428,44 @@ impl Store for S3Store {
 
     fn list_dirs(&self, prefix: &str) -> Result<Vec<String>> {
         let path = self.path(prefix.trim_end_matches('/'));
-        self.rt.block_on(async {
-            let listed = self
-                .client
-                .list_with_delimiter(Some(&path))
-                .await
-                .map_err(|e| self.fail("list", prefix, &e))?;
-            let mut out: Vec<String> = listed
-                .common_prefixes
-                .iter()
-                .filter_map(|p| self.key_of(p))
-                .map(|k| format!("{k}/"))
-                .collect();
-            out.sort();
-            Ok(out)
-        })
+        let listed = self
+            .rt
+            .block_on(self.retrying(|| self.client.list_with_delimiter(Some(&path))))
+            .map_err(|e| self.fail("list", prefix, &e))?;
+        let mut out: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| self.key_of(p))
+            .map(|k| format!("{k}/"))
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<Object>> {
         let path = self.path(prefix.trim_end_matches('/'));
         let offset = self.path(after);
-        self.rt.block_on(async {
-            let mut stream = self.client.list_with_offset(Some(&path), &offset);
-            let mut out = Vec::new();
-            while let Some(meta) = stream.next().await {
-                let meta = meta.map_err(|e| self.fail("list", prefix, &e))?;
-                if let Some(key) = self.key_of(&meta.location)
-                    && key.as_str() > after
-                {
-                    out.push(Object {
-                        key,
-                        size: meta.size,
-                    });
+        let mut out = self
+            .rt
+            .block_on(self.retrying(|| async {
+                let mut stream = self.client.list_with_offset(Some(&path), &offset);
+                let mut out = Vec::new();
+                while let Some(meta) = stream.next().await {
+                    let meta = meta?;
+                    if let Some(key) = self.key_of(&meta.location)
+                        && key.as_str() > after
+                    {
+                        out.push(Object {
+                            key,
+                            size: meta.size,
+                        });
+                    }
                 }
-            }
-            out.sort_by(|a, b| a.key.cmp(&b.key));
-            Ok(out)
-        })
+                Ok(out)
+            }))
+            .map_err(|e| self.fail("list", prefix, &e))?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
     }
 
     fn punch(&self, _key: &str, _runs: &[(u64, u64)]) -> Result<Option<u64>> {
