@@ -27,6 +27,7 @@ mod limits;
 mod live;
 mod model;
 mod roundtrip;
+mod s3_hosts;
 mod sparse;
 mod swap;
 mod trust;
