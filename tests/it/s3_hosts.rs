@@ -267,3 +267,67 @@ fn packs_another_host_deletes_leave_this_hosts_index() {
     b.restore(&support::id(&s2), &out);
     assert_same_tree(&v2, &out);
 }
+
+/// Requests Garage's node 0 logged (one line each) from byte `from` of its log on:
+/// (count, lines).
+fn requests_since(g: &Garage, from: usize) -> (usize, Vec<String>) {
+    let log = std::fs::read_to_string(g.dir().join("node0/garage.log")).expect("garage log");
+    let lines: Vec<String> = log[from.min(log.len())..]
+        .lines()
+        .filter(|l| {
+            l.contains("generic_server") && l.contains(g.bucket()) && !l.contains("in response to")
+        })
+        .map(str::to_string)
+        .collect();
+    (lines.len(), lines)
+}
+
+fn log_len(g: &Garage) -> usize {
+    std::fs::metadata(g.dir().join("node0/garage.log")).map_or(0, |m| m.len() as usize)
+}
+
+/// The requests of one no-change snapshot of `vol` by `host`, counted in Garage's own
+/// request log, after a first one that takes in what other hosts wrote meanwhile.
+fn no_change_requests(g: &Garage, host: &Host, vol: &Path) -> (usize, Vec<String>) {
+    host.snapshot(vol, "steady");
+    let from = log_len(g);
+    host.snapshot(vol, "steady");
+    requests_since(g, from)
+}
+
+#[test]
+fn a_no_change_snapshot_costs_the_same_however_many_packs_the_bucket_holds() {
+    let Some(g) = Garage::single() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let a = Host::new(&g, "steady");
+    let b = Host::new(&g, "steady");
+    a.ok(["init"]);
+    let vol = volume(work.path(), "steady");
+    support::wait_out_racy_window(&vol);
+    a.snapshot(&vol, "steady");
+    // Both hosts have logs from the start: sync costs one listing per host.
+    b.snapshot(&volume(work.path(), "other"), "other");
+    let (few_packs, _) = pack_bytes(&g, "steady");
+    let (before, lines) = no_change_requests(&g, &a, &vol);
+    assert!(before <= 10, "{lines:#?}");
+    // Another host fills the bucket with many more packs (each volume its own data).
+    for i in 0..8 {
+        let v = volume(work.path(), &format!("other-{i}"));
+        b.snapshot(&v, &format!("other-{i}"));
+    }
+    let (many_packs, _) = pack_bytes(&g, "steady");
+    assert!(
+        many_packs >= few_packs + 16,
+        "{few_packs} -> {many_packs} packs"
+    );
+    let (after, lines_after) = no_change_requests(&g, &a, &vol);
+    assert_eq!(
+        before, after,
+        "a no-change snapshot's requests grew with the packs ({few_packs} -> {many_packs}):\n\
+         {lines:#?}\n{lines_after:#?}"
+    );
+    assert!(
+        lines_after.iter().all(|l| !l.contains("/packs/")),
+        "no pack is read or listed: {lines_after:#?}"
+    );
+}
