@@ -331,3 +331,33 @@ fn a_no_change_snapshot_costs_the_same_however_many_packs_the_bucket_holds() {
         "no pack is read or listed: {lines_after:#?}"
     );
 }
+
+#[test]
+fn a_damaged_log_is_reported_and_its_pack_read_instead() {
+    let Some(g) = Garage::single() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let a = Host::new(&g, "damaged");
+    a.ok(["init"]);
+    let vol = volume(work.path(), "d");
+    let snap = a.snapshot(&vol, "d");
+    let s3 = g.client();
+    let logs = s3.list("damaged/logs").expect("list logs");
+    assert!(!logs.is_empty());
+    for (key, _) in &logs {
+        let mut bytes = s3.get(key).expect("get log");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        s3.put(key, &bytes).expect("put log");
+    }
+    let b = Host::new(&g, "damaged");
+    let out = b.run(["list"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: log") && stderr.contains("damaged (checksum mismatch)"),
+        "{stderr}"
+    );
+    let to = work.path().join("restored");
+    b.restore(&support::id(&snap), &to);
+    assert_same_tree(&vol, &to);
+}
