@@ -434,6 +434,15 @@ admin_token = "{token}"
         SocketAddr::from(([127, 0, 0, 1], self.nodes[node].s3))
     }
 
+    /// Node `i`'s admin API listener (requests carry `admin_token` as a bearer token).
+    pub fn admin_addr(&self, node: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.nodes[node].admin))
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
     pub fn region(&self) -> &str {
         REGION
     }

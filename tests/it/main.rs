@@ -16,6 +16,7 @@ mod crafted;
 mod crash;
 mod docker;
 mod export;
+mod fault_proxy;
 mod faults;
 mod garage;
 mod gc;
