@@ -154,6 +154,13 @@ pub fn copy(
             source.location, dest.location
         )));
     }
+    // Two copies into one repository would both find a snapshot missing and both
+    // commit it: one at a time (a dry run commits nothing).
+    let _copy_lock = if opts.dry_run {
+        None
+    } else {
+        Some(lock_copies(dest)?)
+    };
     // Before anything is listed: gc on either side keeps what the listed snapshots name
     // until the copy ends.
     let _source_lease = source.lease("copy")?;
@@ -240,6 +247,27 @@ pub fn copy(
     report.entries_walked = sink.entries.load(Ordering::Relaxed);
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Takes `locks/copy.lock` in the destination's cache, held until the copy ends (a
+/// kernel lock: it dies with its process). It orders the copies of one host; two hosts
+/// copying the same snapshot into one bucket at once can still both commit it (two
+/// records of the same content, each restoring exactly).
+fn lock_copies(dest: &Repository) -> Result<std::fs::File> {
+    let dir = dest.cache.join("locks");
+    if !dir.exists() {
+        crate::fsutil::create_dir_private(&dir)?;
+    }
+    let path = dir.join("copy.lock");
+    let file = crate::fsutil::open_lock_file(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy(format!(
+            "another copy into {} is running; run this one again when it has finished",
+            dest.location
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("lock", &path)(e)),
+    }
 }
 
 /// The snapshots a selection names, oldest first, each once. Without references:

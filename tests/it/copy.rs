@@ -544,3 +544,116 @@ fn split_directories_and_deep_chains_are_copied_and_shared_parts_passed_over() {
     assert_eq!(assert_copies_restore(&src, &dst, "wide-next"), 2);
     check_ok(&dst);
 }
+
+/// Runs `gc` in `repo` and returns once it says it waits for older operations (the
+/// held copy), with the child and the rest of its stderr to come.
+fn gc_waiting(repo: &Repo) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::BufRead;
+    let mut gc = repo.command();
+    gc.args(["gc"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = gc.spawn().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = lines_tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    loop {
+        match lines.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(line) if line.contains("waiting for") && line.contains("copy") => break,
+            Ok(_) => {}
+            Err(e) => panic!("gc never said it waits for the copy ({e}): {}", {
+                let _ = child.kill();
+                reader.join().unwrap()
+            }),
+        }
+    }
+    (child, reader)
+}
+
+/// gc in the destination while a copy is held after sending its blobs: the copy passed
+/// over what its reference (an earlier copy) holds, the reference is forgotten, and gc
+/// must still keep those blobs for the copy it waits for.
+#[test]
+fn gc_in_the_destination_keeps_what_a_running_copy_relies_on() {
+    let src = Repo::new();
+    let dst = Repo::new();
+    let data = src.mkdir("data");
+    fill(&data, "gc-dst");
+    src.snapshot(&[&data], &["--name", "s"]);
+    copy_to(&src, &dst, &[]);
+    write(data.join("small"), "changed");
+    src.snapshot(&[&data], &["--name", "s"]);
+
+    let to = dst.path.to_str().unwrap().to_string();
+    let held = src.spawn_paused("copy blobs stored", &["copy", "s@latest", "--to", &to]);
+    dst.ok(["forget", "s@1"]);
+    let (gc, reader) = gc_waiting(&dst);
+    let run = held.finish().code(0);
+    let out = run.json();
+    assert_eq!(count(&out, "copied_count"), 1, "{out}");
+    assert_eq!(
+        count(&out, "data_blobs_sent"),
+        1,
+        "only the changed file: {out}"
+    );
+    let gc_out = gc.wait_with_output().unwrap();
+    assert!(gc_out.status.success(), "gc: {}", reader.join().unwrap());
+    check_ok(&dst);
+    let restored = dst.scratch("restored");
+    dst.restore("s@latest", &restored);
+    assert_same_tree(&data, &restored);
+}
+
+/// forget and gc in the source while a copy is held after its first pack: gc waits for
+/// the copy, which finishes with everything it read.
+#[test]
+fn gc_in_the_source_waits_for_a_running_copy() {
+    let src = Repo::new();
+    let dst = Repo::new();
+    let data = src.mkdir("data");
+    for i in 0..3 {
+        write(
+            data.join(format!("f{i}")),
+            random_bytes(&format!("gc-src {i}"), 4_000_000),
+        );
+    }
+    src.snapshot(&[&data], &["--name", "s"]);
+    let to = dst.path.to_str().unwrap().to_string();
+    let held = src.spawn_paused("pack indexed", &["copy", "--to", &to]);
+    src.ok(["forget", "s@1"]);
+    let (gc, reader) = gc_waiting(&src);
+    held.finish().code(0);
+    let gc_out = gc.wait_with_output().unwrap();
+    assert!(gc_out.status.success(), "gc: {}", reader.join().unwrap());
+    assert!(src.list(&[]).is_empty());
+    check_ok(&dst);
+    let restored = dst.scratch("restored");
+    dst.restore("s@latest", &restored);
+    assert_same_tree(&data, &restored);
+}
+
+#[test]
+fn a_second_copy_into_the_same_repository_is_refused_while_one_runs() {
+    let src = Repo::new();
+    let dst = Repo::new();
+    let data = src.mkdir("data");
+    fill(&data, "twice");
+    src.snapshot(&[&data], &["--name", "s"]);
+    let to = dst.path.to_str().unwrap().to_string();
+    let held = src.spawn_paused("copy blobs stored", &["copy", "--to", &to]);
+    let line = src.run(["copy", "--to", &to]).code(11).error_line();
+    assert!(line.contains("another copy"), "{line}");
+    held.finish().code(0);
+    let again = copy_to(&src, &dst, &[]);
+    assert_eq!(count(&again, "skipped_count"), 1, "{again}");
+    assert_eq!(dst.list(&[]).len(), 1);
+}
