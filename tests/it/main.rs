@@ -28,6 +28,7 @@ mod limits;
 mod live;
 mod model;
 mod roundtrip;
+mod s3;
 mod s3_hosts;
 mod sparse;
 mod swap;

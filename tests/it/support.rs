@@ -57,6 +57,17 @@ pub struct Repo {
     pub path: PathBuf,
     /// When set, every command runs as this uid/gid through `setpriv`.
     pub run_as: Option<u32>,
+    /// An object-store repository instead of `path`: its `s3://` location, the
+    /// environment that reaches the store, and this "host"'s cache directory.
+    pub remote: Option<Remote>,
+}
+
+/// Where an object-store repository is and how a command reaches it.
+#[derive(Clone)]
+pub struct Remote {
+    pub url: String,
+    pub env: Vec<(String, String)>,
+    pub cache: PathBuf,
 }
 
 impl Repo {
@@ -78,7 +89,37 @@ impl Repo {
             tmp,
             path,
             run_as: None,
+            remote: None,
         }
+    }
+
+    /// A repository at `url` (`s3://...`) reached with `env`, with a cache of its own
+    /// in the scratch directory (one "host"), not initialised.
+    pub fn remote(url: &str, env: Vec<(String, String)>) -> Repo {
+        let mut repo = Repo::uninit();
+        let cache = repo.scratch("cache");
+        repo.remote = Some(Remote {
+            url: url.to_owned(),
+            env,
+            cache,
+        });
+        repo
+    }
+
+    /// The local directory of the repository's derived state: the repository directory,
+    /// or the cache of an object-store repository (index, locks, journals).
+    pub fn local_dir(&self) -> PathBuf {
+        match &self.remote {
+            None => self.path.clone(),
+            Some(r) => r.cache.clone(),
+        }
+    }
+
+    /// Another "host" of the same object-store repository: its own scratch directory
+    /// and cache.
+    pub fn other_host(&self) -> Repo {
+        let remote = self.remote.as_ref().expect("an object-store repository");
+        Repo::remote(&remote.url, remote.env.clone())
     }
 
     /// A path inside the scratch directory (not created).
@@ -106,8 +147,25 @@ impl Repo {
                 c
             }
         };
-        cmd.arg("--repo").arg(&self.path);
         cmd.env_remove("VOLSNAP_REPO");
+        cmd.env_remove("VOLSNAP_CACHE_DIR");
+        match &self.remote {
+            None => {
+                cmd.arg("--repo").arg(&self.path);
+            }
+            Some(r) => {
+                for (k, _) in std::env::vars_os() {
+                    if k.to_string_lossy().starts_with("AWS_") {
+                        cmd.env_remove(k);
+                    }
+                }
+                cmd.envs(r.env.iter().map(|(k, v)| (k, v)));
+                cmd.arg("--repo")
+                    .arg(&r.url)
+                    .arg("--cache-dir")
+                    .arg(&r.cache);
+            }
+        }
         cmd
     }
 
