@@ -339,3 +339,55 @@ fn a_snapshot_killed_mid_upload_leaves_only_what_gc_removes() {
         }
     }
 }
+
+/// A three-node Garage (`replication_factor = 3`, quorum 2): a node killed in the
+/// middle of a snapshot and another in the middle of a gc. Each either commits or fails
+/// with one line, and every listed snapshot restores exactly.
+#[test]
+fn a_node_of_three_killed_during_a_snapshot_and_a_gc_loses_nothing() {
+    let Some(mut garage) = Garage::cluster3() else {
+        return;
+    };
+    let repo = Repo::remote(&garage.repo_url("three"), garage.env());
+    repo.ok(["init"]);
+    let data = repo.mkdir("data");
+    fill(&data, "three");
+    let first = repo.snapshot(&[&data], &["--name", "t"]);
+    let v1 = repo.scratch("v1");
+    keep_copy(&data, &v1);
+    write(data.join("more"), random_bytes("three more", 20_000_000));
+    let mut expected: Vec<(String, std::path::PathBuf)> = vec![(id(&first), v1)];
+
+    // Node 2 dies after the first pack of the snapshot is stored.
+    let data_arg = data.to_str().unwrap();
+    let held = repo.spawn_paused("pack committed", &["snapshot", "--name", "t", data_arg]);
+    garage.kill_node(2);
+    held.release();
+    let run = held.finish();
+    if run.status == 0 {
+        expected.push((id(&run.json()), data.clone()));
+    } else {
+        run.error_line();
+    }
+    garage.restart_node(2);
+
+    // Node 1 dies while a gc waits between its condemn and its sweep.
+    repo.ok(args(&[&"forget", &id(&first)]));
+    expected.remove(0);
+    let held = repo.spawn_paused("gc condemned", &["gc"]);
+    garage.kill_node(1);
+    held.release();
+    let run = held.finish();
+    if run.status != 0 {
+        run.error_line();
+    }
+    let expected: Vec<(String, &Path)> = expected
+        .iter()
+        .map(|(s, p)| (s.clone(), p.as_path()))
+        .collect();
+    assert_all_restore(&repo, &expected, "one-down");
+    garage.restart_node(1);
+    repo.ok(["gc"]);
+    check_clean(&repo);
+    assert_all_restore(&repo, &expected, "all-up");
+}
