@@ -506,10 +506,13 @@ impl Repository {
     pub fn open_at(location: &Location, opts: &OpenOptions) -> Result<Repository> {
         let (store, config, id, cache) = Repository::locate(location, opts)?;
         let lock = open_lock(&cache, false)?;
+        // A cache whose index is new (lost, deleted, or a new host) must also apply
+        // this host's own logs: they describe packs the old index had.
+        let fresh = !cache.join("index.redb").exists();
         let index = Index::open(&cache.join("index.redb"), !location.is_local())?;
         let repo = Repository::assemble(location, store, cache, id, config, index, lock);
         if !location.is_local() {
-            crate::repo::sync::sync(&repo)?;
+            crate::repo::sync::sync_with(&repo, fresh)?;
         }
         Ok(repo)
     }

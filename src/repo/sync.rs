@@ -227,10 +227,16 @@ pub struct Synced {
 /// Brings this host's index up to date with the logs of every other host. Nothing on
 /// a local repository (one index is shared by every process there).
 pub fn sync(repo: &Repository) -> Result<Synced> {
+    sync_with(repo, false)
+}
+
+/// `sync`, applying this host's own logs too when `own` (an index made anew, which
+/// lacks what this host wrote before).
+pub fn sync_with(repo: &Repository, own: bool) -> Result<Synced> {
     if repo.store.is_local() {
         return Ok(Synced::default());
     }
-    let mut synced = apply_logs(repo, false)?;
+    let mut synced = apply_logs(repo, own)?;
     if synced.bad_logs > 0 {
         // A damaged log hides which pack it described: index every pack in the store
         // that neither the index nor a removal log knows, by scanning it.
