@@ -657,3 +657,127 @@ fn a_second_copy_into_the_same_repository_is_refused_while_one_runs() {
     assert_eq!(count(&again, "skipped_count"), 1, "{again}");
     assert_eq!(dst.list(&[]).len(), 1);
 }
+
+/// `volsnap` with `--repo REPO` (a path or `s3://`) and the Garage environment; every
+/// cache under `caches` (`XDG_CACHE_HOME`: a host of its own per directory).
+fn in_garage(g: &crate::garage::Garage, repo: &str, caches: &Path, args: &[&str]) -> Run {
+    let mut cmd = std::process::Command::new(bin());
+    g.apply_env(&mut cmd);
+    cmd.arg("--repo")
+        .arg(repo)
+        .arg("--json")
+        .args(args)
+        .env("XDG_CACHE_HOME", caches)
+        .env_remove("VOLSNAP_REPO")
+        .env_remove("VOLSNAP_CACHE_DIR");
+    Run::from_command(cmd)
+}
+
+/// The off-host round trip: a local repository copied into a bucket, the bucket copied
+/// into a fresh local repository by a new host (an empty cache): every snapshot
+/// restores byte-identically, and copying again sends nothing either way.
+#[test]
+fn a_copy_through_a_bucket_into_a_fresh_repository_restores_byte_identically() {
+    let Some(g) = crate::garage::Garage::single() else {
+        return;
+    };
+    let src = Repo::new();
+    let fresh = Repo::new();
+    let app = src.mkdir("app");
+    fill(&app, "bucket");
+    src.snapshot(&[&app], &["--name", "app", "--tag", "t"]);
+    write(
+        app.join("sub/deeper/file"),
+        random_bytes("bucket 2", 300_000),
+    );
+    src.snapshot(&[&app], &["--name", "app"]);
+    let url = g.repo_url("copies");
+    let src_path = src.path.to_str().unwrap();
+    let fresh_path = fresh.path.to_str().unwrap();
+    let host_a = src.mkdir("cache-host-a");
+    let host_b = src.mkdir("cache-host-b");
+    in_garage(&g, &url, &host_a, &["init"]).code(0);
+
+    let up = in_garage(&g, src_path, &host_a, &["copy", "--to", &url])
+        .code(0)
+        .json();
+    assert_eq!(count(&up, "copied_count"), 2, "{up}");
+    assert_eq!(up["to"], url.as_str());
+    let again = in_garage(&g, src_path, &host_a, &["copy", "--to", &url])
+        .code(0)
+        .json();
+    assert_eq!(count(&again, "blobs_sent"), 0, "{again}");
+    assert_eq!(count(&again, "skipped_count"), 2, "{again}");
+
+    // Another host, with nothing cached, seeds a fresh repository from the bucket.
+    let down = in_garage(&g, fresh_path, &host_b, &["copy", "--from", &url])
+        .code(0)
+        .json();
+    assert_eq!(count(&down, "copied_count"), 2, "{down}");
+    assert_eq!(assert_copies_restore(&src, &fresh, "bucket"), 2);
+    check_ok(&fresh);
+    let again = in_garage(&g, fresh_path, &host_b, &["copy", "--from", &url])
+        .code(0)
+        .json();
+    assert_eq!(count(&again, "copied_count"), 0, "{again}");
+    // The bucket's own check, from the second host.
+    let check = in_garage(&g, &url, &host_b, &["check", "--read-data"])
+        .code(0)
+        .json();
+    assert_eq!(check["ok"], true, "{check}");
+}
+
+/// A copy into a bucket killed once its first pack is stored there: no snapshot is
+/// listed in the bucket, and the next run sends only what is missing.
+#[test]
+fn a_copy_into_a_bucket_killed_mid_way_resumes_without_sending_again() {
+    let Some(g) = crate::garage::Garage::single() else {
+        return;
+    };
+    let src = Repo::new();
+    let data = src.mkdir("data");
+    fill(&data, "killed");
+    src.snapshot(&[&data], &["--name", "s"]);
+    write(data.join("big"), random_bytes("killed 2", 900_000));
+    src.snapshot(&[&data], &["--name", "s"]);
+    let src_path = src.path.to_str().unwrap();
+    let caches = src.mkdir("caches");
+    let (full_url, url) = (g.repo_url("full"), g.repo_url("killed"));
+    in_garage(&g, &full_url, &caches, &["init"]).code(0);
+    in_garage(&g, &url, &caches, &["init"]).code(0);
+    let full = in_garage(&g, src_path, &caches, &["copy", "--to", &full_url])
+        .code(0)
+        .json();
+
+    let mut cmd = std::process::Command::new(bin());
+    g.apply_env(&mut cmd);
+    cmd.args(["--repo", src_path, "copy", "--to", &url])
+        .env("XDG_CACHE_HOME", &caches)
+        .env("VOLSNAP_CRASH_AT", "pack indexed");
+    let killed = Run::from_command(cmd);
+    assert!(
+        killed.stderr.contains("crash point") && killed.stderr.contains("pack indexed"),
+        "{}",
+        killed.describe()
+    );
+    let listed = in_garage(&g, &url, &caches, &["list"]).code(0).json();
+    assert_eq!(listed, serde_json::json!([]), "a record of a half copy");
+
+    let resumed = in_garage(&g, src_path, &caches, &["copy", "--to", &url])
+        .code(0)
+        .json();
+    assert_eq!(count(&resumed, "copied_count"), 2, "{resumed}");
+    assert!(
+        count(&resumed, "data_blobs_sent") < count(&full, "data_blobs_sent"),
+        "the pack stored before the kill was sent again: {resumed} / {full}"
+    );
+    let fresh = Repo::new();
+    in_garage(
+        &g,
+        fresh.path.to_str().unwrap(),
+        &caches,
+        &["copy", "--from", &url],
+    )
+    .code(0);
+    assert_eq!(assert_copies_restore(&src, &fresh, "killed"), 2);
+}
