@@ -286,6 +286,14 @@ enum Command {
         /// Rewrite at most this many live bytes in one run
         #[arg(long)]
         max_repack: Option<u64>,
+        /// Object stores: wait at most this long for another host's operation before
+        /// stopping with nothing deleted (exit code 11) [env: VOLSNAP_GC_LEASE_WAIT; default 600]
+        #[arg(long, value_name = "SECONDS")]
+        lease_wait: Option<u64>,
+        /// Object stores: declare the host with this id (as gc names it) gone for good
+        /// and delete its leases, then collect
+        #[arg(long, value_name = "HOSTID")]
+        release_host: Option<String>,
     },
     /// Rebuild derived data
     Repair {
@@ -1051,12 +1059,32 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             dry_run,
             max_unused,
             max_repack,
+            lease_wait,
+            release_host,
         } => {
             let repo = open(&repo_at)?;
+            let lease_wait = match lease_wait {
+                Some(s) => std::time::Duration::from_secs(s),
+                None => match std::env::var("VOLSNAP_GC_LEASE_WAIT") {
+                    Ok(v) => std::time::Duration::from_secs(v.trim().parse().map_err(|_| {
+                        volsnap::error::Error::Usage(format!(
+                            "VOLSNAP_GC_LEASE_WAIT={v:?} is not a number of seconds"
+                        ))
+                    })?),
+                    Err(_) => volsnap::gc::DEFAULT_LEASE_WAIT,
+                },
+            };
+            if let Some(host) = release_host {
+                let n = volsnap::gc::release_host(&repo, &host)?;
+                if !json {
+                    eprintln!("gc: released host {host}: {n} lease object(s) deleted");
+                }
+            }
             let opts = volsnap::gc::Options {
                 dry_run,
                 max_unused_percent: max_unused,
                 max_repack_bytes: max_repack,
+                lease_wait,
             };
             let progress = Progress::default();
             let on_wait = |older: &[(u64, volsnap::repo::lease::LeaseRow)]| {

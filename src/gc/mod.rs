@@ -54,7 +54,14 @@ pub struct Options {
     pub max_unused_percent: f64,
     /// At most this many live bytes are rewritten by one run.
     pub max_repack_bytes: Option<u64>,
+    /// On an object store: how long to wait for another host's lease before stopping
+    /// with nothing deleted (`--lease-wait`, `VOLSNAP_GC_LEASE_WAIT`).
+    pub lease_wait: Duration,
 }
+
+/// The default of `Options::lease_wait`: longer than any snapshot or restore should
+/// take between two of its own requests, short enough for a cron job.
+pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(600);
 
 impl Default for Options {
     fn default() -> Options {
@@ -62,6 +69,7 @@ impl Default for Options {
             dry_run: false,
             max_unused_percent: 10.0,
             max_repack_bytes: None,
+            lease_wait: DEFAULT_LEASE_WAIT,
         }
     }
 }
@@ -107,6 +115,13 @@ pub fn gc(
     // What was on disk before any wait: only these can be stale leftovers.
     let packs_on_disk = repo.pack_files()?;
     let tmp_files = list_dir(&repo.tmp_dir())?;
+    // On an object store other hosts' packs must be in this index before marking, so
+    // their unreachable blobs are condemned (and named in `gc/`) like ours: a pack
+    // deleted without its blobs condemned could be one another host dedups against.
+    let shared = !repo.store.is_local();
+    if shared && !opts.dry_run {
+        index_unknown_packs(repo, &packs_on_disk, progress)?;
+    }
 
     let (reach1, snapshots) = mark(repo, progress)?;
     report.snapshots = snapshots;
@@ -164,8 +179,17 @@ pub fn gc(
     report.unreachable_blobs = n;
     report.unreachable_bytes = bytes;
     crate::crash::point("gc condemned");
+    // Across hosts: publish the condemned set, then wait for every lease listed after.
+    let run = if shared {
+        Some(SharedRun::start(repo, &reach1)?)
+    } else {
+        None
+    };
     drop(reach1);
     wait_for_older_leases(repo, on_wait)?;
+    if let Some(run) = &run {
+        run.wait_for_leases(repo, opts.lease_wait, on_wait)?;
+    }
     crate::crash::point("gc waited");
 
     let (reach2, _) = mark(repo, progress)?;
@@ -191,6 +215,12 @@ pub fn gc(
     // A reader that looked up a location before the sweep may still be reading it:
     // nothing is deleted or punched until every operation older than the sweep ended.
     wait_for_older_leases(repo, on_wait)?;
+    // Readers on other hosts that began before the second marking (and found their
+    // snapshot still committed) may read what the sweep deleted: wait for them too.
+    if let Some(run) = &run {
+        run.wait_for_leases(repo, opts.lease_wait, on_wait)?;
+        run.deleting.set(true);
+    }
     crate::crash::point("gc waited after the sweep");
     report.unreachable_blobs = deleted.len() as u64;
     report.unreachable_bytes = deleted.iter().map(|(_, l)| u64::from(l.stored_len)).sum();
@@ -392,7 +422,248 @@ pub fn gc(
             report.stale_files_removed += 1;
         }
     }
+    if let Some(run) = run {
+        run.finish(repo)?;
+    }
     Ok(report)
+}
+
+/// Indexes every pack of `packs` this index does not know (written by another host),
+/// reading its blob headers. Until every host logs its packs (`repo::sync`), this is how
+/// a gc on an object store learns of them.
+fn index_unknown_packs(repo: &Repository, packs: &[(Id, u64)], progress: &Progress) -> Result<()> {
+    let known: HashSet<Id> = repo.index.packs()?.into_iter().map(|(id, _)| id).collect();
+    let mut report = crate::repo::repair::Report::default();
+    for (pack, _) in packs {
+        if !known.contains(pack) {
+            crate::repo::repair::index_pack(repo, pack, &mut report, progress)?;
+        }
+    }
+    Ok(())
+}
+
+/// A gc on an object store, between publishing its condemned set (`gc/<host>-<run>`)
+/// and deleting that object again. The protocol and its safety argument are in
+/// ARCHITECTURE.md ("gc across hosts").
+struct SharedRun<'r> {
+    repo: &'r Repository,
+    key: String,
+    bytes: Vec<u8>,
+    own_host: String,
+    /// Set once gc may delete something: from then on a failed gc leaves its object
+    /// (writers keep avoiding the blobs it named; costs re-uploads, never data).
+    deleting: std::cell::Cell<bool>,
+}
+
+impl<'r> SharedRun<'r> {
+    /// PUTs the condemned set (every indexed blob `reach1` rejects), then makes sure no
+    /// other host's gc is running (two at once could lift each other's condemnations).
+    fn start(repo: &'r Repository, reach1: &Bloom) -> Result<SharedRun<'r>> {
+        use crate::repo::lease::{GC_PREFIX, GcObject, hex16};
+        let own_host = crate::repo::sync::host_id(repo)?;
+        // This host's gc lock is held: any gc object of this host is a dead run's.
+        for obj in repo.store.list(GC_PREFIX)? {
+            let name = &obj.key[GC_PREFIX.len()..];
+            if name.starts_with(&format!("{own_host}-")) {
+                repo.store.delete(&obj.key)?;
+            }
+        }
+        let mut condemned = Vec::new();
+        repo.index.for_each_chunk(|id, _| {
+            if !reach1.contains(&id) {
+                condemned.push(id.0);
+            }
+        })?;
+        let key = format!(
+            "{GC_PREFIX}{own_host}-{}",
+            hex16(&crate::repo::new_random_id()?)
+        );
+        let bytes = GcObject {
+            host: own_host.clone(),
+            condemned,
+        }
+        .encode();
+        repo.store.put(&key, &bytes, None)?;
+        let run = SharedRun {
+            repo,
+            key,
+            bytes,
+            own_host,
+            deleting: std::cell::Cell::new(false),
+        };
+        crate::crash::point("gc published its condemned set");
+        for obj in repo.store.list(GC_PREFIX)? {
+            let name = &obj.key[GC_PREFIX.len()..];
+            if obj.key != run.key && !name.starts_with(&format!("{}-", run.own_host)) {
+                let host = name.split('-').next().unwrap_or(name);
+                return Err(Error::Busy(format!(
+                    "gc: a gc of host {host} is running on this repository ({}); \
+                     if that host is gone for good: volsnap gc --release-host {host}",
+                    repo.store.display(&obj.key).display()
+                )));
+            }
+        }
+        Ok(run)
+    }
+
+    /// Lists the lease objects and waits until each of another host is deleted. This
+    /// host's are not waited for here: they share this index, so the local protocol
+    /// (`wait_for_older_leases`) covers them; dead ones (lock free) are deleted on the
+    /// way. A lease of another host still there after `wait` stops gc with nothing
+    /// deleted (exit code 11).
+    fn wait_for_leases(
+        &self,
+        repo: &Repository,
+        wait: Duration,
+        on_wait: OnWait<'_>,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut pending = Vec::new();
+        for (obj, host) in repo.bucket_leases()? {
+            if host != self.own_host {
+                pending.push((obj, host));
+            } else if repo.own_bucket_lease_is_dead(&obj.key)? {
+                repo.store.delete(&obj.key)?;
+            }
+        }
+        crate::crash::point("gc listed leases");
+        let mut announced = false;
+        loop {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if !announced {
+                let rows: Vec<(u64, LeaseRow)> = pending
+                    .iter()
+                    .map(|(o, h)| (0, describe_lease(repo, &o.key, h)))
+                    .collect();
+                on_wait(&rows);
+                announced = true;
+            }
+            if started.elapsed() >= wait
+                && let Some((obj, host)) = pending.first()
+            {
+                return Err(self.stuck(repo, obj, host, wait));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let now: HashSet<String> = repo
+                .bucket_leases()?
+                .into_iter()
+                .map(|(o, _)| o.key)
+                .collect();
+            pending.retain(|(o, _)| now.contains(&o.key));
+        }
+    }
+
+    /// The error for a lease of another host that outlived the wait: its kind, host and
+    /// age by the store's clock (its Last-Modified against that of the object gc
+    /// writes again now).
+    fn stuck(
+        &self,
+        repo: &Repository,
+        obj: &crate::store::Object,
+        host: &str,
+        wait: Duration,
+    ) -> Error {
+        let row = describe_lease(repo, &obj.key, host);
+        let now = repo
+            .store
+            .put(&self.key, &self.bytes, None)
+            .ok()
+            .and_then(|()| repo.store.list(crate::repo::lease::GC_PREFIX).ok())
+            .and_then(|l| l.into_iter().find(|o| o.key == self.key))
+            .and_then(|o| o.modified);
+        let age = match (now, obj.modified) {
+            (Some(now), Some(then)) => now
+                .duration_since(then)
+                .map_or("less than a second".to_string(), |d| {
+                    format!("{} s", d.as_secs())
+                }),
+            _ => "an unknown time".to_string(),
+        };
+        Error::Busy(format!(
+            "gc: {} has held a lease for {age} by the store's clock ({}); waited {} s, nothing was deleted; if that host is gone for good: volsnap gc --release-host {host}",
+            row.kind,
+            repo.store.display(&obj.key).display(),
+            wait.as_secs()
+        ))
+    }
+
+    /// The run ended: its condemned set goes (writers may reuse those blobs again).
+    fn finish(self, repo: &Repository) -> Result<()> {
+        repo.store.delete(&self.key)?;
+        std::mem::forget(self);
+        Ok(())
+    }
+}
+
+impl Drop for SharedRun<'_> {
+    fn drop(&mut self) {
+        // A run that stopped before deleting anything takes its condemned set back; one
+        // that may have deleted leaves it (see `deleting`).
+        if !self.deleting.get() {
+            let _ = self.repo.store.delete(&self.key);
+        }
+    }
+}
+
+/// How messages name the lease object `key` of host `host`: kind, hostname, host id.
+fn describe_lease(repo: &Repository, key: &str, host: &str) -> LeaseRow {
+    let lease = repo
+        .store
+        .get(key)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<crate::repo::lease::BucketLease>(&b).ok());
+    let (kind, pid, lock) = match lease {
+        Some(l) => (
+            format!("a {} on host {} ({host})", l.kind, l.hostname),
+            l.pid,
+            l.lock,
+        ),
+        None => (format!("an operation on host {host}"), 0, String::new()),
+    };
+    LeaseRow {
+        lock,
+        pid,
+        kind,
+        started_ns: 0,
+    }
+}
+
+/// Deletes every lease object of host `host` (hex host id): an operator's word that
+/// the host is gone for good and none of its operations will ever write again. Its
+/// running gc's object goes too. Returns the number of objects deleted.
+pub fn release_host(repo: &Repository, host: &str) -> Result<u64> {
+    use crate::repo::lease::{GC_PREFIX, LEASES_PREFIX, hex16, parse_hex16};
+    if repo.store.is_local() {
+        return Err(Error::Usage(
+            "--release-host is for object-store repositories: a local repository's leases are told dead by their locks".into(),
+        ));
+    }
+    let Some(id) = parse_hex16(host) else {
+        return Err(Error::Usage(format!(
+            "--release-host {host:?}: a host id is 32 hex digits (as gc names it)"
+        )));
+    };
+    let host = hex16(&id);
+    if host == crate::repo::sync::host_id(repo)? {
+        return Err(Error::Usage(
+            "--release-host names this host: its leases are told dead by their locks".into(),
+        ));
+    }
+    let mut n = 0;
+    for obj in repo.store.list(&format!("{LEASES_PREFIX}{host}/"))? {
+        repo.store.delete(&obj.key)?;
+        n += 1;
+    }
+    for obj in repo.store.list(GC_PREFIX)? {
+        if obj.key[GC_PREFIX.len()..].starts_with(&format!("{host}-")) {
+            repo.store.delete(&obj.key)?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Rows per index write transaction of condemn and sweep: `GC_ROWS_PER_TRANSACTION`, or

@@ -759,6 +759,34 @@ impl Index {
         })
     }
 
+    /// Condemns, as a running gc of another host asked (its `gc/` object, see
+    /// `repo::lease`), every blob of `ids` this index has a row for, in write
+    /// transactions of at most `rows` ids each: from then on dedup treats them as
+    /// absent and writers check their files-cache hits, exactly as under a local gc.
+    /// Storing a blob again lifts its condemnation; this host's next gc lifts the rest
+    /// or sweeps their rows. Returns how many were newly condemned.
+    pub fn import_condemned(&self, ids: &[Id], rows: usize) -> Result<u64> {
+        assert!(rows > 0);
+        self.guard(|| {
+            let mut n = 0;
+            for batch in ids.chunks(rows) {
+                self.write(|txn| {
+                    let chunks = txn.open_table(CHUNKS)?;
+                    let mut condemned = txn.open_table(CONDEMNED)?;
+                    for id in batch {
+                        if chunks.get(&id.0[..])?.is_some()
+                            && condemned.insert(&id.0[..], 1)?.is_none()
+                        {
+                            n += 1;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(n)
+        })
+    }
+
     /// Whether any blob is condemned (a gc is between its condemn and sweep steps).
     pub fn any_condemned(&self) -> Result<bool> {
         self.guard(|| {

@@ -8,6 +8,16 @@
 //! **Invariant:** the lock is taken before the row is written, so a row whose lock
 //! can be taken by someone else is dead, never "not yet locked".
 //! **Invariant:** lease ids only grow, so "leases older than X" is "ids below X".
+//!
+//! Kernel locks do not cross hosts. On an object store every lease is also an object,
+//! `leases/<host id hex>/<lease id>`, written after the kernel lock is taken and
+//! deleted (before the lock is released) when the lease ends; a gc on any host waits
+//! for it (see `gc` and ARCHITECTURE.md, "gc across hosts"). Right after writing it,
+//! the holder reads every running gc's condemned set (`gc/*`) into its own index as
+//! condemnations, so it never reuses what such a gc may delete. A lease object is
+//! proven dead only by its own host (the same host id, i.e. the same cache): its lock
+//! file there is free. Any command on that host deletes its own dead lease objects
+//! when it opens the repository (`clean_dead_bucket_leases`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,15 +53,79 @@ impl LeaseRow {
     }
 }
 
+/// What a lease object in an object store holds (JSON, for people reading a bucket).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BucketLease {
+    /// "snapshot", "restore", "export", "check", "copy".
+    pub kind: String,
+    pub pid: u32,
+    /// File name of its lock in the holder's `<cache>/locks/`.
+    pub lock: String,
+    /// For messages only: hosts are told apart by their host id.
+    pub hostname: String,
+}
+
+/// What a running gc's object `gc/<host id hex>-<gc id>` holds: the blobs it condemned.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GcObject {
+    pub host: String,
+    pub condemned: Vec<[u8; 32]>,
+}
+
+impl GcObject {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = postcard::to_stdvec(self).expect("gc objects encode");
+        let sum = blake3::hash(&bytes);
+        bytes.extend_from_slice(sum.as_bytes());
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<GcObject> {
+        let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+        (blake3::hash(body).as_bytes() == sum)
+            .then(|| postcard::from_bytes(body).ok())
+            .flatten()
+    }
+}
+
+/// The prefix of every lease object in the store.
+pub const LEASES_PREFIX: &str = "leases/";
+/// The prefix of every running gc's condemned set in the store.
+pub const GC_PREFIX: &str = "gc/";
+
+pub fn hex16(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn parse_hex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// A held lease; released on drop (and by the kernel if the process dies).
 pub struct Lease<'r> {
     repo: &'r Repository,
     pub id: u64,
+    /// Its object in an object store (none for a local repository).
+    bucket_key: Option<String>,
     _lock: tempfile::NamedTempFile,
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
+        // Before the kernel lock goes (with `_lock`, after this): an object whose lock
+        // is free is dead, never "not yet deleted". Best effort: if the DELETE fails,
+        // the next command on this host finds the object dead and deletes it.
+        if let Some(key) = self.bucket_key.take() {
+            crate::crash::point("lease ending");
+            let _ = self.repo.store.delete(&key);
+        }
         if let Ok(mut held) = self.repo.held_leases.lock() {
             held.remove(&self.id);
         }
@@ -100,15 +174,104 @@ impl Repository {
                 .map_or(0, |d| d.as_nanos() as i64),
         };
         let id = self.index.insert_lease(&row.encode())?;
+        self.held_leases.lock().expect("lease lock").insert(id);
+        let mut lease = Lease {
+            repo: self,
+            id,
+            bucket_key: None,
+            _lock: lock,
+        };
+        if !self.store.is_local() {
+            let key = format!(
+                "{LEASES_PREFIX}{}/{id:020}",
+                crate::repo::sync::host_id(self)?
+            );
+            let body = BucketLease {
+                kind: row.kind.clone(),
+                pid: row.pid,
+                lock: row.lock.clone(),
+                hostname: crate::snapshot::create::hostname(),
+            };
+            let bytes = serde_json::to_vec(&body).expect("leases encode");
+            self.store.put(&key, &bytes, None)?;
+            lease.bucket_key = Some(key);
+            crate::crash::point("lease written");
+            // After the lease object is visible: any gc that listed leases without it
+            // had already written its condemned set, which this listing sees.
+            self.import_gc_condemnations()?;
+        }
         // Every lookup under this lease must see the index as of now or later (a gc
         // condemnation committed before the lease must not be missed).
         self.index.refresh();
-        self.held_leases.lock().expect("lease lock").insert(id);
-        Ok(Lease {
-            repo: self,
-            id,
-            _lock: lock,
-        })
+        Ok(lease)
+    }
+
+    /// Reads every running gc's condemned set (`gc/*` in an object store) into the
+    /// index as condemnations. A set that cannot be read stops the caller: reusing a
+    /// blob such a gc may delete would lose data.
+    fn import_gc_condemnations(&self) -> Result<()> {
+        for obj in self.store.list(GC_PREFIX)? {
+            let Some(bytes) = self.store.get(&obj.key)? else {
+                continue; // that gc ended meanwhile
+            };
+            let gc = GcObject::decode(&bytes).ok_or_else(|| {
+                Error::Usage(format!(
+                    "{} is damaged: a gc of host {} may be running; if none is, delete that object",
+                    self.store.display(&obj.key).display(),
+                    obj.key.trim_start_matches(GC_PREFIX),
+                ))
+            })?;
+            let ids: Vec<crate::id::Id> = gc.condemned.iter().map(|r| crate::id::Id(*r)).collect();
+            self.index
+                .import_condemned(&ids, crate::limits::GC_ROWS_PER_TRANSACTION)?;
+        }
+        Ok(())
+    }
+
+    /// Every lease object in the store, with its holder's host id (hex) and lease id.
+    pub fn bucket_leases(&self) -> Result<Vec<(crate::store::Object, String)>> {
+        let mut out = Vec::new();
+        for obj in self.store.list(LEASES_PREFIX)? {
+            let rest = &obj.key[LEASES_PREFIX.len()..];
+            if let Some((host, _)) = rest.split_once('/') {
+                let host = host.to_string();
+                out.push((obj, host));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the lease object `key` of this host is dead: its lock file here is
+    /// free (or gone), or the object is unreadable or gone.
+    pub fn own_bucket_lease_is_dead(&self, key: &str) -> Result<bool> {
+        let Some(bytes) = self.store.get(key)? else {
+            return Ok(true);
+        };
+        let Ok(lease) = serde_json::from_slice::<BucketLease>(&bytes) else {
+            return Ok(true);
+        };
+        if !(lease.lock.starts_with("lease-") && crate::tree::valid_name(lease.lock.as_bytes())) {
+            return Ok(true);
+        }
+        Ok(!lock_is_held(&locks_dir(&self.cache).join(&lease.lock))?)
+    }
+
+    /// Deletes this host's dead lease objects (left by a killed process, or by a
+    /// DELETE that failed). One LIST of this host's prefix; nothing for a local store.
+    /// Returns how many were deleted.
+    pub fn clean_dead_bucket_leases(&self) -> Result<u64> {
+        if self.store.is_local() {
+            return Ok(0);
+        }
+        let prefix = format!("{LEASES_PREFIX}{}/", crate::repo::sync::host_id(self)?);
+        let mut n = 0;
+        for obj in self.store.list(&prefix)? {
+            if self.own_bucket_lease_is_dead(&obj.key)? {
+                self.store.delete(&obj.key)?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Takes a lease for reading the committed snapshot `snap`, then makes sure it is

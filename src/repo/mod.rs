@@ -140,6 +140,11 @@ impl Config {
 
 /// A new repository id: 16 bytes from the kernel's random source.
 fn new_repository_id() -> Result<[u8; 16]> {
+    new_random_id()
+}
+
+/// 16 bytes from the kernel's random source (repository, host and gc ids).
+pub(crate) fn new_random_id() -> Result<[u8; 16]> {
     use std::io::Read;
     let mut id = [0u8; 16];
     File::open("/dev/urandom")
@@ -513,6 +518,8 @@ impl Repository {
         let repo = Repository::assemble(location, store, cache, id, config, index, lock);
         if !location.is_local() {
             crate::repo::sync::sync_with(&repo, fresh)?;
+            // Lease objects this host's killed processes left (one LIST of its prefix).
+            repo.clean_dead_bucket_leases()?;
         }
         Ok(repo)
     }

@@ -162,8 +162,12 @@ impl Store for LocalStore {
                 if kind.is_dir() && depth < 2 {
                     dirs.push((entry.path(), format!("{key}/"), depth + 1));
                 } else if kind.is_file() {
-                    let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                    out.push(Object { key, size });
+                    let meta = entry.metadata().ok();
+                    out.push(Object {
+                        key,
+                        size: meta.as_ref().map_or(0, |m| m.len()),
+                        modified: meta.and_then(|m| m.modified().ok()),
+                    });
                 }
             }
         }

@@ -36,6 +36,10 @@ pub struct Object {
     /// Its key, relative to the store's root (`packs/ab/<id>.pack`).
     pub key: String,
     pub size: u64,
+    /// When the object was written, by the store's clock (an object store's
+    /// Last-Modified; a local file's mtime). Only ever compared with another time
+    /// from the same store, never with this host's clock.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// The operations the repository needs of the place its ground truth lives.

@@ -418,6 +418,7 @@ impl Store for S3Store {
                         out.push(Object {
                             key,
                             size: meta.size,
+                            modified: Some(meta.last_modified.into()),
                         });
                     }
                 }
@@ -458,6 +459,7 @@ impl Store for S3Store {
                         out.push(Object {
                             key,
                             size: meta.size,
+                            modified: Some(meta.last_modified.into()),
                         });
                     }
                 }

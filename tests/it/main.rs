@@ -29,6 +29,7 @@ mod live;
 mod model;
 mod roundtrip;
 mod s3;
+mod s3_gc;
 mod s3_hosts;
 mod sparse;
 mod swap;
