@@ -123,7 +123,7 @@ pub fn gc(
         index_unknown_packs(repo, &packs_on_disk, progress)?;
     }
 
-    let (reach1, snapshots) = mark(repo, progress)?;
+    let (reach1, snapshots) = mark_indexed(repo, progress, shared && !opts.dry_run)?;
     report.snapshots = snapshots;
     report.blobs = repo.index.chunk_count()?;
     if opts.dry_run {
@@ -192,7 +192,13 @@ pub fn gc(
     }
     crate::crash::point("gc waited");
 
-    let (reach2, _) = mark(repo, progress)?;
+    // Records other hosts committed meanwhile name trees in packs this index has not
+    // seen yet. Indexed as new data (`Commit::Store`): a blob one of them holds again
+    // loses its condemnation here, and its row moves to that live copy.
+    if shared {
+        index_unknown_packs(repo, &repo.pack_files()?, progress)?;
+    }
+    let (reach2, _) = mark_indexed(repo, progress, shared)?;
     let swept = repo.index.sweep(
         |id| reach2.contains(id),
         rows,
@@ -692,6 +698,22 @@ fn between_batches(point: &str) {
     std::thread::sleep(Duration::from_millis(
         crate::limits::GC_PAUSE_BETWEEN_BATCHES_MS,
     ));
+}
+
+/// `mark`; on an object store (`shared`), a record another host committed after
+/// this gc indexed the packs names blobs in packs it has not seen: those are indexed
+/// and the marking starts again (a few times at most: each round sees more).
+fn mark_indexed(repo: &Repository, progress: &Progress, shared: bool) -> Result<(Bloom, u64)> {
+    let mut rounds = 0;
+    loop {
+        match mark(repo, progress) {
+            Err(Error::MissingChunk { .. }) if shared && rounds < 5 => {
+                rounds += 1;
+                index_unknown_packs(repo, &repo.pack_files()?, progress)?;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Marks every blob reachable from every committed snapshot.
