@@ -100,6 +100,19 @@ pub const RACY_WINDOW_NS: i64 = 1_000_000_000;
 /// Open pack files kept per reader.
 pub const OPEN_PACKS_MAX: usize = 64;
 
+/// Packs a packer has handed to an object store and not yet indexed: the PUTs in
+/// flight while chunking and compression go on (memory: this many packs per packer,
+/// `PACK_SIZE_TARGET` each). A local store writes each pack before going on.
+pub const UPLOADS_IN_FLIGHT: usize = 4;
+
+/// Restores from an object store download the packs they will need this many at a
+/// time, ahead of the writers (`PackReader::read_ahead`)...
+pub const READ_AHEAD_DOWNLOADS: usize = 4;
+
+/// ... and at most this many packs (`PACK_SIZE_TARGET` each, in unnamed temporary
+/// files of the cache) beyond the furthest one a writer has reached.
+pub const READ_AHEAD_PACKS: usize = 8;
+
 /// Retention policies keep the undo snapshots of this many latest committed in-place
 /// restores of each target (the first is what `restore --undo` uses; the others let
 /// a user go back past a restore that was itself a mistake). Older ones, outside the

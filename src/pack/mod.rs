@@ -20,7 +20,7 @@
 
 pub mod blob;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Commit, Location, PackRow};
-use crate::limits::{OPEN_PACKS_MAX, PACK_SIZE_TARGET};
+use crate::limits::{OPEN_PACKS_MAX, PACK_SIZE_TARGET, READ_AHEAD_PACKS, UPLOADS_IN_FLIGHT};
 use crate::repo::Repository;
 use blob::{BlobHeader, BlobKind, EncodedBlob, HEADER_LEN};
 
@@ -125,6 +125,17 @@ pub struct Packer<'r> {
     /// A dry run: blobs are hashed but never written; trees are kept in memory
     /// (`Repository::unstored`) so the snapshot can be compared with others.
     dry: bool,
+    /// Full packs whose upload is under way, oldest first: indexed once it is
+    /// durable (`finish_uploads`).
+    uploading: Mutex<VecDeque<Uploading>>,
+}
+
+/// A pack handed to the store and not yet indexed.
+struct Uploading {
+    id: Id,
+    row: PackRow,
+    rows: Vec<(Id, Location)>,
+    upload: crate::store::Upload,
 }
 
 impl<'r> Packer<'r> {
@@ -155,6 +166,7 @@ impl<'r> Packer<'r> {
             new_blobs: AtomicU64::new(0),
             new_bytes_stored: AtomicU64::new(0),
             dry: false,
+            uploading: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -233,7 +245,8 @@ impl<'r> Packer<'r> {
         Ok(true)
     }
 
-    /// Writes the partly filled pack, if any.
+    /// Writes the partly filled pack, if any, and waits until every pack this packer
+    /// wrote is durable and indexed.
     pub fn flush(&self) -> Result<()> {
         let pack = std::mem::replace(
             &mut *self.open.lock().expect("packer lock"),
@@ -242,7 +255,7 @@ impl<'r> Packer<'r> {
         if !pack.is_empty() {
             self.commit(pack)?;
         }
-        Ok(())
+        self.finish_uploads(0)
     }
 
     pub fn new_blobs(&self) -> u64 {
@@ -253,14 +266,11 @@ impl<'r> Packer<'r> {
         self.new_bytes_stored.load(Ordering::Relaxed)
     }
 
+    /// Starts writing a full pack; it is indexed once durable. On an object store up
+    /// to `UPLOADS_IN_FLIGHT` uploads go on while the workers fill the next packs; a
+    /// local store writes and indexes it before returning.
     fn commit(&self, mut pack: OpenPack) -> Result<()> {
         let pack_id = Id::of(&pack.bytes);
-        self.repo.store.put(
-            &self.repo.pack_key(&pack_id),
-            &pack.bytes,
-            Some("pack written"),
-        )?;
-        crate::crash::point("pack committed");
         for (_, loc) in &mut pack.rows {
             loc.pack = pack_id;
         }
@@ -269,36 +279,134 @@ impl<'r> Packer<'r> {
             size_bytes: pack.bytes.len() as u64,
             blobs: pack.rows.len() as u64,
         };
-        // Its log before its rows: no pack is indexed anywhere without one (object
-        // stores only; see `repo::sync`).
-        let from = match self.mode {
-            Commit::Repack { from } => Some(from),
-            _ => None,
+        let upload = self.repo.store.put_started(
+            &self.repo.pack_key(&pack_id),
+            pack.bytes,
+            Some("pack written"),
+        )?;
+        self.uploading
+            .lock()
+            .expect("packer lock")
+            .push_back(Uploading {
+                id: pack_id,
+                row,
+                rows: pack.rows,
+                upload,
+            });
+        let in_flight = if self.repo.store.is_local() {
+            0
+        } else {
+            UPLOADS_IN_FLIGHT
         };
-        crate::repo::sync::log_pack(self.repo, &pack_id, &row, &pack.rows, from)?;
-        self.repo
-            .index
-            .commit_pack(&pack_id, &row, &pack.rows, self.mode)?;
-        // Mid-write with at least one pack stored and indexed: where a test interrupts a
-        // snapshot.
-        crate::crash::point("pack indexed");
-        Ok(())
+        self.finish_uploads(in_flight)
+    }
+
+    /// Indexes the oldest uploads until at most `keep` remain in flight: each once its
+    /// pack is durable in the store (invariant 1), never before.
+    fn finish_uploads(&self, keep: usize) -> Result<()> {
+        loop {
+            let next = {
+                let mut uploading = self.uploading.lock().expect("packer lock");
+                if uploading.len() <= keep {
+                    return Ok(());
+                }
+                uploading.pop_front().expect("more than `keep`")
+            };
+            next.upload.wait()?;
+            crate::crash::point("pack committed");
+            // Its log before its rows: no pack is indexed anywhere without one (object
+            // stores only; see `repo::sync`).
+            let from = match self.mode {
+                Commit::Repack { from } => Some(from),
+                _ => None,
+            };
+            crate::repo::sync::log_pack(self.repo, &next.id, &next.row, &next.rows, from)?;
+            self.repo
+                .index
+                .commit_pack(&next.id, &next.row, &next.rows, self.mode)?;
+            // Mid-write with at least one pack stored and indexed: where a test
+            // interrupts a snapshot.
+            crate::crash::point("pack indexed");
+        }
     }
 }
 
 /// Reads blobs from packs by location, verifying every blob against its id.
+///
+/// Packs of an object store are downloaded whole, each once, into unnamed temporary
+/// files; threads that need the same pack wait for the one download, and downloads of
+/// different packs go on at once. Given the order in which a restore will need packs
+/// (`plan`), `read_ahead` threads download them ahead of the writers.
 #[derive(Default)]
 pub struct PackReader {
-    open: Mutex<HashMap<Id, Arc<File>>>,
+    state: Mutex<Readers>,
+    /// Signalled when a download ends, a writer moves on, or the read-ahead stops.
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Readers {
+    open: HashMap<Id, Arc<File>>,
+    /// Packs being downloaded (or opened) now.
+    loading: HashSet<Id>,
+    /// The read-ahead plan: packs in the order they are first needed, and each
+    /// pack's place in it.
+    plan: Vec<Id>,
+    rank: HashMap<Id, usize>,
+    /// The next place in `plan` a read-ahead thread takes.
+    next: usize,
+    /// The furthest place in `plan` a reader has asked for.
+    reached: usize,
+}
+
+impl Readers {
+    fn reach(&mut self, pack: &Id) -> bool {
+        match self.rank.get(pack) {
+            Some(&r) if r > self.reached => {
+                self.reached = r;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Keeps `file` open, making room first: packs the writers have passed go before
+    /// packs read ahead for them.
+    fn keep(&mut self, pack: Id, file: Arc<File>) {
+        if self.open.len() >= OPEN_PACKS_MAX {
+            let (rank, reached) = (&self.rank, self.reached);
+            self.open
+                .retain(|p, _| rank.get(p).is_some_and(|&r| r >= reached));
+            if self.open.len() >= OPEN_PACKS_MAX {
+                self.open.clear();
+            }
+        }
+        self.open.insert(pack, file);
+    }
 }
 
 impl PackReader {
     fn file(&self, repo: &Repository, pack: &Id) -> Result<Arc<File>> {
-        let mut open = self.open.lock().expect("reader lock");
-        if let Some(f) = open.get(pack) {
-            return Ok(f.clone());
+        let mut state = self.state.lock().expect("reader lock");
+        if state.reach(pack) {
+            self.changed.notify_all();
         }
-        let file = Arc::new(repo.open_pack(pack)?.ok_or_else(|| {
+        loop {
+            if let Some(f) = state.open.get(pack) {
+                return Ok(f.clone());
+            }
+            if !state.loading.contains(pack) {
+                break;
+            }
+            state = self.changed.wait(state).expect("reader lock");
+        }
+        state.loading.insert(*pack);
+        drop(state);
+        let opened = repo.open_pack(pack);
+        let mut state = self.state.lock().expect("reader lock");
+        state.loading.remove(pack);
+        self.changed.notify_all();
+        let file = Arc::new(opened?.ok_or_else(|| {
             // The pack is gone, or a damaged index row names a pack that never was.
             Error::Corrupt {
                 what: "repository: missing pack",
@@ -306,11 +414,60 @@ impl PackReader {
                 detail: "run `volsnap check`, then `volsnap repair index`".into(),
             }
         })?);
-        if open.len() >= OPEN_PACKS_MAX {
-            open.clear();
-        }
-        open.insert(*pack, file.clone());
+        state.keep(*pack, file.clone());
         Ok(file)
+    }
+
+    /// Sets the order in which packs will be needed (each once, first use first),
+    /// for `read_ahead`.
+    pub fn plan(&self, packs: Vec<Id>) {
+        let mut state = self.state.lock().expect("reader lock");
+        state.rank = packs.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+        state.plan = packs;
+        state.next = 0;
+        state.reached = 0;
+        self.changed.notify_all();
+    }
+
+    /// Ends the read-ahead: `read_ahead` threads return once their download ends.
+    pub fn stop_reading_ahead(&self) {
+        let mut state = self.state.lock().expect("reader lock");
+        state.next = state.plan.len();
+        self.changed.notify_all();
+    }
+
+    /// Downloads the planned packs in order, at most `READ_AHEAD_PACKS` beyond the
+    /// furthest one a reader has reached, until the plan is done or
+    /// `stop_reading_ahead`. A failed download is left for the reader that needs
+    /// the pack to retry and report.
+    pub fn read_ahead(&self, repo: &Repository) {
+        loop {
+            let pack = {
+                let mut state = self.state.lock().expect("reader lock");
+                loop {
+                    if state.next >= state.plan.len() {
+                        return;
+                    }
+                    if state.next > state.reached + READ_AHEAD_PACKS {
+                        state = self.changed.wait(state).expect("reader lock");
+                        continue;
+                    }
+                    let pack = state.plan[state.next];
+                    state.next += 1;
+                    if !state.open.contains_key(&pack) && !state.loading.contains(&pack) {
+                        state.loading.insert(pack);
+                        break pack;
+                    }
+                }
+            };
+            let opened = repo.open_pack(&pack);
+            let mut state = self.state.lock().expect("reader lock");
+            state.loading.remove(&pack);
+            if let Ok(Some(file)) = opened {
+                state.keep(pack, Arc::new(file));
+            }
+            self.changed.notify_all();
+        }
     }
 
     /// Reads, decompresses and verifies the blob `id` at `loc`.

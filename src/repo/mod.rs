@@ -568,6 +568,23 @@ impl Repository {
         self.reader.read(self, id, &loc)
     }
 
+    /// Tells the pack reader the order in which packs will be needed (see
+    /// `PackReader::plan`); `read_ahead` threads then download them ahead of the readers
+    /// until `stop_reading_ahead`.
+    pub fn plan_reads(&self, packs: Vec<Id>) {
+        self.reader.plan(packs);
+    }
+
+    /// Downloads planned packs ahead of the readers; returns when the plan is done or
+    /// stopped. Run on threads of its own.
+    pub fn read_ahead(&self) {
+        self.reader.read_ahead(self);
+    }
+
+    pub fn stop_reading_ahead(&self) {
+        self.reader.stop_reading_ahead();
+    }
+
     /// Reads the blob `id` as stored, after decompressing and re-hashing it (`copy`
     /// appends it to another repository as it is).
     pub fn read_blob_encoded(&self, id: &Id) -> Result<crate::pack::blob::EncodedBlob> {

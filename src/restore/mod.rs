@@ -37,7 +37,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result, errno};
 use crate::id::Id;
-use crate::limits::{DIR_FDS_HELD_MAX, PATH_DEPTH_MAX};
+use crate::limits::{DIR_FDS_HELD_MAX, PATH_DEPTH_MAX, READ_AHEAD_DOWNLOADS};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::Listed;
@@ -218,7 +218,7 @@ pub fn restore(
     crate::crash::pause("restore started");
     let _lease = repo.lease_for("restore", snap)?;
     let jobs = select::select(repo, snap, path, opts.volume.as_deref())?;
-    let link_targets = select::survey(repo, &jobs)?;
+    let (link_targets, packs) = survey(repo, &jobs)?;
     prepare_target(target, opts.force)?;
     let root_fd = walk::open_root(target).map_err(|e| Error::io("open", target)(errno(e)))?;
     materialize(
@@ -227,6 +227,7 @@ pub fn restore(
         path,
         &jobs,
         link_targets,
+        packs,
         root_fd.as_fd(),
         target,
         opts,
@@ -249,13 +250,14 @@ pub fn restore_into(
     let started = Instant::now();
     let _lease = repo.lease("restore")?;
     let jobs = select::select(repo, snap, path, opts.volume.as_deref())?;
-    let link_targets = select::survey(repo, &jobs)?;
+    let (link_targets, packs) = survey(repo, &jobs)?;
     materialize(
         repo,
         snap,
         path,
         &jobs,
         link_targets,
+        packs,
         root,
         target,
         opts,
@@ -264,9 +266,78 @@ pub fn restore_into(
     )
 }
 
-/// The three passes, into the open directory `root`.
+/// The hardlink targets of `jobs` and, from an object store, the packs their files'
+/// content is in, in the order the restore first needs them (empty for a local store).
+fn survey(repo: &Repository, jobs: &[Selection]) -> Result<(LinkTargets, Vec<Id>)> {
+    if repo.store.is_local() {
+        return Ok((select::survey(repo, jobs)?, Vec::new()));
+    }
+    let mut order = select::PackOrder::default();
+    let links = select::survey_with(repo, jobs, Some(&mut order))?;
+    Ok((links, order.order))
+}
+
+/// The three passes, into the open directory `root`; from an object store, with
+/// threads downloading the packs in `packs` ahead of the writers.
 #[allow(clippy::too_many_arguments)]
 fn materialize(
+    repo: &Repository,
+    snap: &Listed,
+    path: &[u8],
+    jobs: &[Selection],
+    link_targets: LinkTargets,
+    packs: Vec<Id>,
+    root: BorrowedFd<'_>,
+    target: &Path,
+    opts: &Options,
+    progress: &Progress,
+    started: Instant,
+) -> Result<Report> {
+    if packs.is_empty() {
+        return passes(
+            repo,
+            snap,
+            path,
+            jobs,
+            link_targets,
+            root,
+            target,
+            opts,
+            progress,
+            started,
+        );
+    }
+    /// Ends the read-ahead however the passes end (an error or a panic included), so
+    /// the scope's threads return.
+    struct Stop<'a>(&'a Repository);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.stop_reading_ahead();
+        }
+    }
+    repo.plan_reads(packs);
+    std::thread::scope(|s| {
+        for _ in 0..READ_AHEAD_DOWNLOADS {
+            s.spawn(|| repo.read_ahead());
+        }
+        let _stop = Stop(repo);
+        passes(
+            repo,
+            snap,
+            path,
+            jobs,
+            link_targets,
+            root,
+            target,
+            opts,
+            progress,
+            started,
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn passes(
     repo: &Repository,
     snap: &Listed,
     path: &[u8],

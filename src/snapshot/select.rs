@@ -152,11 +152,49 @@ impl LinkTargets {
 /// targets. An explicit stack (memory per level is one frame) and each distinct tree
 /// read once, with the depth below it remembered.
 pub fn survey(repo: &Repository, selections: &[Selection]) -> Result<LinkTargets> {
+    survey_with(repo, selections, None)
+}
+
+/// The packs that hold the content of the files a survey met, each once, in the
+/// order the walk first needed it: a restore from an object store downloads them in
+/// that order ahead of its writers (`PackReader::plan`).
+#[derive(Default)]
+pub struct PackOrder {
+    chunks: HashSet<Id>,
+    packs: HashSet<Id>,
+    pub order: Vec<Id>,
+}
+
+impl PackOrder {
+    fn add(&mut self, repo: &Repository, chunks: &[crate::tree::Run]) -> Result<()> {
+        for run in chunks {
+            if self.chunks.insert(run.id)
+                && let Some(loc) = repo.index.lookup(&run.id)?
+                && self.packs.insert(loc.pack)
+            {
+                self.order.push(loc.pack);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `survey`, also gathering the packs the files' content is in when `packs` is given.
+pub fn survey_with(
+    repo: &Repository,
+    selections: &[Selection],
+    mut packs: Option<&mut PackOrder>,
+) -> Result<LinkTargets> {
     let mut out = LinkTargets::default();
     for s in selections {
         match &s.entry.kind {
-            Kind::Dir { tree } => survey_tree(repo, tree, s, &mut out)?,
+            Kind::Dir { tree } => survey_tree(repo, tree, s, &mut out, packs.as_deref_mut())?,
             Kind::Hardlink { target } => out.insert(&s.volume, target),
+            Kind::File { chunks, .. } => {
+                if let Some(p) = packs.as_deref_mut() {
+                    p.add(repo, chunks)?;
+                }
+            }
             _ => {}
         }
     }
@@ -173,7 +211,13 @@ struct SurveyFrame {
     height: usize,
 }
 
-fn survey_tree(repo: &Repository, root: &Id, s: &Selection, out: &mut LinkTargets) -> Result<()> {
+fn survey_tree(
+    repo: &Repository,
+    root: &Id,
+    s: &Selection,
+    out: &mut LinkTargets,
+    mut packs: Option<&mut PackOrder>,
+) -> Result<()> {
     // Trees already surveyed: how many levels they hold. Per selection, since
     // hardlink targets are paths of one volume.
     let mut heights: HashMap<Id, usize> = HashMap::new();
@@ -207,6 +251,11 @@ fn survey_tree(repo: &Repository, root: &Id, s: &Selection, out: &mut LinkTarget
                     match e.kind {
                         Kind::Dir { tree } => subdirs.push((e.name, tree)),
                         Kind::Hardlink { target } => out.insert(&s.volume, &target),
+                        Kind::File { chunks, .. } => {
+                            if let Some(p) = packs.as_deref_mut() {
+                                p.add(repo, &chunks)?;
+                            }
+                        }
                         _ => {}
                     }
                 }

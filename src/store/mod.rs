@@ -70,6 +70,20 @@ pub trait Store: Send + Sync {
     /// after the bytes are durable somewhere but before they are visible under `key`.
     fn put(&self, key: &str, bytes: &[u8], staged: Option<&'static str>) -> Result<()>;
 
+    /// Starts `put` and returns a handle whose `Upload::wait` returns once the object
+    /// is durable (with `put`'s guarantees) or the write failed. An object store goes on
+    /// with the request in the background, so several can be in flight while the
+    /// caller works; a local store writes before returning. `staged` as for `put`.
+    fn put_started(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        staged: Option<&'static str>,
+    ) -> Result<Upload> {
+        self.put(key, &bytes, staged)?;
+        Ok(Upload::done())
+    }
+
     /// Writes the object unless one of that key exists. Returns whether it wrote.
     /// Only a local store makes this atomic; on an object store two concurrent calls
     /// may both write (see ARCHITECTURE.md): callers must not need more.
@@ -103,6 +117,33 @@ pub trait Store: Send + Sync {
 
     /// Whether this store is the local directory the cache also lives in.
     fn is_local(&self) -> bool;
+}
+
+/// A write `Store::put_started` began: `wait` for its outcome. Dropping it without
+/// waiting leaves the write to finish or fail on its own (nothing refers to the object
+/// until the caller records it, so an abandoned write is at most an unreferenced object
+/// that gc removes).
+#[must_use = "an upload is durable only once `wait` returned Ok"]
+pub struct Upload(Option<Box<dyn FnOnce() -> Result<()> + Send>>);
+
+impl Upload {
+    /// A write already done.
+    pub fn done() -> Upload {
+        Upload(None)
+    }
+
+    /// A write whose outcome `wait` will ask `outcome` for.
+    pub fn pending(outcome: impl FnOnce() -> Result<()> + Send + 'static) -> Upload {
+        Upload(Some(Box::new(outcome)))
+    }
+
+    /// Blocks until the object is durable; `Err` if the write failed.
+    pub fn wait(self) -> Result<()> {
+        match self.0 {
+            None => Ok(()),
+            Some(outcome) => outcome(),
+        }
+    }
 }
 
 /// Where a repository is, as the user named it.

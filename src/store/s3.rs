@@ -26,7 +26,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
 
-use super::{Object, Store};
+use super::{Object, Store, Upload};
 use crate::error::{Error, Result};
 
 pub struct S3Store {
@@ -224,32 +224,41 @@ fn not_found(e: &object_store::Error) -> bool {
 }
 
 impl S3Store {
-    /// Runs `attempt` until it succeeds, fails for good, or the retry budget
-    /// (`VOLSNAP_S3_RETRY_SECONDS`) is spent. `object_store` already retries each request
-    /// on connection errors, 5xx answers and GET bodies cut short; this outer loop also
-    /// covers what it does not retry: a listing or a HEAD whose answer is cut short, a
-    /// connection reset while a response body is read. An answer that will not change
-    /// (not found, 4xx, refused credentials) is not retried.
-    async fn retrying<T, F, Fut>(
-        &self,
-        mut attempt: F,
-    ) -> std::result::Result<T, object_store::Error>
+    /// `retry` within this store's budget.
+    async fn retrying<T, F, Fut>(&self, attempt: F) -> std::result::Result<T, object_store::Error>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
     {
-        let started = std::time::Instant::now();
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match attempt().await {
-                Ok(v) => return Ok(v),
-                Err(e) if !transient(&e) || started.elapsed() + pause > self.budget => {
-                    return Err(e);
-                }
-                Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
+        retry(self.budget, attempt).await
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or the retry budget
+/// (`VOLSNAP_S3_RETRY_SECONDS`) is spent. `object_store` already retries each request
+/// on connection errors, 5xx answers and GET bodies cut short; this outer loop also
+/// covers what it does not retry: a listing or a HEAD whose answer is cut short, a
+/// connection reset while a response body is read. An answer that will not change
+/// (not found, 4xx, refused credentials) is not retried.
+async fn retry<T, F, Fut>(
+    budget: Duration,
+    mut attempt: F,
+) -> std::result::Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if !transient(&e) || started.elapsed() + pause > budget => {
+                return Err(e);
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -383,6 +392,44 @@ impl Store for S3Store {
                     .map(drop)
             }))
             .map_err(|e| self.fail("write", key, &e))
+    }
+
+    fn put_started(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        staged: Option<&'static str>,
+    ) -> Result<Upload> {
+        if let Some(point) = staged {
+            crate::crash::point(point);
+        }
+        let path = self.path(key);
+        let body = bytes::Bytes::from(bytes);
+        let client = self.client.clone();
+        let budget = self.budget;
+        // The request runs on the store's runtime while the caller goes on.
+        let task = self.rt.spawn(async move {
+            retry(budget, || {
+                let (client, path) = (client.clone(), path.clone());
+                let body = PutPayload::from(body.clone());
+                async move { client.put(&path, body).await.map(drop) }
+            })
+            .await
+        });
+        let rt = self.rt.handle().clone();
+        let object = self.display(key).display().to_string();
+        Ok(Upload::pending(move || {
+            let detail = match rt.block_on(task) {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => one_line(&e),
+                Err(e) => e.to_string(),
+            };
+            Err(Error::Store {
+                op: "write",
+                object,
+                detail,
+            })
+        }))
     }
 
     fn put_new(&self, key: &str, bytes: &[u8]) -> Result<bool> {

@@ -391,3 +391,113 @@ fn a_node_of_three_killed_during_a_snapshot_and_a_gc_loses_nothing() {
     check_clean(&repo);
     assert_all_restore(&repo, &expected, "all-up");
 }
+
+/// Random files filling about `mib` MiB: several packs, so uploads and downloads
+/// overlap.
+fn fill_packs(dir: &Path, seed: &str, mib: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..mib {
+        write(
+            dir.join(format!("{seed}-{i}")),
+            random_bytes(&format!("{seed} {i}"), 1 << 20),
+        );
+    }
+}
+
+#[test]
+fn a_pack_upload_failing_behind_others_in_flight_indexes_nothing_it_lost() {
+    // Packs go up several at a time: the second fails for good while later ones are in
+    // flight or done. Nothing of what failed may be indexed (a later snapshot would
+    // reuse blobs no pack holds), and nothing may be listed.
+    let Some(garage) = Garage::single() else {
+        return;
+    };
+    let proxy = FaultProxy::new(garage.s3_addr(0));
+    let repo = through(&garage, &proxy, "inflight", "2");
+    repo.ok(["init"]);
+    let data = repo.mkdir("data");
+    fill_packs(&data, "inflight", 48);
+    proxy.add(
+        Rule::every(2, Fault::Status(403))
+            .method("PUT")
+            .path_contains("/packs/"),
+    );
+    let line = repo
+        .run(args(&[&"snapshot", &"--name", &"f", &data]))
+        .code(1)
+        .error_line();
+    assert!(line.contains("s3://") && line.contains("/packs/"), "{line}");
+    assert!(!proxy.faulted().is_empty());
+    proxy.clear();
+    assert!(repo.list(&[]).is_empty());
+    // Every blob the failed run did not get into the store is stored by the next.
+    let snap = repo.snapshot(&[&data], &["--name", "f"]);
+    let to = repo.scratch("after");
+    repo.restore(&id(&snap), &to);
+    assert_same_tree(&data, &to);
+    check_clean(&repo);
+    // A second host, from the store alone, restores it too; gc keeps it whole.
+    let gc = repo.ok(["gc"]);
+    assert!(
+        gc["stale_files_removed"].as_u64().unwrap() + gc["unreachable_blobs"].as_u64().unwrap() > 0,
+        "{gc}"
+    );
+    check_clean(&repo);
+    let other = Repo::remote(&garage.repo_url("inflight"), garage.env());
+    let to = other.scratch("other");
+    other.restore(&id(&snap), &to);
+    assert_same_tree(&data, &to);
+}
+
+#[test]
+fn a_restore_reading_packs_ahead_retries_what_fails_and_stops_on_what_is_gone() {
+    let Some(garage) = Garage::single() else {
+        return;
+    };
+    let proxy = FaultProxy::new(garage.s3_addr(0));
+    let repo = through(&garage, &proxy, "ahead", "20");
+    repo.ok(["init"]);
+    let data = repo.mkdir("data");
+    fill_packs(&data, "ahead", 48);
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    for i in 0..200 {
+        write(data.join(format!("sub/{i}")), format!("ahead small {i}"));
+    }
+    let snap = repo.snapshot(&[&data], &["--name", "a"]);
+    // Downloads of packs fail now and then (answers, resets, bodies cut short): the
+    // restore, several downloads in flight, is still exact.
+    proxy.add(
+        Rule::every(3, Fault::Status(503))
+            .method("GET")
+            .path_contains("/packs/"),
+    );
+    proxy.add(
+        Rule::every(4, Fault::Truncate)
+            .method("GET")
+            .path_contains("/packs/"),
+    );
+    proxy.add(
+        Rule::every(5, Fault::ResetAfter(1000))
+            .method("GET")
+            .path_contains("/packs/"),
+    );
+    let to = repo.scratch("flaky");
+    repo.restore(&id(&snap), &to);
+    assert_same_tree(&data, &to);
+    assert!(proxy.faulted().len() >= 3, "{:#?}", proxy.faulted());
+    // Every pack refused for good: one line naming a pack, and no read-ahead thread
+    // left waiting (the command ends).
+    proxy.clear();
+    proxy.add(
+        Rule::always(Fault::Status(403))
+            .method("GET")
+            .path_contains("/packs/"),
+    );
+    let to = repo.scratch("refused");
+    let line = repo
+        .run(args(&[&"restore", &id(&snap), &"--to", &to]))
+        .code(1)
+        .error_line();
+    assert!(line.contains("/packs/"), "{line}");
+    proxy.clear();
+}
