@@ -105,6 +105,12 @@ pub const OPEN_PACKS_MAX: usize = 64;
 /// `PACK_SIZE_TARGET` each). A local store writes each pack before going on.
 pub const UPLOADS_IN_FLIGHT: usize = 4;
 
+/// On an object store a packer indexes the packs that became durable in groups of
+/// this many, with one log object for the group (`repo::sync`): another host catching
+/// up reads one object per 128 MiB written, not one per pack. A writer killed before
+/// a group is logged uploads those packs again when it runs again.
+pub const PACKS_PER_LOG: usize = 16;
+
 /// Restores from an object store download the packs they will need this many at a
 /// time, ahead of the writers (`PackReader::read_ahead`)...
 pub const READ_AHEAD_DOWNLOADS: usize = 4;

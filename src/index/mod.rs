@@ -96,6 +96,16 @@ pub struct PackRow {
     pub blobs: u64,
 }
 
+/// A pack another host logged (`repo::sync`): its row, its blobs' rows, and the pack
+/// a gc repack emptied into it.
+#[derive(Clone, Debug)]
+pub struct SyncedPack {
+    pub pack: Id,
+    pub row: PackRow,
+    pub blobs: Vec<(Id, Location)>,
+    pub from: Option<Id>,
+}
+
 /// How long a cached read snapshot of the chunk table may serve lookups. A lookup
 /// through a slightly old snapshot can only miss a chunk committed meanwhile (which is
 /// then stored twice, harmlessly); it never reports a chunk that is not stored.
@@ -449,14 +459,20 @@ impl Index {
         })
     }
 
-    /// Moves the cursor of `host` to `seq` unless it is already there or beyond.
-    pub fn advance_sync_cursor(&self, host: &str, seq: u64) -> Result<()> {
+    /// Moves the cursor of each host of `moved` to its seq unless it is already there
+    /// or beyond, in one transaction.
+    pub fn advance_sync_cursors(&self, moved: &[(String, u64)]) -> Result<()> {
+        if moved.is_empty() {
+            return Ok(());
+        }
         self.guard(|| {
             self.write(|txn| {
                 let mut table = txn.open_table(SYNC)?;
-                let current = table.get(host)?.map_or(0, |v| v.value());
-                if seq > current {
-                    table.insert(host, seq)?;
+                for (host, seq) in moved {
+                    let current = table.get(host.as_str())?.map_or(0, |v| v.value());
+                    if *seq > current {
+                        table.insert(host.as_str(), *seq)?;
+                    }
                 }
                 Ok(())
             })
@@ -476,47 +492,55 @@ impl Index {
         })
     }
 
-    /// Records a pack another host wrote, from its log, in one transaction: a blob
-    /// with no row gets one (and loses any tombstone); a row pointing into `from` (the
-    /// pack this one was repacked from) moves here; a condemned row is replaced (as with
-    /// `Commit::Store`); any other row stays, and this copy is remembered as another
-    /// location of the blob (see `remove_packs`). A pack already gone is skipped.
-    pub fn commit_synced_pack(
-        &self,
-        pack: &Id,
-        row: &PackRow,
-        blobs: &[(Id, Location)],
-        from: Option<Id>,
-    ) -> Result<()> {
+    /// Records packs other hosts wrote, from their logs, in order and in one
+    /// transaction. For each: a blob with no row gets one (and loses any tombstone); a
+    /// row pointing into `from` (the pack this one was repacked from) moves here; a
+    /// condemned row is replaced (as with `Commit::Store`); any other row stays, and
+    /// this copy is remembered as another location of the blob (see `remove_packs`). A
+    /// pack already gone is skipped.
+    pub fn commit_synced_packs(&self, packs: &[SyncedPack]) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
         self.guard(|| {
-            let row_bytes = postcard::to_stdvec(row).expect("pack rows encode");
             self.write(|txn| {
-                if txn.open_table(GONE)?.get(&pack.0[..])?.is_some() {
-                    return Ok(());
-                }
+                let gone = txn.open_table(GONE)?;
                 let mut chunks = txn.open_table(CHUNKS)?;
                 let mut condemned = txn.open_table(CONDEMNED)?;
                 let mut alt = txn.open_table(ALT)?;
-                for (id, loc) in blobs {
-                    let current = chunks
-                        .get(&id.0[..])?
-                        .and_then(|v| Location::decode(v.value()));
-                    let replace = match current {
-                        None => {
-                            condemned.remove(&id.0[..])?;
-                            true
-                        }
-                        Some(cur) if cur.pack == *pack => false,
-                        Some(cur) if Some(cur.pack) == from => true,
-                        Some(_) => condemned.remove(&id.0[..])?.is_some(),
-                    };
-                    if replace {
-                        chunks.insert(&id.0[..], &loc.encode()[..])?;
-                    } else if current.is_some_and(|c| c.pack != *pack) {
-                        alt.insert(&alt_key(id, pack)[..], &loc.encode()[..])?;
+                let mut rows = txn.open_table(PACKS)?;
+                for SyncedPack {
+                    pack,
+                    row,
+                    blobs,
+                    from,
+                } in packs
+                {
+                    if gone.get(&pack.0[..])?.is_some() {
+                        continue;
                     }
+                    for (id, loc) in blobs {
+                        let current = chunks
+                            .get(&id.0[..])?
+                            .and_then(|v| Location::decode(v.value()));
+                        let replace = match current {
+                            None => {
+                                condemned.remove(&id.0[..])?;
+                                true
+                            }
+                            Some(cur) if cur.pack == *pack => false,
+                            Some(cur) if Some(cur.pack) == *from => true,
+                            Some(_) => condemned.remove(&id.0[..])?.is_some(),
+                        };
+                        if replace {
+                            chunks.insert(&id.0[..], &loc.encode()[..])?;
+                        } else if current.is_some_and(|c| c.pack != *pack) {
+                            alt.insert(&alt_key(id, pack)[..], &loc.encode()[..])?;
+                        }
+                    }
+                    let row_bytes = postcard::to_stdvec(row).expect("pack rows encode");
+                    rows.insert(&pack.0[..], &row_bytes[..])?;
                 }
-                txn.open_table(PACKS)?.insert(&pack.0[..], &row_bytes[..])?;
                 Ok(())
             })
         })

@@ -30,8 +30,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Commit, Location, PackRow};
-use crate::limits::{OPEN_PACKS_MAX, PACK_SIZE_TARGET, READ_AHEAD_PACKS, UPLOADS_IN_FLIGHT};
+use crate::index::{Commit, Location, PackRow, SyncedPack};
+use crate::limits::{
+    OPEN_PACKS_MAX, PACK_SIZE_TARGET, PACKS_PER_LOG, READ_AHEAD_PACKS, UPLOADS_IN_FLIGHT,
+};
 use crate::repo::Repository;
 use blob::{BlobHeader, BlobKind, EncodedBlob, HEADER_LEN};
 
@@ -125,17 +127,10 @@ pub struct Packer<'r> {
     /// A dry run: blobs are hashed but never written; trees are kept in memory
     /// (`Repository::unstored`) so the snapshot can be compared with others.
     dry: bool,
-    /// Full packs whose upload is under way, oldest first: indexed once it is
-    /// durable (`finish_uploads`).
-    uploading: Mutex<VecDeque<Uploading>>,
-}
-
-/// A pack handed to the store and not yet indexed.
-struct Uploading {
-    id: Id,
-    row: PackRow,
-    rows: Vec<(Id, Location)>,
-    upload: crate::store::Upload,
+    /// Full packs whose upload is under way, oldest first (`finish_uploads`).
+    uploading: Mutex<VecDeque<(SyncedPack, crate::store::Upload)>>,
+    /// Packs durable in the store, not yet logged and indexed.
+    durable: Mutex<Vec<SyncedPack>>,
 }
 
 impl<'r> Packer<'r> {
@@ -167,6 +162,7 @@ impl<'r> Packer<'r> {
             new_bytes_stored: AtomicU64::new(0),
             dry: false,
             uploading: Mutex::new(VecDeque::new()),
+            durable: Mutex::new(Vec::new()),
         }
     }
 
@@ -267,8 +263,9 @@ impl<'r> Packer<'r> {
     }
 
     /// Starts writing a full pack; it is indexed once durable. On an object store up
-    /// to `UPLOADS_IN_FLIGHT` uploads go on while the workers fill the next packs; a
-    /// local store writes and indexes it before returning.
+    /// to `UPLOADS_IN_FLIGHT` uploads go on while the workers fill the next packs, and
+    /// durable packs are logged and indexed `PACKS_PER_LOG` at a time; a local store
+    /// writes and indexes each pack before returning.
     fn commit(&self, mut pack: OpenPack) -> Result<()> {
         let pack_id = Id::of(&pack.bytes);
         for (_, loc) in &mut pack.rows {
@@ -279,55 +276,67 @@ impl<'r> Packer<'r> {
             size_bytes: pack.bytes.len() as u64,
             blobs: pack.rows.len() as u64,
         };
+        let from = match self.mode {
+            Commit::Repack { from } => Some(from),
+            _ => None,
+        };
         let upload = self.repo.store.put_started(
             &self.repo.pack_key(&pack_id),
             pack.bytes,
             Some("pack written"),
         )?;
+        let synced = SyncedPack {
+            pack: pack_id,
+            row,
+            blobs: pack.rows,
+            from,
+        };
         self.uploading
             .lock()
             .expect("packer lock")
-            .push_back(Uploading {
-                id: pack_id,
-                row,
-                rows: pack.rows,
-                upload,
-            });
-        let in_flight = if self.repo.store.is_local() {
-            0
+            .push_back((synced, upload));
+        if self.repo.store.is_local() {
+            self.finish_uploads(0)
         } else {
-            UPLOADS_IN_FLIGHT
-        };
-        self.finish_uploads(in_flight)
+            self.finish_uploads(UPLOADS_IN_FLIGHT)
+        }
     }
 
-    /// Indexes the oldest uploads until at most `keep` remain in flight: each once its
-    /// pack is durable in the store (invariant 1), never before.
+    /// Waits for the oldest uploads until at most `keep` remain in flight, then logs
+    /// and indexes the durable packs if there are `PACKS_PER_LOG` of them, or any when
+    /// `keep` is 0. A pack is indexed only once durable in the store (invariant 1),
+    /// and only after its log (object stores; see `repo::sync`).
     fn finish_uploads(&self, keep: usize) -> Result<()> {
         loop {
             let next = {
                 let mut uploading = self.uploading.lock().expect("packer lock");
                 if uploading.len() <= keep {
-                    return Ok(());
+                    break;
                 }
                 uploading.pop_front().expect("more than `keep`")
             };
-            next.upload.wait()?;
+            let (pack, upload) = next;
+            upload.wait()?;
             crate::crash::point("pack committed");
-            // Its log before its rows: no pack is indexed anywhere without one (object
-            // stores only; see `repo::sync`).
-            let from = match self.mode {
-                Commit::Repack { from } => Some(from),
-                _ => None,
-            };
-            crate::repo::sync::log_pack(self.repo, &next.id, &next.row, &next.rows, from)?;
+            self.durable.lock().expect("packer lock").push(pack);
+        }
+        let ready = {
+            let mut durable = self.durable.lock().expect("packer lock");
+            if durable.is_empty() || (keep > 0 && durable.len() < PACKS_PER_LOG) {
+                return Ok(());
+            }
+            std::mem::take(&mut *durable)
+        };
+        crate::repo::sync::log_packs(self.repo, &ready)?;
+        for p in &ready {
             self.repo
                 .index
-                .commit_pack(&next.id, &next.row, &next.rows, self.mode)?;
+                .commit_pack(&p.pack, &p.row, &p.blobs, self.mode)?;
             // Mid-write with at least one pack stored and indexed: where a test
             // interrupts a snapshot.
             crate::crash::point("pack indexed");
         }
+        Ok(())
     }
 }
 

@@ -153,6 +153,13 @@ pub(crate) fn index_pack(
     report.packs += 1;
     report.blobs += rows.len() as u64;
     // Found without a log (object stores): log it now, so other hosts index it too.
-    crate::repo::sync::log_pack(repo, pack, &row, &rows, None)?;
-    repo.index.commit_pack(pack, &row, &rows, Commit::Store)
+    let logged = crate::index::SyncedPack {
+        pack: *pack,
+        row,
+        blobs: rows,
+        from: None,
+    };
+    crate::repo::sync::log_packs(repo, std::slice::from_ref(&logged))?;
+    repo.index
+        .commit_pack(pack, &logged.row, &logged.blobs, Commit::Store)
 }

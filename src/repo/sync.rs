@@ -2,10 +2,10 @@
 //! date with what other hosts wrote.
 //!
 //! Every host (a cache directory: `<cache>/host-id`, 16 random bytes made when missing)
-//! writes, right after each pack it uploads and before the pack's rows enter its index,
-//! one small immutable object `logs/<host id hex>/<seq 020>`: the pack's id, kind, size
-//! and blob table (`Log::Pack`). Before gc deletes packs it writes `Log::Removed`
-//! naming them. So no pack is ever indexed anywhere without its log, and an index is
+//! writes, after packs it uploaded are durable and before their rows enter its index,
+//! one immutable object `logs/<host id hex>/<seq 020>`: each pack's id, kind, size and
+//! blob table (`Log::Packs`, up to `PACKS_PER_LOG` packs; `Log::Pack`, one pack, is
+//! still read). Before gc deletes packs it writes `Log::Removed` naming them. So no pack is ever indexed anywhere without its log, and an index is
 //! rebuilt from the logs without downloading a pack body.
 //!
 //! `sync` lists the hosts (one delimiter listing of `logs/`), then for each host the
@@ -30,12 +30,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::id::Id;
-use crate::index::{Location, PackRow};
+use crate::index::{Location, PackRow, SyncedPack};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::repair::{Report, index_pack};
 
 const LOG_MAGIC: &[u8; 8] = b"VSNPLOG1";
+
+/// Logs a sync reads together (their GETs in flight at once) and indexes in one
+/// transaction: a few megabytes of rows at most.
+const LOGS_PER_BATCH: usize = 256;
 
 /// One blob of a pack, as the pack's log lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +64,54 @@ pub enum Log {
     },
     /// gc is about to delete these packs.
     Removed { packs: Vec<Id> },
+    /// Several packs uploaded, each as `Pack` says (a packer logs the packs that
+    /// became durable together in one object).
+    Packs { packs: Vec<PackLog> },
+}
+
+/// One pack of `Log::Packs`: the fields of `Log::Pack`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackLog {
+    pub pack: Id,
+    pub kind: u8,
+    pub size: u64,
+    pub from: Option<Id>,
+    pub rows: Vec<LogRow>,
+}
+
+impl PackLog {
+    fn synced(self) -> SyncedPack {
+        let PackLog {
+            pack,
+            kind,
+            size,
+            from,
+            rows,
+        } = self;
+        SyncedPack {
+            pack,
+            row: PackRow {
+                kind,
+                size_bytes: size,
+                blobs: rows.len() as u64,
+            },
+            blobs: rows
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.id,
+                        Location {
+                            pack,
+                            offset: r.offset,
+                            stored_len: r.stored_len,
+                            raw_len: r.raw_len,
+                        },
+                    )
+                })
+                .collect(),
+            from,
+        }
+    }
 }
 
 impl Log {
@@ -161,29 +213,30 @@ pub fn put_log(repo: &Repository, log: &Log) -> Result<()> {
     Ok(())
 }
 
-/// The log of a pack just uploaded (from `Packer::commit`, before its rows are indexed).
-pub fn log_pack(
-    repo: &Repository,
-    pack: &Id,
-    row: &PackRow,
-    rows: &[(Id, Location)],
-    from: Option<Id>,
-) -> Result<()> {
-    if repo.store.is_local() {
+/// The log of packs just uploaded (from `Packer`, before their rows are indexed):
+/// one object for them all.
+pub fn log_packs(repo: &Repository, packs: &[SyncedPack]) -> Result<()> {
+    if repo.store.is_local() || packs.is_empty() {
         return Ok(());
     }
-    let log = Log::Pack {
-        pack: *pack,
-        kind: row.kind,
-        size: row.size_bytes,
-        from,
-        rows: rows
+    let log = Log::Packs {
+        packs: packs
             .iter()
-            .map(|(id, loc)| LogRow {
-                id: *id,
-                offset: loc.offset,
-                stored_len: loc.stored_len,
-                raw_len: loc.raw_len,
+            .map(|p| PackLog {
+                pack: p.pack,
+                kind: p.row.kind,
+                size: p.row.size_bytes,
+                from: p.from,
+                rows: p
+                    .blobs
+                    .iter()
+                    .map(|(id, loc)| LogRow {
+                        id: *id,
+                        offset: loc.offset,
+                        stored_len: loc.stored_len,
+                        raw_len: loc.raw_len,
+                    })
+                    .collect(),
             })
             .collect(),
     };
@@ -263,6 +316,8 @@ pub(crate) fn apply_logs(repo: &Repository, own: bool) -> Result<Synced> {
     let mut synced = Synced::default();
     let mut removed: Vec<Id> = Vec::new();
     let mut moved: BTreeMap<String, u64> = BTreeMap::new();
+    // Every log written since the cursors: one listing per host.
+    let mut keys: Vec<String> = Vec::new();
     for dir in repo.store.list_dirs("logs/")? {
         let host = dir
             .strip_prefix("logs/")
@@ -281,43 +336,33 @@ pub(crate) fn apply_logs(repo: &Repository, own: bool) -> Result<Synced> {
                 continue;
             };
             moved.insert(host.to_string(), seq);
-            let Some(bytes) = repo.store.get(&object.key)? else {
+            keys.push(object.key);
+        }
+    }
+    // Read a batch at a time, its requests in flight together, and index each batch
+    // in one transaction (a host catching up with another's thousand packs makes one
+    // commit per batch, not one per pack).
+    for batch in keys.chunks(LOGS_PER_BATCH) {
+        let mut packs = Vec::new();
+        for (key, bytes) in batch.iter().zip(repo.store.get_many(batch)?) {
+            let Some(bytes) = bytes else {
                 continue;
             };
-            match Log::decode(&bytes) {
+            let logged = match Log::decode(&bytes) {
                 Ok(Log::Pack {
                     pack,
                     kind,
                     size,
                     from,
                     rows,
-                }) => {
-                    synced.logs += 1;
-                    synced.packs.insert(pack);
-                    if synced.removed.contains(&pack) {
-                        continue;
-                    }
-                    let row = PackRow {
-                        kind,
-                        size_bytes: size,
-                        blobs: rows.len() as u64,
-                    };
-                    let rows: Vec<(Id, Location)> = rows
-                        .into_iter()
-                        .map(|r| {
-                            (
-                                r.id,
-                                Location {
-                                    pack,
-                                    offset: r.offset,
-                                    stored_len: r.stored_len,
-                                    raw_len: r.raw_len,
-                                },
-                            )
-                        })
-                        .collect();
-                    repo.index.commit_synced_pack(&pack, &row, &rows, from)?;
-                }
+                }) => vec![PackLog {
+                    pack,
+                    kind,
+                    size,
+                    from,
+                    rows,
+                }],
+                Ok(Log::Packs { packs }) => packs,
                 Ok(Log::Removed { packs }) => {
                     synced.logs += 1;
                     for p in packs {
@@ -325,26 +370,78 @@ pub(crate) fn apply_logs(repo: &Repository, own: bool) -> Result<Synced> {
                             removed.push(p);
                         }
                     }
+                    continue;
                 }
                 Err(why) => {
                     synced.bad_logs += 1;
                     eprintln!(
                         "warning: log {} is damaged ({why}); the packs it described are \
                          indexed by reading them",
-                        repo.store.display(&object.key).display()
+                        repo.store.display(key).display()
                     );
+                    continue;
+                }
+            };
+            synced.logs += 1;
+            for p in logged {
+                synced.packs.insert(p.pack);
+                if !synced.removed.contains(&p.pack) {
+                    packs.push(p.synced());
                 }
             }
         }
+        repo.index.commit_synced_packs(&packs)?;
     }
     // Removals last, in one pass over the chunk rows; cursors only after them, so a
     // crash in between applies these logs again (each is idempotent).
     repo.index.remove_packs(&removed)?;
-    for (host, seq) in moved {
-        repo.index.advance_sync_cursor(&host, seq)?;
-    }
+    let moved: Vec<(String, u64)> = moved.into_iter().collect();
+    repo.index.advance_sync_cursors(&moved)?;
     if synced.logs > 0 {
         repo.index.refresh();
     }
     Ok(synced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack_log(n: u8) -> PackLog {
+        PackLog {
+            pack: Id([n; 32]),
+            kind: 0,
+            size: 1000 + u64::from(n),
+            from: (n % 2 == 0).then_some(Id([n + 100; 32])),
+            rows: (0..n)
+                .map(|i| LogRow {
+                    id: Id([i; 32]),
+                    offset: 32 + 100 * u64::from(i),
+                    stored_len: 60,
+                    raw_len: 90,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_log_of_several_packs_round_trips_and_every_damaged_byte_is_refused() {
+        let log = Log::Packs {
+            packs: (1..4).map(pack_log).collect(),
+        };
+        let bytes = log.encode();
+        assert_eq!(Log::decode(&bytes).unwrap(), log);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            assert!(Log::decode(&bad).is_err(), "byte {i}");
+        }
+        assert!(Log::decode(&bytes[..bytes.len() - 1]).is_err());
+        // What it says as index rows: every blob located in its own pack.
+        let synced = pack_log(3).synced();
+        assert_eq!(synced.row.blobs, 3);
+        assert_eq!(synced.from, None);
+        assert!(synced.blobs.iter().all(|(_, loc)| loc.pack == Id([3; 32])));
+        assert_eq!(synced.blobs[2].1.offset, 232);
+    }
 }

@@ -53,6 +53,12 @@ pub trait Store: Send + Sync {
     /// The whole object, or `None` if there is none.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
 
+    /// `get` of each of `keys`, in that order. An object store has several of the
+    /// requests in flight at once.
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+
     /// Bytes `range` of the object (fewer if the object is shorter), or `None` if
     /// there is no such object.
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Vec<u8>>>;

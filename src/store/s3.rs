@@ -29,6 +29,9 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryC
 use super::{Object, Store, Upload};
 use crate::error::{Error, Result};
 
+/// Small objects `get_many` asks for at once.
+const GETS_IN_FLIGHT: usize = 16;
+
 pub struct S3Store {
     bucket: String,
     /// Without leading or trailing `/`; empty for the bucket's root.
@@ -224,6 +227,20 @@ fn not_found(e: &object_store::Error) -> bool {
 }
 
 impl S3Store {
+    /// The whole object `key`, or `None` if there is none.
+    async fn fetch(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key);
+        self.retrying(|| async {
+            match self.client.get(&path).await {
+                Ok(g) => Ok(Some(g.bytes().await?.to_vec())),
+                Err(e) if not_found(&e) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| self.fail("read", key, &e))
+    }
+
     /// `retry` within this store's budget.
     async fn retrying<T, F, Fut>(&self, attempt: F) -> std::result::Result<T, object_store::Error>
     where
@@ -300,16 +317,19 @@ impl Store for S3Store {
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let path = self.path(key);
-        self.rt
-            .block_on(self.retrying(|| async {
-                match self.client.get(&path).await {
-                    Ok(g) => Ok(Some(g.bytes().await?.to_vec())),
-                    Err(e) if not_found(&e) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            }))
-            .map_err(|e| self.fail("read", key, &e))
+        self.rt.block_on(self.fetch(key))
+    }
+
+    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        self.rt.block_on(async {
+            futures_util::stream::iter(keys)
+                .map(|key| self.fetch(key))
+                .buffered(GETS_IN_FLIGHT)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect()
+        })
     }
 
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Option<Vec<u8>>> {
