@@ -412,7 +412,7 @@ mod tests {
             pack: Id([n; 32]),
             kind: 0,
             size: 1000 + u64::from(n),
-            from: (n % 2 == 0).then_some(Id([n + 100; 32])),
+            from: n.is_multiple_of(2).then_some(Id([n + 100; 32])),
             rows: (0..n)
                 .map(|i| LogRow {
                     id: Id([i; 32]),
