@@ -509,37 +509,49 @@ impl Index {
                 let mut condemned = txn.open_table(CONDEMNED)?;
                 let mut alt = txn.open_table(ALT)?;
                 let mut rows = txn.open_table(PACKS)?;
-                for SyncedPack {
-                    pack,
-                    row,
-                    blobs,
-                    from,
-                } in packs
-                {
-                    if gone.get(&pack.0[..])?.is_some() {
+                // Blob rows in key order (B-tree inserts in order touch each page
+                // once); a blob in several packs keeps the packs' order.
+                let mut blobs: Vec<(&Id, &Location, &SyncedPack)> = Vec::new();
+                for p in packs {
+                    if gone.get(&p.pack.0[..])?.is_some() {
                         continue;
                     }
-                    for (id, loc) in blobs {
-                        let current = chunks
-                            .get(&id.0[..])?
-                            .and_then(|v| Location::decode(v.value()));
-                        let replace = match current {
-                            None => {
-                                condemned.remove(&id.0[..])?;
-                                true
-                            }
-                            Some(cur) if cur.pack == *pack => false,
-                            Some(cur) if Some(cur.pack) == *from => true,
-                            Some(_) => condemned.remove(&id.0[..])?.is_some(),
-                        };
-                        if replace {
-                            chunks.insert(&id.0[..], &loc.encode()[..])?;
-                        } else if current.is_some_and(|c| c.pack != *pack) {
-                            alt.insert(&alt_key(id, pack)[..], &loc.encode()[..])?;
+                    blobs.extend(p.blobs.iter().map(|(id, loc)| (id, loc, p)));
+                    let row_bytes = postcard::to_stdvec(&p.row).expect("pack rows encode");
+                    rows.insert(&p.pack.0[..], &row_bytes[..])?;
+                }
+                blobs.sort_by_key(|(id, _, _)| *id);
+                let any_condemned = !condemned.is_empty()?;
+                for (id, loc, p) in blobs {
+                    // Most blobs are new here: write the row, and put back the one it
+                    // replaced when that one stays (one tree walk for a new blob).
+                    let (current, old) = match chunks.insert(&id.0[..], &loc.encode()[..])? {
+                        None => (None, None),
+                        Some(v) => (Location::decode(v.value()), Some(v.value().to_vec())),
+                    };
+                    let uncondemn = |condemned: &mut redb::Table<&[u8], u64>| {
+                        Ok::<_, redb::Error>(
+                            any_condemned && condemned.remove(&id.0[..])?.is_some(),
+                        )
+                    };
+                    let replace = match current {
+                        // No row, or one that does not decode: this one is sound.
+                        None => {
+                            uncondemn(&mut condemned)?;
+                            true
+                        }
+                        Some(cur) if cur.pack == p.pack => false,
+                        Some(cur) if Some(cur.pack) == p.from => true,
+                        Some(_) => uncondemn(&mut condemned)?,
+                    };
+                    if !replace {
+                        if let Some(old) = &old {
+                            chunks.insert(&id.0[..], &old[..])?;
+                        }
+                        if current.is_some_and(|c| c.pack != p.pack) {
+                            alt.insert(&alt_key(id, &p.pack)[..], &loc.encode()[..])?;
                         }
                     }
-                    let row_bytes = postcard::to_stdvec(row).expect("pack rows encode");
-                    rows.insert(&pack.0[..], &row_bytes[..])?;
                 }
                 Ok(())
             })

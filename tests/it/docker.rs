@@ -1147,3 +1147,59 @@ fn a_container_restore_starts_compose_services_in_depends_on_order() {
         "app started ({app_after}) before zdb ({zdb_after}), which it depends on"
     );
 }
+
+#[test]
+fn containers_snapshot_into_a_bucket_and_restore_from_it_on_another_host() {
+    if !engine() {
+        return;
+    }
+    let Some(g) = crate::garage::Garage::single() else {
+        return;
+    };
+    let repo = Repo::remote(&g.repo_url("containers"), g.env());
+    repo.ok(["init"]);
+    let f = running(&repo, "bucket", &[]);
+    docker(&[
+        "exec",
+        &f.name,
+        "sh",
+        "-c",
+        "seq 1 20000 > /vol/numbers; echo first > /vol/state",
+    ]);
+    let out: Value = repo.ok(["snapshot", "--container", &f.name]);
+    let snap = out[0].clone();
+    assert_eq!(state(&f.name), "running");
+    // The container goes on: both of its volumes change.
+    docker(&[
+        "exec",
+        &f.name,
+        "sh",
+        "-c",
+        "echo second > /vol/state; rm /vol/numbers; echo changed > /data/app.txt",
+    ]);
+    // Another host, from the bucket alone (an empty cache), puts the container back.
+    let other = repo.other_host();
+    let restored = other.ok(["restore", &id(&snap), "--container", &f.name, "--yes"]);
+    assert_eq!(restored["redeployed"], true, "{restored}");
+    assert_eq!(state(&f.name), "running");
+    assert_eq!(fs_read(&f.bind.join("app.txt")), "bucket\n");
+    assert_eq!(docker(&["exec", &f.name, "cat", "/vol/state"]), "first");
+    let numbers = docker(&["exec", &f.name, "sh", "-c", "tail -n 1 /vol/numbers"]);
+    assert_eq!(numbers, "20000");
+    // Its undo snapshot went to the bucket too: the first host sees and restores it.
+    let undo = restored["undo"]
+        .as_str()
+        .expect("an undo snapshot")
+        .to_string();
+    let listed: Vec<String> = repo.list(&[]).iter().map(id).collect();
+    assert!(listed.contains(&undo), "{listed:?}");
+    let to = repo.scratch("undo");
+    repo.restore(&undo, &to);
+    let grep = Command::new("grep")
+        .args(["-rlx", "second"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    let found = String::from_utf8_lossy(&grep.stdout);
+    assert!(found.trim_end().ends_with("/state"), "{found:?}");
+}

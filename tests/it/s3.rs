@@ -501,3 +501,69 @@ fn a_restore_reading_packs_ahead_retries_what_fails_and_stops_on_what_is_gone() 
     assert!(line.contains("/packs/"), "{line}");
     proxy.clear();
 }
+
+#[test]
+fn endpoint_region_and_credentials_come_from_an_aws_profile() {
+    let Some(garage) = Garage::single() else {
+        return;
+    };
+    let var = |name: &str| {
+        garage
+            .env()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .unwrap()
+    };
+    let files = tempfile::tempdir().unwrap();
+    let credentials = files.path().join("credentials");
+    let config = files.path().join("config");
+    write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = GKnotthisone\naws_secret_access_key = wrong\n\n\
+             # the profile in use\n[backups]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            var("AWS_ACCESS_KEY_ID"),
+            var("AWS_SECRET_ACCESS_KEY")
+        ),
+    );
+    write(
+        &config,
+        format!(
+            "[default]\nregion = {0}\nendpoint_url = {1}\n\n\
+             [profile backups]\nregion = {0}\nendpoint_url = {1}\n",
+            var("AWS_REGION"),
+            var("AWS_ENDPOINT_URL")
+        ),
+    );
+    // Only the files and the profile's name: no AWS_* credential or endpoint variable.
+    let env = |profile: &str| {
+        vec![
+            ("AWS_PROFILE".to_string(), profile.to_string()),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".to_string(),
+                credentials.to_str().unwrap().to_string(),
+            ),
+            (
+                "AWS_CONFIG_FILE".to_string(),
+                config.to_str().unwrap().to_string(),
+            ),
+        ]
+    };
+    let repo = Repo::remote(&garage.repo_url("profile"), env("backups"));
+    repo.ok(["init"]);
+    let data = repo.mkdir("data");
+    fill(&data, "profile");
+    let snap = repo.snapshot(&[&data], &["--name", "p"]);
+    let to = repo.scratch("restored");
+    repo.restore(&id(&snap), &to);
+    assert_same_tree(&data, &to);
+    // Another profile, with keys the store refuses: one line.
+    let wrong = Repo::remote(&garage.repo_url("profile"), env("default"));
+    let line = wrong.run(["list"]).code(1).error_line();
+    assert!(line.contains("s3://"), "{line}");
+    // A profile that is not in the files: no credentials at all.
+    let none = Repo::remote(&garage.repo_url("profile"), env("absent"));
+    let line = none.run(["list"]).code(1).error_line();
+    assert!(line.contains("AWS_ACCESS_KEY_ID"), "{line}");
+}
