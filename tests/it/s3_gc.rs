@@ -8,135 +8,32 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::garage::Garage;
 use crate::support::*;
 
-/// A single-node Garage with its default key and bucket, in a scratch directory.
-/// (Kept small and private here; the shared fixture is `garage::Garage::single()`.)
-struct Bucket {
-    child: Child,
-    endpoint: String,
-    tmp: tempfile::TempDir,
-}
-
-const KEY_ID: &str = "GK0123456789abcdef01234567";
-const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-
-impl Bucket {
-    /// `None` (the test is skipped) when `garage` is not on PATH, except in CI.
-    fn start() -> Option<Bucket> {
-        let bin = std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin")))
-                .map(|d| d.join("garage"))
-                .find(|p| p.is_file())
-        });
-        let Some(bin) = bin else {
-            let ci = std::env::var("CI").unwrap_or_default();
-            assert!(
-                ci.is_empty() || ci == "false" || ci == "0",
-                "CI={ci} but garage is not on PATH: these tests must run in CI"
-            );
-            eprintln!("no garage on PATH: skipping");
-            return None;
-        };
-        for _ in 0..5 {
-            let tmp = tempfile::tempdir().unwrap();
-            let (rpc, s3) = (free_port(), free_port());
-            let config = tmp.path().join("garage.toml");
-            write(
-                &config,
-                format!(
-                    "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
-                     replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
-                     rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{SECRET}\"\n\
-                     [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
-                     root_domain = \".s3.garage\"\n",
-                    d = tmp.path().display()
-                ),
-            );
-            let log = std::fs::File::create(tmp.path().join("log")).unwrap();
-            let child = Command::new(&bin)
-                .arg("-c")
-                .arg(&config)
-                .args(["server", "--single-node", "--default-bucket"])
-                .env("GARAGE_DEFAULT_ACCESS_KEY", KEY_ID)
-                .env("GARAGE_DEFAULT_SECRET_KEY", SECRET)
-                .env("GARAGE_DEFAULT_BUCKET", "volsnap-test")
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let mut b = Bucket {
-                child,
-                endpoint: format!("http://127.0.0.1:{s3}"),
-                tmp,
-            };
-            // Serving once an init through the binary succeeds.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if b.child.try_wait().unwrap().is_some() {
-                    break; // a port was taken: try others
-                }
-                let probe = b.tmp.path().join("probe-cache");
-                let out = b
-                    .volsnap("probe", &probe)
-                    .args(["list"])
-                    .env("VOLSNAP_S3_RETRY_SECONDS", "1")
-                    .output()
-                    .unwrap();
-                let err = String::from_utf8_lossy(&out.stderr);
-                if out.status.code() == Some(10) || out.status.success() {
-                    return Some(b);
-                }
-                assert!(Instant::now() < deadline, "garage never served: {err}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        panic!("garage could not start in 5 tries");
-    }
-
-    /// `volsnap --repo s3://volsnap-test/PREFIX --cache-dir CACHE`, pointed at this Garage.
-    fn volsnap(&self, prefix: &str, cache: &Path) -> Command {
-        let mut cmd = Command::new(bin());
-        cmd.arg("--repo")
-            .arg(format!("s3://volsnap-test/{prefix}"))
-            .arg("--cache-dir")
-            .arg(cache)
-            .env_remove("VOLSNAP_REPO")
-            .env("AWS_ENDPOINT_URL", &self.endpoint)
-            .env("AWS_REGION", "garage")
-            .env("AWS_ACCESS_KEY_ID", KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .env("AWS_ALLOW_HTTP", "true");
-        cmd
-    }
-}
-
-impl Drop for Bucket {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `volsnap --repo s3://BUCKET/PREFIX --cache-dir CACHE`, pointed at `garage`.
+fn volsnap(garage: &Garage, prefix: &str, cache: &Path) -> Command {
+    let mut cmd = Command::new(bin());
+    garage.apply_env(&mut cmd);
+    cmd.arg("--repo")
+        .arg(garage.repo_url(prefix))
+        .arg("--cache-dir")
+        .arg(cache)
+        .env_remove("VOLSNAP_REPO")
+        .env_remove("VOLSNAP_CACHE_DIR");
+    cmd
 }
 
 /// One host: its own cache directory on one repository prefix.
 struct Host<'b> {
-    bucket: &'b Bucket,
+    bucket: &'b Garage,
     prefix: String,
     cache: PathBuf,
 }
 
 impl Host<'_> {
     fn cmd(&self) -> Command {
-        self.bucket.volsnap(&self.prefix, &self.cache)
+        volsnap(self.bucket, &self.prefix, &self.cache)
     }
 
     fn ok(&self, args: &[&str]) -> Value {
@@ -156,14 +53,14 @@ impl Host<'_> {
 }
 
 struct World {
-    bucket: Bucket,
+    bucket: Garage,
     scratch: tempfile::TempDir,
     prefix: String,
 }
 
 impl World {
     fn new() -> Option<World> {
-        let bucket = Bucket::start()?;
+        let bucket = Garage::single()?;
         let scratch = tempfile::tempdir().unwrap();
         let prefix = format!("gc-{}", std::process::id());
         Some(World {
