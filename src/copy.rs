@@ -627,8 +627,10 @@ impl<'d> Sink<'d> {
     }
 
     /// Starts new packers; blobs accepted and not yet in a committed pack are dropped
-    /// (after a snapshot failed: whole packs already written stay, unreferenced until
-    /// a later copy names them or gc removes them).
+    /// (after a snapshot failed). Packs already indexed stay, unreferenced until a
+    /// later copy names them or gc removes them; on an object store, packs still
+    /// uploading or not yet logged are left unindexed: a later copy sends those blobs
+    /// again, and gc removes the packs.
     fn discard(&mut self) {
         self.data = Packer::new(self.dest, BlobKind::Data);
         self.trees = Packer::new(self.dest, BlobKind::Tree);

@@ -387,6 +387,7 @@ fn repo_arg(cli: &Cli) -> anyhow::Result<RepoArg> {
         named: cli.repo.is_some(),
         opts: repo::OpenOptions {
             cache_dir: cli.cache_dir.clone(),
+            ..Default::default()
         },
     })
 }
@@ -419,7 +420,12 @@ fn split_ref(arg: &OsString) -> (String, Vec<u8>) {
 /// mistyped path or an unmounted disk is an error rather than a new repository.
 fn open_for_snapshot(target: &RepoArg) -> anyhow::Result<Repository> {
     let repo = if target.named {
-        target.open_raw()?
+        // Other hosts' new packs are indexed only if this snapshot stores new data.
+        let opts = repo::OpenOptions {
+            defer_pack_logs: true,
+            ..target.opts.clone()
+        };
+        Repository::open_at(&target.location, &opts)?
     } else {
         let (repo, created) = Repository::init_default(Config::default())?;
         if created {

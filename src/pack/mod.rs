@@ -171,7 +171,12 @@ impl<'r> Packer<'r> {
         if self.seen.lock().expect("packer lock").contains(id) {
             return Ok(true);
         }
-        Ok(matches!(self.mode, Commit::Store) && self.repo.index.is_stored(id)?)
+        if !matches!(self.mode, Commit::Store) {
+            return Ok(false);
+        }
+        // Pack logs of other hosts a snapshot deferred may hold it.
+        Ok(self.repo.index.is_stored(id)?
+            || (self.repo.apply_pending_logs()? && self.repo.index.is_stored(id)?))
     }
 
     /// Stores `raw` under `id` unless it is already stored.
@@ -262,10 +267,11 @@ impl<'r> Packer<'r> {
         self.new_bytes_stored.load(Ordering::Relaxed)
     }
 
-    /// Starts writing a full pack; it is indexed once durable. On an object store up
-    /// to `UPLOADS_IN_FLIGHT` uploads go on while the workers fill the next packs, and
-    /// durable packs are logged and indexed `PACKS_PER_LOG` at a time; a local store
-    /// writes and indexes each pack before returning.
+    /// Writes a full pack; it is indexed once durable. A local store writes and
+    /// indexes it before returning. On an object store up to `UPLOADS_IN_FLIGHT`
+    /// uploads go on while the workers fill the next packs, and durable packs are
+    /// logged and indexed `PACKS_PER_LOG` at a time, by whichever thread commits or
+    /// flushes next (`flush` runs when no other thread commits).
     fn commit(&self, mut pack: OpenPack) -> Result<()> {
         let pack_id = Id::of(&pack.bytes);
         for (_, loc) in &mut pack.rows {
@@ -280,6 +286,20 @@ impl<'r> Packer<'r> {
             Commit::Repack { from } => Some(from),
             _ => None,
         };
+        if self.repo.store.is_local() {
+            // Written and indexed before returning, by this thread (no logs locally).
+            self.repo.store.put(
+                &self.repo.pack_key(&pack_id),
+                &pack.bytes,
+                Some("pack written"),
+            )?;
+            crate::crash::point("pack committed");
+            self.repo
+                .index
+                .commit_pack(&pack_id, &row, &pack.rows, self.mode)?;
+            crate::crash::point("pack indexed");
+            return Ok(());
+        }
         let upload = self.repo.store.put_started(
             &self.repo.pack_key(&pack_id),
             pack.bytes,
@@ -295,11 +315,7 @@ impl<'r> Packer<'r> {
             .lock()
             .expect("packer lock")
             .push_back((synced, upload));
-        if self.repo.store.is_local() {
-            self.finish_uploads(0)
-        } else {
-            self.finish_uploads(UPLOADS_IN_FLIGHT)
-        }
+        self.finish_uploads(UPLOADS_IN_FLIGHT)
     }
 
     /// Waits for the oldest uploads until at most `keep` remain in flight, then logs
@@ -411,10 +427,10 @@ impl PackReader {
         }
         state.loading.insert(*pack);
         drop(state);
+        let loading = Loading(self, *pack);
         let opened = repo.open_pack(pack);
         let mut state = self.state.lock().expect("reader lock");
-        state.loading.remove(pack);
-        self.changed.notify_all();
+        loading.done(&mut state);
         let file = Arc::new(opened?.ok_or_else(|| {
             // The pack is gone, or a damaged index row names a pack that never was.
             Error::Corrupt {
@@ -441,7 +457,10 @@ impl PackReader {
     /// Ends the read-ahead: `read_ahead` threads return once their download ends.
     pub fn stop_reading_ahead(&self) {
         let mut state = self.state.lock().expect("reader lock");
-        state.next = state.plan.len();
+        state.plan.clear();
+        state.rank.clear();
+        state.next = 0;
+        state.reached = 0;
         self.changed.notify_all();
     }
 
@@ -469,13 +488,13 @@ impl PackReader {
                     }
                 }
             };
+            let loading = Loading(self, pack);
             let opened = repo.open_pack(&pack);
             let mut state = self.state.lock().expect("reader lock");
-            state.loading.remove(&pack);
+            loading.done(&mut state);
             if let Ok(Some(file)) = opened {
                 state.keep(pack, Arc::new(file));
             }
-            self.changed.notify_all();
         }
     }
 
@@ -525,6 +544,28 @@ impl PackReader {
         }
         let raw = blob::decode_verified(&header, &buf[HEADER_LEN..]).map_err(bad)?;
         Ok((header, buf, raw))
+    }
+}
+
+/// A pack marked `loading` by the thread downloading it. `done` clears the mark with
+/// the reader's state locked (the caller then keeps the file before unlocking, so a
+/// woken waiter finds it open); dropped without `done` (a panic), it clears the mark
+/// and wakes the waiters all the same, so none waits for ever.
+struct Loading<'a>(&'a PackReader, Id);
+
+impl Loading<'_> {
+    fn done(self, state: &mut Readers) {
+        state.loading.remove(&self.1);
+        self.0.changed.notify_all();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.loading.remove(&self.1);
+        self.0.changed.notify_all();
     }
 }
 

@@ -210,7 +210,14 @@ impl Repository {
     /// index as condemnations. A set that cannot be read stops the caller: reusing a
     /// blob such a gc may delete would lose data.
     fn import_gc_condemnations(&self) -> Result<()> {
-        for obj in self.store.list(GC_PREFIX)? {
+        let running = self.store.list(GC_PREFIX)?;
+        if !running.is_empty() {
+            // Condemnations are recorded on index rows: rows of other hosts' packs a
+            // snapshot deferred must be there first, or indexing them later would
+            // make blobs that gc is deleting look stored.
+            self.apply_pending_logs()?;
+        }
+        for obj in running {
             let Some(bytes) = self.store.get(&obj.key)? else {
                 continue; // that gc ended meanwhile
             };

@@ -175,6 +175,9 @@ pub struct Repository {
     _open_lock: File,
     /// Ids of the leases this process holds (see `lease_for`).
     pub(crate) held_leases: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Deferred pack logs (`apply_pending_logs`): 0 none, 1 a pending file may be
+    /// there, 2 this process applied it.
+    pub(crate) pending_logs: std::sync::Mutex<u8>,
 }
 
 /// Takes the repository's open lock (`locks/index.lock`): shared for every command,
@@ -319,6 +322,11 @@ type Located = (Box<dyn Store>, Config, Option<[u8; 16]>, PathBuf);
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     pub cache_dir: Option<PathBuf>,
+    /// Object stores: index the packs other hosts logged since the last sync only
+    /// when a lookup first misses (`Repository::apply_pending_logs`), not at open;
+    /// removals are applied at open all the same. For snapshots, which need those rows
+    /// only to deduplicate new data (a no-change snapshot never does).
+    pub defer_pack_logs: bool,
 }
 
 impl Repository {
@@ -494,6 +502,7 @@ impl Repository {
             unstored: Default::default(),
             _open_lock: open_lock,
             held_leases: Default::default(),
+            pending_logs: Default::default(),
         }
     }
 
@@ -517,7 +526,7 @@ impl Repository {
         let index = Index::open(&cache.join("index.redb"), !location.is_local())?;
         let repo = Repository::assemble(location, store, cache, id, config, index, lock);
         if !location.is_local() {
-            crate::repo::sync::sync_with(&repo, fresh)?;
+            crate::repo::sync::sync_deferring(&repo, fresh, opts.defer_pack_logs)?;
             // Lease objects this host's killed processes left (one LIST of its prefix).
             repo.clean_dead_bucket_leases()?;
         }
@@ -561,11 +570,34 @@ impl Repository {
 
     /// Reads and verifies the blob `id`.
     pub fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
-        let loc = self
-            .index
-            .lookup(id)?
-            .ok_or(Error::MissingChunk { id: *id })?;
+        let loc = self.locate_blob(id)?;
         self.reader.read(self, id, &loc)
+    }
+
+    /// The index row of blob `id`, indexing deferred pack logs first if it has none.
+    fn locate_blob(&self, id: &Id) -> Result<crate::index::Location> {
+        match self.index.lookup(id)? {
+            Some(loc) => Ok(loc),
+            None if self.apply_pending_logs()? => self
+                .index
+                .lookup(id)?
+                .ok_or(Error::MissingChunk { id: *id }),
+            None => Err(Error::MissingChunk { id: *id }),
+        }
+    }
+
+    /// Indexes the pack logs deferring syncs left (`OpenOptions::defer_pack_logs`,
+    /// `<cache>/pending-logs`). Returns whether there were any (indexed now, or by
+    /// another thread or process before this returned): a lookup that missed is worth
+    /// repeating then.
+    pub fn apply_pending_logs(&self) -> Result<bool> {
+        let mut state = self.pending_logs.lock().expect("pending logs lock");
+        if *state == 1 {
+            crate::repo::sync::apply_pending(self)?;
+            self.index.refresh();
+            *state = 2;
+        }
+        Ok(*state == 2)
     }
 
     /// Tells the pack reader the order in which packs will be needed (see
@@ -588,10 +620,7 @@ impl Repository {
     /// Reads the blob `id` as stored, after decompressing and re-hashing it (`copy`
     /// appends it to another repository as it is).
     pub fn read_blob_encoded(&self, id: &Id) -> Result<crate::pack::blob::EncodedBlob> {
-        let loc = self
-            .index
-            .lookup(id)?
-            .ok_or(Error::MissingChunk { id: *id })?;
+        let loc = self.locate_blob(id)?;
         self.reader.read_encoded(self, id, &loc)
     }
 }

@@ -10,7 +10,9 @@
 //!
 //! `sync` lists the hosts (one delimiter listing of `logs/`), then for each host the
 //! logs after its cursor (kept in the index), applies them, and moves the cursors: its
-//! cost is O(hosts + new logs) requests, independent of the number of packs.
+//! cost is O(hosts + new logs) requests, independent of the number of packs. A
+//! snapshot's sync defers other hosts' pack logs (`sync_deferring`, the pending file)
+//! until it needs them; removals are never deferred.
 //!
 //! Order: a host's logs are written one at a time (`locks/log.lock` in its cache, held
 //! from taking the sequence number until the PUT has returned), so a log becomes
@@ -37,9 +39,16 @@ use crate::repo::repair::{Report, index_pack};
 
 const LOG_MAGIC: &[u8; 8] = b"VSNPLOG1";
 
-/// Logs a sync reads together (their GETs in flight at once) and indexes in one
-/// transaction: a few megabytes of rows at most.
-const LOGS_PER_BATCH: usize = 256;
+/// Logs a sync reads together (their GETs in flight at once).
+const LOGS_PER_BATCH: usize = 16;
+
+/// Blob rows a sync indexes per transaction (about 20 MB of rows in memory; a log of
+/// 16 packs of tiny blobs can hold hundreds of thousands).
+const ROWS_PER_TRANSACTION: usize = 262_144;
+
+/// A deferring sync indexes everything pending once the pending file is larger than
+/// this (about 600,000 blob rows: some 40 GiB of other hosts' data).
+const PENDING_BYTES_MAX: u64 = 32 << 20;
 
 /// One blob of a pack, as the pack's log lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,10 +295,22 @@ pub fn sync(repo: &Repository) -> Result<Synced> {
 /// `sync`, applying this host's own logs too when `own` (an index made anew, which
 /// lacks what this host wrote before).
 pub fn sync_with(repo: &Repository, own: bool) -> Result<Synced> {
+    sync_deferring(repo, own, false)
+}
+
+/// `sync_with`, leaving other hosts' pack logs unindexed when `defer` (see
+/// `OpenOptions::defer_pack_logs`): at most `DEFERRED_LOGS_MAX` of them, never on a
+/// new index or when a log is damaged. Removal logs are applied at once whatever
+/// `defer` says: an index row into a pack gc deleted would let a snapshot reuse a blob
+/// that is gone.
+pub fn sync_deferring(repo: &Repository, own: bool, defer: bool) -> Result<Synced> {
     if repo.store.is_local() {
         return Ok(Synced::default());
     }
-    let mut synced = apply_logs(repo, own)?;
+    let mut synced = apply_logs_deferring(repo, own, defer && !own)?;
+    if defer && pending_path(repo).exists() {
+        *repo.pending_logs.lock().expect("pending logs lock") = 1;
+    }
     if synced.bad_logs > 0 {
         // A damaged log hides which pack it described: index every pack in the store
         // that neither the index nor a removal log knows, by scanning it.
@@ -311,6 +332,130 @@ pub fn sync_with(repo: &Repository, own: bool) -> Result<Synced> {
 /// Applies every log after the index's cursors (and this host's own logs too when
 /// `own`, for `repair index`), removals last, then moves the cursors.
 pub(crate) fn apply_logs(repo: &Repository, own: bool) -> Result<Synced> {
+    apply_logs_deferring(repo, own, false)
+}
+
+/// Where a deferring sync keeps the pack logs it read and did not index: the logs
+/// themselves, each framed by its length (u64 LE), rewritten whole (temporary file,
+/// fsync, rename) before the cursors move past them.
+fn pending_path(repo: &Repository) -> PathBuf {
+    repo.cache.join("pending-logs")
+}
+
+/// `locks/pending.lock`, held while a process reads and rewrites or removes the
+/// pending file (processes of one cache share it).
+fn pending_lock(repo: &Repository) -> Result<std::fs::File> {
+    let path = repo.cache.join("locks").join("pending.lock");
+    let lock = fsutil::open_lock_file(&path)?;
+    lock.lock().map_err(Error::io("lock", &path))?;
+    Ok(lock)
+}
+
+/// The logs in the pending file (none if there is no file).
+fn read_pending(repo: &Repository) -> Result<Vec<Vec<u8>>> {
+    let path = pending_path(repo);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("read", &path)(e)),
+    };
+    let mut out = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let len = rest
+            .get(..8)
+            .map(|l| u64::from_le_bytes(l.try_into().expect("8 bytes")) as usize)
+            .filter(|&len| rest.len() - 8 >= len)
+            .ok_or_else(|| Error::Corrupt {
+                what: "pending logs",
+                path: path.clone(),
+                detail: "a log is cut short; delete the file (the next sync cannot \
+                         tell which logs it held: run `volsnap repair index`)"
+                    .into(),
+            })?;
+        out.push(rest[8..8 + len].to_vec());
+        rest = &rest[8 + len..];
+    }
+    Ok(out)
+}
+
+/// The packs the logs `logs` describe, leaving out packs a removal named.
+fn packs_of(repo: &Repository, logs: &[Vec<u8>]) -> Result<Vec<SyncedPack>> {
+    let mut packs = Vec::new();
+    for bytes in logs {
+        let logged = match Log::decode(bytes) {
+            Ok(Log::Pack {
+                pack,
+                kind,
+                size,
+                from,
+                rows,
+            }) => vec![PackLog {
+                pack,
+                kind,
+                size,
+                from,
+                rows,
+            }],
+            Ok(Log::Packs { packs }) => packs,
+            Ok(Log::Removed { .. }) => Vec::new(),
+            Err(why) => {
+                return Err(Error::Corrupt {
+                    what: "pending logs",
+                    path: pending_path(repo),
+                    detail: format!("a log is damaged ({why}); run `volsnap repair index`"),
+                });
+            }
+        };
+        packs.extend(logged.into_iter().map(PackLog::synced));
+    }
+    Ok(packs)
+}
+
+/// Indexes the packs of the pending file (see `pending_path`), then removes it.
+/// Returns whether there was one. Packs a removal log named meanwhile are skipped
+/// (`commit_synced_packs` skips gone packs); applying a file twice (a crash before
+/// its removal) changes nothing.
+pub(crate) fn apply_pending(repo: &Repository) -> Result<bool> {
+    let _lock = pending_lock(repo)?;
+    let logs = read_pending(repo)?;
+    if logs.is_empty() {
+        return Ok(false);
+    }
+    // A log at a time: memory stays that of one log's rows, transactions few.
+    let mut packs = Vec::new();
+    for log in &logs {
+        packs.extend(packs_of(repo, std::slice::from_ref(log))?);
+        if packs.iter().map(|p| p.blobs.len()).sum::<usize>() >= ROWS_PER_TRANSACTION {
+            repo.index
+                .commit_synced_packs(&std::mem::take(&mut packs))?;
+        }
+    }
+    repo.index.commit_synced_packs(&packs)?;
+    let path = pending_path(repo);
+    std::fs::remove_file(&path).map_err(Error::io("remove", &path))?;
+    fsutil::fsync_dir(&repo.cache)?;
+    repo.index.refresh();
+    Ok(true)
+}
+
+/// Adds `logs` to the pending file; returns its size after.
+fn add_pending(repo: &Repository, logs: &[Vec<u8>]) -> Result<u64> {
+    let _lock = pending_lock(repo)?;
+    let mut all = Vec::new();
+    for log in read_pending(repo)?.iter().chain(logs) {
+        all.extend_from_slice(&(log.len() as u64).to_le_bytes());
+        all.extend_from_slice(log);
+    }
+    fsutil::atomic_write(&repo.tmp_dir(), &pending_path(repo), &all)?;
+    Ok(all.len() as u64)
+}
+
+fn apply_logs_deferring(repo: &Repository, own: bool, defer: bool) -> Result<Synced> {
+    // What earlier syncs deferred comes first, unless this one defers too.
+    if !defer {
+        apply_pending(repo)?;
+    }
     let me = host_id(repo)?;
     let cursors = repo.index.sync_cursors()?;
     let mut synced = Synced::default();
@@ -342,8 +487,10 @@ pub(crate) fn apply_logs(repo: &Repository, own: bool) -> Result<Synced> {
     // Read a batch at a time, its requests in flight together, and index each batch
     // in one transaction (a host catching up with another's thousand packs makes one
     // commit per batch, not one per pack).
+    let mut deferred: Vec<Vec<u8>> = Vec::new();
+    let mut packs = Vec::new();
+    let mut rows = 0;
     for batch in keys.chunks(LOGS_PER_BATCH) {
-        let mut packs = Vec::new();
         for (key, bytes) in batch.iter().zip(repo.store.get_many(batch)?) {
             let Some(bytes) = bytes else {
                 continue;
@@ -383,19 +530,38 @@ pub(crate) fn apply_logs(repo: &Repository, own: bool) -> Result<Synced> {
                 }
             };
             synced.logs += 1;
+            if defer {
+                deferred.push(bytes);
+                continue;
+            }
             for p in logged {
                 synced.packs.insert(p.pack);
                 if !synced.removed.contains(&p.pack) {
+                    rows += p.rows.len();
                     packs.push(p.synced());
                 }
             }
+            if rows >= ROWS_PER_TRANSACTION {
+                repo.index
+                    .commit_synced_packs(&std::mem::take(&mut packs))?;
+                rows = 0;
+            }
         }
-        repo.index.commit_synced_packs(&packs)?;
+    }
+    repo.index.commit_synced_packs(&packs)?;
+    let moved: Vec<(String, u64)> = moved.into_iter().collect();
+    // Deferred logs are kept in the pending file before the cursors move past them;
+    // too many of them, or a damaged log (the scan after it must know every pack),
+    // and everything pending is indexed now.
+    if !deferred.is_empty() && add_pending(repo, &deferred)? > PENDING_BYTES_MAX {
+        apply_pending(repo)?;
+    }
+    if synced.bad_logs > 0 {
+        apply_pending(repo)?;
     }
     // Removals last, in one pass over the chunk rows; cursors only after them, so a
     // crash in between applies these logs again (each is idempotent).
     repo.index.remove_packs(&removed)?;
-    let moved: Vec<(String, u64)> = moved.into_iter().collect();
     repo.index.advance_sync_cursors(&moved)?;
     if synced.logs > 0 {
         repo.index.refresh();

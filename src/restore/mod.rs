@@ -317,10 +317,10 @@ fn materialize(
     }
     repo.plan_reads(packs);
     std::thread::scope(|s| {
+        let _stop = Stop(repo);
         for _ in 0..READ_AHEAD_DOWNLOADS {
             s.spawn(|| repo.read_ahead());
         }
-        let _stop = Stop(repo);
         passes(
             repo,
             snap,

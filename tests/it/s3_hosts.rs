@@ -364,3 +364,85 @@ fn a_damaged_log_is_reported_and_its_pack_read_instead() {
     b.restore(&support::id(&snap), &to);
     assert_same_tree(&vol, &to);
 }
+
+/// GETs of another host's logs among Garage's request lines.
+fn log_reads(lines: &[String], host: &str) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.contains("GET") && l.contains(&format!("/logs/{host}/")))
+        .count()
+}
+
+fn host_id(h: &Host) -> String {
+    std::fs::read_to_string(h.cache.path().join("host-id"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_snapshot_indexes_other_hosts_packs_only_for_new_data_and_their_removals_at_once() {
+    let Some(g) = Garage::single() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let a = Host::new(&g, "defer");
+    let b = Host::new(&g, "defer");
+    a.ok(["init"]);
+    let steady = volume(work.path(), "steady");
+    support::wait_out_racy_window(&steady);
+    a.snapshot(&steady, "steady");
+    a.snapshot(&steady, "steady");
+    let bee = volume(work.path(), "bee");
+    write(bee.join("solo.bin"), random_bytes("solo", 1 << 20));
+    let sb = b.snapshot(&bee, "bee");
+    let b_host = host_id(&b);
+
+    // A no-change snapshot reads b's new logs but indexes nothing of them: it keeps
+    // them in its cache (`pending-logs`), and the next one reads none again.
+    let pending = a.cache.path().join("pending-logs");
+    let (_, first) = no_change_requests(&g, &a, &steady);
+    assert!(
+        pending.exists(),
+        "b's logs were indexed by a no-change snapshot"
+    );
+    assert_eq!(log_reads(&first, &b_host), 0, "{first:#?}");
+    // New data, all of it b's: the snapshot indexes b's packs on its first miss and
+    // stores nothing b stored.
+    let copy = work.path().join("bee-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["own.bin", "shared.bin"] {
+        std::fs::copy(bee.join(f), copy.join(f)).unwrap();
+    }
+    let again = a.snapshot(&copy, "copy");
+    let new = again["stats"]["new_bytes_stored"].as_u64().unwrap();
+    assert!(new < 100_000, "b's 4 MiB stored again: {again}");
+    assert!(
+        !pending.exists(),
+        "b's logs are still pending after new data"
+    );
+
+    // b forgets its snapshot and gc rewrites the pack without solo.bin (a's copy keeps
+    // the rest), then b writes more. a's next snapshot defers the new packs but takes
+    // the removal at once: content gc deleted is stored again, never referenced where
+    // it is gone.
+    a.listed();
+    b.ok(["forget", &support::id(&sb)]);
+    b.ok(["gc", "--max-unused", "0"]);
+    let more = volume(work.path(), "more");
+    b.snapshot(&more, "more");
+    let gone = work.path().join("gone");
+    std::fs::create_dir_all(&gone).unwrap();
+    std::fs::copy(bee.join("solo.bin"), gone.join("solo.bin")).unwrap();
+    let s = a.snapshot(&gone, "gone");
+    assert!(
+        s["stats"]["new_bytes_stored"].as_u64().unwrap() >= 1 << 20,
+        "content whose packs gc deleted was not stored again: {s}"
+    );
+    let fresh = Host::new(&g, "defer");
+    let check = fresh.json(["check", "--read-data", "--json"]);
+    assert_eq!(check["ok"], true, "{check}");
+    for (dir, snap) in [(&gone, &s), (&copy, &again)] {
+        let to = work.path().join(format!("restored-{}", support::id(snap)));
+        fresh.restore(&support::id(snap), &to);
+        assert_same_tree(dir, &to);
+    }
+}
