@@ -62,15 +62,9 @@ pub struct LogRow {
 /// What one log object says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Log {
-    /// A pack was uploaded: its blob table. `from`: the pack a gc repack moved these
-    /// blobs out of (rows there move here).
-    Pack {
-        pack: Id,
-        kind: u8,
-        size: u64,
-        from: Option<Id>,
-        rows: Vec<LogRow>,
-    },
+    /// A pack was uploaded: its blob table (the format before `Packs`, still read;
+    /// the same bytes as the struct's fields inline).
+    Pack(PackLog),
     /// gc is about to delete these packs.
     Removed { packs: Vec<Id> },
     /// Several packs uploaded, each as `Pack` says (a packer logs the packs that
@@ -78,7 +72,8 @@ pub enum Log {
     Packs { packs: Vec<PackLog> },
 }
 
-/// One pack of `Log::Packs`: the fields of `Log::Pack`.
+/// One pack's log: its id, kind, size, the pack a gc repack moved its blobs out of
+/// (rows there move here), and its blob table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackLog {
     pub pack: Id,
@@ -379,24 +374,13 @@ fn read_pending(repo: &Repository) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
-/// The packs the logs `logs` describe, leaving out packs a removal named.
+/// The packs the logs `logs` describe (packs a removal named are skipped when they are
+/// indexed: `commit_synced_packs` leaves out gone packs).
 fn packs_of(repo: &Repository, logs: &[Vec<u8>]) -> Result<Vec<SyncedPack>> {
     let mut packs = Vec::new();
     for bytes in logs {
         let logged = match Log::decode(bytes) {
-            Ok(Log::Pack {
-                pack,
-                kind,
-                size,
-                from,
-                rows,
-            }) => vec![PackLog {
-                pack,
-                kind,
-                size,
-                from,
-                rows,
-            }],
+            Ok(Log::Pack(p)) => vec![p],
             Ok(Log::Packs { packs }) => packs,
             Ok(Log::Removed { .. }) => Vec::new(),
             Err(why) => {
@@ -496,19 +480,7 @@ fn apply_logs_deferring(repo: &Repository, own: bool, defer: bool) -> Result<Syn
                 continue;
             };
             let logged = match Log::decode(&bytes) {
-                Ok(Log::Pack {
-                    pack,
-                    kind,
-                    size,
-                    from,
-                    rows,
-                }) => vec![PackLog {
-                    pack,
-                    kind,
-                    size,
-                    from,
-                    rows,
-                }],
+                Ok(Log::Pack(p)) => vec![p],
                 Ok(Log::Packs { packs }) => packs,
                 Ok(Log::Removed { packs }) => {
                     synced.logs += 1;
@@ -597,6 +569,13 @@ mod tests {
         };
         let bytes = log.encode();
         assert_eq!(Log::decode(&bytes).unwrap(), log);
+        // A one-pack log as the format before `Packs` wrote it: variant 0, then the
+        // fields inline.
+        let one = Log::Pack(pack_log(2));
+        let mut old = vec![0u8];
+        old.extend(postcard::to_stdvec(&pack_log(2)).unwrap());
+        assert_eq!(postcard::to_stdvec(&one).unwrap(), old);
+        assert_eq!(Log::decode(&one.encode()).unwrap(), one);
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 1;

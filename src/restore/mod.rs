@@ -293,8 +293,8 @@ fn materialize(
     progress: &Progress,
     started: Instant,
 ) -> Result<Report> {
-    if packs.is_empty() {
-        return passes(
+    let run = move || {
+        passes(
             repo,
             snap,
             path,
@@ -305,7 +305,10 @@ fn materialize(
             opts,
             progress,
             started,
-        );
+        )
+    };
+    if packs.is_empty() {
+        return run();
     }
     /// Ends the read-ahead however the passes end (an error or a panic included), so
     /// the scope's threads return.
@@ -321,18 +324,7 @@ fn materialize(
         for _ in 0..READ_AHEAD_DOWNLOADS {
             s.spawn(|| repo.read_ahead());
         }
-        passes(
-            repo,
-            snap,
-            path,
-            jobs,
-            link_targets,
-            root,
-            target,
-            opts,
-            progress,
-            started,
-        )
+        run()
     })
 }
 
